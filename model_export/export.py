@@ -57,7 +57,9 @@ def export_bundle(
         raise FileNotFoundError(f"{checkpoint}: checkpoint folder not found")
     try:
         model = MultiExitBert.from_checkpoint(checkpoint, attn_implementation="classic")
-    except (OSError, RuntimeError, KeyError) as err:  # safetensors/torch errors on a corrupt file
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # safetensors' and torch's own errors on a corrupt file
         raise ValueError(f"{checkpoint}: cannot load the checkpoint ({err})") from None
     record = json.loads((checkpoint / RECORD_NAME).read_text()) if (checkpoint / RECORD_NAME).is_file() else {}
     source = data or record.get("config", {}).get("data")
@@ -94,7 +96,7 @@ def export_bundle(
             "max_length": max_length,
             "pair_input": task.is_pair,
             "precision": precision,
-            "optimization": {"transformer_optimizer": True, "opt_level": 1, "fused_operators": fused,
+            "optimization": {"transformer_optimizer": True, "opt_level": 0, "fused_operators": fused,
                              "quantization": "dynamic int8, per-channel" if precision == "int8" else None},
             "segments": segments,
             "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},

@@ -15,8 +15,10 @@ def optimize_segment(src: Path, dst: Path, precision: str, num_heads: int, hidde
     """Write the optimised segment to dst; return the counts of fused operators it contains.
 
     int8 is quantized before optimizing: the optimizer's fused nodes (Attention, SkipLayerNorm)
-    would otherwise hide the MatMul weights from the quantizer. opt_level 1 keeps the saved graph
-    portable (higher levels bake in hardware-specific layouts).
+    would otherwise hide the MatMul weights from the quantizer. opt_level 0 runs the Python fusions
+    only: the saved graph stays portable (onnxruntime applies its own graph optimisations when the
+    server loads it), and no onnxruntime session is created here, which would clash with the
+    process-wide thread pool an engine may already have set up.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -25,7 +27,7 @@ def optimize_segment(src: Path, dst: Path, precision: str, num_heads: int, hidde
     if precision == "int8":
         source = dst.with_suffix(".q.onnx")
         quantize_dynamic(str(src), str(source), weight_type=QuantType.QInt8, per_channel=True)
-    model = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
+    model = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
     if precision == "fp16":
         model.convert_float_to_float16(keep_io_types=True)
     model.save_model_to_file(str(dst))

@@ -1,0 +1,121 @@
+"""The bundle: what the manifest promises, that it computes what PyTorch computes, and refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from model_export.export import export_bundle
+from model_export.parity import ParityError, check_parity
+from service.bundle import BundleError, load_bundle, sha256_file
+from service.engine import Engine
+from service.exits import THRESHOLD_GRID
+from service.tokenization import TextEncoder
+from training.model import MultiExitBert
+
+TEXTS = ["a gorgeous, witty film", "dull and far too long , with a plot that never decides what it wants to be", "meh"]
+
+
+def test_manifest_holds_every_field_of_contract_2(tiny_bundle):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["labels"] == ["negative", "positive"]
+    assert m["num_layers"] == 3 and m["max_length"] == 32 and m["precision"] == "fp32"
+    assert [s["exit"] for s in m["segments"]] == [None, 1, 2, 3]
+    for s in m["segments"]:
+        assert sha256_file(tiny_bundle / s["file"]) == s["sha256"]
+        assert s["inputs"] and s["outputs"]
+    assert [r["threshold"] for r in m["calibration"]] == list(THRESHOLD_GRID)
+    assert all({"accuracy", "avg_exit_layer", "speedup"} <= r.keys() for r in m["calibration"])
+    assert m["default_threshold"] in THRESHOLD_GRID and "rule" in m["threshold_rule"]
+    assert m["optimization"]["fused_operators"]["layer_1"]["Attention"] == 1, "attention must fuse"
+
+
+def test_chained_segments_match_pytorch_at_every_exit(tiny_bundle, tiny_checkpoint):
+    model = MultiExitBert.from_checkpoint(tiny_checkpoint, attn_implementation="eager")
+    engine = Engine(load_bundle(tiny_bundle), device="cpu")
+    batch = TextEncoder(tiny_bundle / "tokenizer.json", 32).encode(TEXTS)
+    assert batch.attention_mask.min() == 0, "the check must include padding"
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)).numpy()
+    assert np.abs(engine.all_exit_logits(batch) - expected).max() < 1e-4
+    report = check_parity(model, engine, [batch], strict=True)
+    assert report["exit_layer_mismatches"] == 0
+
+
+def test_parity_check_fails_loudly_when_the_model_differs(tiny_bundle, tiny_checkpoint):
+    model = MultiExitBert.from_checkpoint(tiny_checkpoint, attn_implementation="eager")
+    with torch.no_grad():
+        model.exits[0].classifier.bias += 1.0
+    engine = Engine(load_bundle(tiny_bundle), device="cpu")
+    batch = TextEncoder(tiny_bundle / "tokenizer.json", 32).encode(TEXTS)
+    with pytest.raises(ParityError, match="disagree"):
+        check_parity(model, engine, [batch], strict=True)
+
+
+def test_monolithic_graph_equals_the_final_exit(tiny_bundle):
+    from service.engine import make_session
+
+    bundle = load_bundle(tiny_bundle)
+    batch = TextEncoder(bundle.tokenizer_file, 32).encode(TEXTS)
+    full = make_session(bundle.path(bundle.manifest["extras"]["full"]["file"]))
+    (logits,) = full.run(None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "token_type_ids": batch.token_type_ids})
+    assert np.abs(logits - Engine(bundle, device="cpu").all_exit_logits(batch)[-1]).max() < 1e-4
+
+
+def test_int8_bundle_records_its_accuracy_and_quantized_weights(tiny_checkpoint, tmp_path):
+    out = export_bundle(tiny_checkpoint, tmp_path / "int8", precision="int8", limit=64, log=lambda *_: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "int8" and m["parity"]["tolerance"] is None
+    assert m["calibration"][0]["accuracy"] > 0
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / m["segments"][1]["file"])).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLinear"}, ops
+
+
+def test_existing_output_is_refused_without_force_and_left_untouched(tiny_checkpoint, tiny_bundle):
+    before = sha256_file(tiny_bundle / "manifest.json")
+    with pytest.raises(FileExistsError, match="--force"):
+        export_bundle(tiny_checkpoint, tiny_bundle, limit=64)
+    assert sha256_file(tiny_bundle / "manifest.json") == before
+
+
+def test_missing_corrupt_and_foreign_checkpoints_are_refused_and_nothing_is_written(tiny_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        export_bundle(tmp_path / "nope", tmp_path / "b1")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_checkpoint, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot load"):
+        export_bundle(corrupt, tmp_path / "b2")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_checkpoint, foreign)
+    config = json.loads((foreign / "config.json").read_text()) | {"model_type": "gpt2"}
+    (foreign / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        export_bundle(foreign, tmp_path / "b3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "foreign"]
+
+
+def test_cli_reports_errors_in_one_line_with_exit_code_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "romebert_cli", "export", str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and "checkpoint folder not found" in done.stderr
+
+
+def test_server_side_check_refuses_tampered_or_unknown_bundles(tiny_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    segment = copy / json.loads((copy / "manifest.json").read_text())["segments"][2]["file"]
+    segment.write_bytes(segment.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(copy)
+    manifest = json.loads((copy / "manifest.json").read_text()) | {"format_version": 99}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version"):
+        load_bundle(copy)

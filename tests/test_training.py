@@ -1,0 +1,125 @@
+"""Training behaviour: checkpoints round-trip, resume is exact, DeeBERT stage 2 touches only exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_tiny_backbone, tiny_train_config
+from training.checkpoint import state_path
+from training.model import MultiExitBert
+from training.train import SimulatedCrash, Trainer, train
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_checkpoint_folder_is_what_transformers_tooling_reads(tiny_checkpoint):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(tiny_checkpoint))
+    assert config.model_type == "bert" and config.multi_exit and config.num_labels == 2
+    assert config.id2label == {0: "negative", 1: "positive"}
+    assert AutoTokenizer.from_pretrained(str(tiny_checkpoint))("a good film")["input_ids"][0] == 101
+    record = json.loads((tiny_checkpoint / "training_record.json").read_text())
+    assert record["method"] == "romebert" and len(record["dev_per_exit"]) == 3
+    assert {"torch", "transformers"} <= set(record["versions"])
+    assert not state_path(tiny_checkpoint).exists(), "a finished run leaves no training state behind"
+
+
+def test_loading_a_checkpoint_reproduces_its_logits(tiny_checkpoint):
+    a = MultiExitBert.from_checkpoint(tiny_checkpoint)
+    b = MultiExitBert.from_checkpoint(tiny_checkpoint, attn_implementation="eager")
+    ids = torch.randint(1000, 5000, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        assert torch.allclose(a(ids, mask), b(ids, mask), atol=1e-5)
+    assert all(torch.equal(v, weights(tiny_checkpoint)[k]) for k, v in a.state_dict().items())
+
+
+def test_exit_poolers_start_from_the_backbone_pooler(tiny_backbone):
+    model = MultiExitBert.from_backbone(tiny_backbone, ["a", "b"])
+    pooler = load_file(str(tiny_backbone / "model.safetensors"))["pooler.dense.weight"]
+    assert all(torch.equal(head.pooler.dense.weight, pooler) for head in model.exits)
+
+
+@pytest.mark.parametrize("method", ["romebert", "deebert"])
+def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone, tmp_path, method):
+    reference = train(tiny_train_config(tiny_backbone, tmp_path / "straight", method=method, epochs=2, grad_accum=2, batch_size=8))
+    crashed = tiny_train_config(tiny_backbone, tmp_path / "crashed", method=method, epochs=2, grad_accum=2, batch_size=8, crash_after_steps=5)
+    with pytest.raises(SimulatedCrash):
+        train(crashed)
+    assert state_path(tmp_path / "crashed").is_file() and not (tmp_path / "crashed").exists()
+    crashed.crash_after_steps, crashed.resume = None, True
+    train(crashed)
+    expected, got = weights(reference), weights(tmp_path / "crashed")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_deebert_stage_two_changes_only_the_early_exit_heads(tiny_backbone, tmp_path):
+    trainer = Trainer(tiny_train_config(tiny_backbone, tmp_path / "dee", method="deebert", epochs=1))
+    trainer.cfg.crash_after_steps = None
+    phases = __import__("training.train", fromlist=["phases_for"]).phases_for(trainer.cfg, 3)
+    stage1_end = {}
+    original = trainer._run_phase
+
+    def spy(index, phase, *args):
+        if index == 1:
+            stage1_end.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return original(index, phase, *args)
+
+    trainer._run_phase = spy
+    trainer.run()
+    final = weights(tmp_path / "dee")
+    changed = {k for k in final if not torch.equal(final[k], stage1_end[k])}
+    assert changed, "stage 2 trained nothing"
+    assert all(k.startswith(("exits.0.", "exits.1.")) for k in changed), changed
+    assert [p.loss for p in phases] == ["final", "exits"]
+
+
+def test_finetune_trains_the_final_exit_only(tiny_backbone, tmp_path):
+    torch.manual_seed(42)  # the seed train() sets before it builds the model
+    initial = MultiExitBert.from_backbone(tiny_backbone, ["negative", "positive"]).state_dict()
+    final = weights(train(tiny_train_config(tiny_backbone, tmp_path / "ft", method="finetune")))
+    assert torch.equal(final["exits.0.classifier.weight"], initial["exits.0.classifier.weight"])
+    assert not torch.equal(final["exits.2.classifier.weight"], initial["exits.2.classifier.weight"])
+
+
+def test_gradient_regularization_runs_with_accumulation_on_cpu(tiny_backbone, tmp_path):
+    out = train(tiny_train_config(tiny_backbone, tmp_path / "gr", grad_accum=4, batch_size=4))
+    history = json.loads((out / "training_record.json").read_text())["history"]
+    assert 0.0 <= history[-1]["gr_projected_fraction"] <= 1.0
+
+
+def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_batch(tmp_path):
+    """Each of 2 ranks takes 8 rows of every 16-row global batch; the averaged update is the same.
+
+    Dropout is off so that both runs draw no random masks (the ranks' masks cannot match one process's).
+    """
+    tiny_backbone = make_tiny_backbone(tmp_path / "no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    single = train(tiny_train_config(tiny_backbone, tmp_path / "single", batch_size=16, grad_accum=1, seed=3))
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from tests.conftest import make_tiny_backbone, tiny_train_config\n"
+        "from training.train import train\n"
+        "train(tiny_train_config(%r, %r, batch_size=8, seed=3))\n"
+    ) % (str(Path(__file__).parents[1]), str(tiny_backbone), str(tmp_path / "ddp"))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533", str(tmp_path / "run.py")]
+    (tmp_path / "run.py").write_text(script)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(single), weights(tmp_path / "ddp")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
