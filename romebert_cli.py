@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.cli", "per-exit accuracy and the entropy-threshold sweep, with plots"),
     "export": ("model_export.cli", "split a checkpoint into per-layer ONNX segments (a bundle)"),
     "serve": ("service.cli", "serve a bundle over HTTP with per-request early exit"),
-    "quickstart": ("service.quickstart", "build the default bundle if missing, then serve it"),
+    "quickstart": ("model_export.quickstart", "build the default bundle if missing, then serve it"),
     "loadtest": ("loadtest.cli", "drive a running server and report latency and exit depth"),
 }
 

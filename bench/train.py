@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--runs", default=",".join(name for name, _ in RUNS))
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     args = parser.parse_args()

@@ -143,3 +143,29 @@ class Engine:
             state, logits = self.layer(i, state)
             out.append(logits)
         return np.stack(out)
+
+
+def run_early_exit(engine: Engine, batch: Encoded, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offline early exit for one batch: (logits at each row's exit (B, C), exit layer (B,)).
+
+    Rows leave at the first exit whose entropy is below their own threshold; only the survivors
+    run the next layer. The server's scheduler does the same with budgets and arrivals on top.
+    """
+    from service.exits import entropy
+
+    n = len(batch.lengths)
+    out_logits = np.zeros((n, len(engine.bundle.labels)), dtype=np.float32)
+    out_layer = np.full(n, engine.num_layers, dtype=np.int64)
+    alive = np.arange(n)
+    state = engine.embed(batch)
+    for i in range(engine.num_layers):
+        state, logits = engine.layer(i, state)
+        done = (entropy(logits) < thresholds[alive]) | (i == engine.num_layers - 1)
+        out_logits[alive[done]] = logits[done]
+        out_layer[alive[done]] = i + 1
+        if done.all():
+            break
+        if done.any():
+            alive = alive[~done]
+            state = engine.keep(state, np.flatnonzero(~done))
+    return out_logits, out_layer

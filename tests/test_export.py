@@ -119,3 +119,13 @@ def test_server_side_check_refuses_tampered_or_unknown_bundles(tiny_bundle, tmp_
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="format_version"):
         load_bundle(copy)
+
+
+def test_mean_pooled_exits_export_with_parity(tiny_backbone, tmp_path):
+    from tests.conftest import tiny_train_config
+    from training.train import train
+
+    checkpoint = train(tiny_train_config(tiny_backbone, tmp_path / "mean", exit_pooling="mean", limit=32))
+    out = export_bundle(checkpoint, tmp_path / "bundle", limit=32, log=lambda *_: None)
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["max_abs_logit_error_chained"] < 1e-4 and parity["exit_layer_mismatches"] == 0

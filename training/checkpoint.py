@@ -32,7 +32,7 @@ def save_checkpoint(
     try:
         config = model.config
         config.multi_exit = True
-        config.exit_head = "pooler-tanh-dropout-linear"
+        config.exit_head = f"pooler({config.exit_pooling})-tanh-dropout-linear"
         config.gradient_equilibrium = model.gradient_equilibrium
         config.architectures = ["MultiExitBert"]
         config.save_pretrained(str(tmp))

@@ -21,17 +21,29 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class ExitHead(nn.Module):
-    """pooler (Linear H->H + tanh on [CLS]) -> dropout -> Linear(H, C), as in DeeBERT's highways."""
+    """pooler (Linear H->H + tanh) -> dropout -> Linear(H, C), as in DeeBERT's highways.
+
+    The pooler reads the [CLS] hidden state (BERT's own pooling, the paper's choice) or, with
+    exit_pooling "mean", the mean of the real tokens' hidden states. Backbones trained with mean
+    pooling (sentence-transformers models such as all-MiniLM-L6-v2) carry an almost constant [CLS]
+    state in their early layers, on which early exits cannot learn (measured: chance accuracy).
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
+        self.mean_pooling = getattr(config, "exit_pooling", "cls") == "mean"
         self.pooler = BertPooler(config)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.pooler(hidden_states)))
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.mean_pooling:
+            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        else:
+            pooled = hidden_states[:, 0]
+        return self.classifier(self.dropout(self.pooler.activation(self.pooler.dense(pooled))))
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -116,7 +128,7 @@ class MultiExitBert(nn.Module):
         `attention_mask` is the plain (B, S) mask; this is exactly what one exported segment does.
         """
         hidden_states = self.layers[i](hidden_states, extended_attention_mask(attention_mask, hidden_states.dtype))
-        return hidden_states, self.exits[i](hidden_states)
+        return hidden_states, self.exits[i](hidden_states, attention_mask)
 
     def forward(
         self,
@@ -131,7 +143,7 @@ class MultiExitBert(nn.Module):
         logits = []
         for i in range(num_layers or self.num_layers):
             hidden_states = self.layers[i](hidden_states, mask)
-            z = self.exits[i](hidden_states)
+            z = self.exits[i](hidden_states, attention_mask)
             if self.gradient_equilibrium and i < self.num_layers - 1:
                 z = _ScaleGradient.apply(z, 1.0 / (self.num_layers - 1 - i))
             logits.append(z)
@@ -140,13 +152,19 @@ class MultiExitBert(nn.Module):
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, path: str | Path, labels: list[str], attn_implementation: str = "sdpa") -> MultiExitBert:
+    def from_backbone(
+        cls, path: str | Path, labels: list[str], attn_implementation: str = "sdpa", exit_pooling: str = "auto"
+    ) -> MultiExitBert:
         """A fresh multi-exit model on a local BERT checkpoint folder (config.json + model.safetensors).
 
         Every exit's pooler starts as a copy of the backbone's pooler when the checkpoint has one.
+        exit_pooling "auto" follows the backbone's own pooling (see backbone_pooling).
         """
         path = Path(path)
         config = load_bert_config(path)
+        if exit_pooling not in ("auto", "cls", "mean"):
+            raise ValueError(f"exit_pooling must be auto, cls or mean, not {exit_pooling!r}")
+        config.exit_pooling = backbone_pooling(path) if exit_pooling == "auto" else exit_pooling
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
@@ -179,6 +197,14 @@ class MultiExitBert(nn.Module):
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
         model.load_state_dict(load_file(str(weights)), strict=True)
         return model
+
+
+def backbone_pooling(path: Path) -> str:
+    """"mean" when the folder is a sentence-transformers model pooled by mean, else BERT's "cls"."""
+    pooling = path / "1_Pooling" / "config.json"
+    if pooling.is_file() and json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
 
 
 def load_bert_config(path: Path) -> BertConfig:

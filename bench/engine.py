@@ -1,0 +1,140 @@
+"""Engine benchmark (in-process, this CPU): PyTorch eager vs one ONNX graph vs the segmented chain.
+
+Real model: the RomeBERT checkpoint from bench/train.py, exported fp32 and int8. Inputs: the
+rotten_tomatoes test split, every row padded to sequence length 64. Batch 1 over the first 200
+test texts, batch 32 over all 853. Writes bench/results/engine.json and prints a table.
+
+    .venv/bin/python bench/engine.py          # needs artifacts/bench/romebert (bench/train.py)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from model_export.export import export_bundle  # noqa: E402
+from model_export.segments import FullDepthModel  # noqa: E402
+from service.bundle import BundleError, load_bundle  # noqa: E402
+from service.engine import Engine, default_threads, make_session, run_early_exit  # noqa: E402
+from service.tokenization import Encoded, TextEncoder  # noqa: E402
+from training.data import load_task  # noqa: E402
+from training.files import write_json  # noqa: E402
+from training.model import MultiExitBert  # noqa: E402
+
+SEQ_LEN = 64
+CHECKPOINT = ROOT / "artifacts" / "bench" / "romebert"
+
+
+def padded(encoder: TextEncoder, texts: list[str]) -> Encoded:
+    e = encoder.encode(texts)
+    pad = SEQ_LEN - e.input_ids.shape[1]
+    widen = lambda a: np.pad(a, ((0, 0), (0, pad)))  # noqa: E731
+    return Encoded(widen(e.input_ids), widen(e.attention_mask), widen(e.token_type_ids), e.truncated, e.lengths)
+
+
+def bundle_for(precision: str) -> Path:
+    path = ROOT / "artifacts" / "bench" / f"bundle-{precision}"
+    try:
+        load_bundle(path)
+    except BundleError:
+        export_bundle(CHECKPOINT, path, precision=precision, force=path.exists())
+    return path
+
+
+def measure(run, batches: list[Encoded], labels: np.ndarray) -> dict:
+    """run(batch) -> (predictions, exit layers); timings per batch after one warm-up call."""
+    run(batches[0])
+    times, preds, layers = [], [], []
+    for b in batches:
+        t = time.perf_counter()
+        p, layer = run(b)
+        times.append(time.perf_counter() - t)
+        preds.append(p)
+        layers.append(layer)
+    preds, layers = np.concatenate(preds), np.concatenate(layers)
+    n = len(preds)
+    return {
+        "p50_ms": round(1000 * float(np.median(times)), 3),
+        "items_per_s": round(n / sum(times), 1),
+        "test_acc": round(float((preds == labels[:n]).mean()), 4),
+        "avg_exit_layer": round(float(layers.mean()), 3),
+    }
+
+
+def main() -> None:
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    task = load_task("rotten_tomatoes")
+    texts, labels = [e.text for e in task.test], np.array([e.label for e in task.test])
+    bundles = {p: load_bundle(bundle_for(p)) for p in ("fp32", "int8")}
+    encoder = TextEncoder(bundles["fp32"].tokenizer_file, SEQ_LEN)
+    model = MultiExitBert.from_checkpoint(CHECKPOINT, attn_implementation="eager")
+    full_torch = FullDepthModel(model).eval()
+    monolithic = make_session(bundles["fp32"].path(bundles["fp32"].manifest["extras"]["full"]["file"]), "cpu", threads)
+    engines = {p: Engine(b, device="cpu", threads=threads) for p, b in bundles.items()}
+    default_t = bundles["fp32"].default_threshold
+
+    @torch.no_grad()
+    def torch_eager(b):
+        z = full_torch(*(torch.from_numpy(x) for x in (b.input_ids, b.attention_mask, b.token_type_ids)))
+        return z.argmax(-1).numpy(), np.full(len(z), model.num_layers)
+
+    def onnx_full(b):
+        (z,) = monolithic.run(None, {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids})
+        return z.argmax(-1), np.full(len(z), model.num_layers)
+
+    def segmented(precision: str, threshold: float):
+        engine = engines[precision]
+        t = bundles[precision].default_threshold if threshold < 0 else threshold
+
+        def run(b):
+            z, layer = run_early_exit(engine, b, np.full(len(b.lengths), t))
+            return z.argmax(-1), layer
+
+        return run
+
+    candidates = {
+        "pytorch_eager": torch_eager,
+        "onnx_monolithic": onnx_full,
+        "segmented_full": segmented("fp32", 0.0),
+        "segmented_default": segmented("fp32", -1),
+        "segmented_full_int8": segmented("int8", 0.0),
+        "segmented_default_int8": segmented("int8", -1),
+    }
+    rows = []
+    for batch_size, count in ((1, 200), (32, len(texts))):
+        batches = [padded(encoder, texts[i : i + batch_size]) for i in range(0, count, batch_size)]
+        for name, run in candidates.items():
+            row = {"engine": name, "batch": batch_size} | measure(run, batches, labels)
+            rows.append(row)
+            print(f"{name:<24} batch {batch_size:>2}: p50 {row['p50_ms']:8.2f} ms  {row['items_per_s']:8.1f} items/s  "
+                  f"acc {100 * row['test_acc']:.2f}  avg exit {row['avg_exit_layer']:.2f}", flush=True)
+    by = {(r["engine"], r["batch"]): r for r in rows}
+    ratios = {
+        "segmented_full_over_monolithic_p50_b1": by["segmented_full", 1]["p50_ms"] / by["onnx_monolithic", 1]["p50_ms"],
+        "segmented_full_over_monolithic_p50_b32": by["segmented_full", 32]["p50_ms"] / by["onnx_monolithic", 32]["p50_ms"],
+        "default_over_full_items_per_s_b32": by["segmented_default", 32]["items_per_s"] / by["segmented_full", 32]["items_per_s"],
+        "default_over_full_items_per_s_b1": by["segmented_default", 1]["items_per_s"] / by["segmented_full", 1]["items_per_s"],
+        "int8_over_fp32_items_per_s_full_b32": by["segmented_full_int8", 32]["items_per_s"] / by["segmented_full", 32]["items_per_s"],
+        "int8_over_fp32_items_per_s_full_b1": by["segmented_full_int8", 1]["items_per_s"] / by["segmented_full", 1]["items_per_s"],
+    }
+    for k, v in ratios.items():
+        print(f"{k:<42} {v:.3f}")
+    write_json(ROOT / "bench" / "results" / "engine.json", {
+        "seq_len": SEQ_LEN, "threads": threads, "default_threshold": default_t,
+        "int8_default_threshold": bundles["int8"].default_threshold, "rows": rows,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Server-side exit depth over a run: GET /metrics before and after, and the difference.
+
+The server's own counters are the ground truth for how deep requests went (the client only sees
+the answers it got back), and the before/after delta confines them to this run. Other traffic
+hitting the same server during the run is counted too; behind a load balancer, point
+--metrics-url at one replica and compare with that replica's share of the traffic.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# sample name -> label set (sorted pairs) -> value
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+class ScrapeError(RuntimeError):
+    pass
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> Samples:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as err:
+        raise ScrapeError(f"GET {url}: {getattr(err, 'reason', err)}") from None
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise ScrapeError(f"GET {url}: not Prometheus text ({err})") from None
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+@dataclass(frozen=True)
+class ServerDelta:
+    items: float  # answers counted by romebert_exit_layer (one observation per item)
+    average_exit_layer: float | None
+    exit_layers: dict[str, float]  # layer ("1", "2", ... or "+Inf") -> items that exited there
+    layers_executed: float
+    budget_exhausted: float
+    requests_by_outcome: dict[str, float]
+    model: dict[str, str] = field(default_factory=dict)  # romebert_model_info labels
+    restarted: bool = False  # a counter went down: the server restarted, the delta covers only its new life
+
+
+def delta(before: Samples, after: Samples) -> ServerDelta:
+    restarted = _total(after, "romebert_exit_layer_count") < _total(before, "romebert_exit_layer_count")
+    if restarted:
+        before = {}
+    count = _total(after, "romebert_exit_layer_count") - _total(before, "romebert_exit_layer_count")
+    total = _total(after, "romebert_exit_layer_sum") - _total(before, "romebert_exit_layer_sum")
+    outcomes = {
+        dict(labels).get("outcome", ""): value - before.get("romebert_requests_total", {}).get(labels, 0.0)
+        for labels, value in after.get("romebert_requests_total", {}).items()
+    }
+    info = next(iter(after.get("romebert_model_info", {})), ())
+    return ServerDelta(
+        items=count,
+        average_exit_layer=total / count if count > 0 else None,
+        exit_layers=_bucket_counts(before, after),
+        layers_executed=_total(after, "romebert_layers_executed_total") - _total(before, "romebert_layers_executed_total"),
+        budget_exhausted=_total(after, "romebert_budget_exhausted_total") - _total(before, "romebert_budget_exhausted_total"),
+        requests_by_outcome={k: v for k, v in outcomes.items() if v},
+        model=dict(info),
+        restarted=restarted,
+    )
+
+
+def _total(samples: Samples, name: str) -> float:
+    return _whole(sum(samples.get(name, {}).values()))
+
+
+def _whole(value: float) -> float:
+    """Counts come back as floats; 9.0 reads better as 9 in report.json."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _bucket_counts(before: Samples, after: Samples) -> dict[str, float]:
+    """Cumulative `le` buckets (summed over any label sets) -> items per bucket, in layer order."""
+    cumulative: dict[float, float] = {}
+    for source, sign in ((after, 1.0), (before, -1.0)):
+        for labels, value in source.get("romebert_exit_layer_bucket", {}).items():
+            le = float(dict(labels)["le"])
+            cumulative[le] = cumulative.get(le, 0.0) + sign * value
+    counts: dict[str, float] = {}
+    previous = 0.0
+    for le in sorted(cumulative):
+        label = "+Inf" if math.isinf(le) else f"{le:g}"
+        if not (math.isinf(le) and cumulative[le] == previous):  # an empty +Inf bucket is no layer
+            counts[label] = _whole(cumulative[le] - previous)
+        previous = cumulative[le]
+    return counts
+
+
+class MetricsWatch:
+    """Scrapes at creation and at finish(); a server without a usable /metrics costs only the server-side numbers."""
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.before: Samples | None = scrape(url)
+            self.problem: str | None = None
+        except ScrapeError as err:
+            self.before, self.problem = None, str(err)
+
+    def finish(self) -> tuple[ServerDelta | None, str | None]:
+        """(the delta over the run, a note for the report when something is off)."""
+        if self.before is None:
+            return None, f"no server-side exit depth: {self.problem}"
+        try:
+            server = delta(self.before, scrape(self.url))
+        except ScrapeError as err:
+            return None, f"no server-side exit depth: {err}"
+        return server, "the server restarted during the run: its numbers cover only the time since" if server.restarted else None

@@ -1,0 +1,158 @@
+"""The numbers of a run (report.json) and the table printed at the end.
+
+Latency percentiles are over the successful requests: a fast 429/503 would otherwise make an
+overloaded server look quick; for the same reason throughput counts answered (2xx) requests and
+items only. Failures are reported (and bounded by --slo-error-rate) on their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from loadtest.metrics_scrape import ServerDelta
+from loadtest.runner import RunResult
+from loadtest.users import RequestRecord
+
+PERCENTILES = (50, 95, 99)
+
+
+def build_report(config: dict[str, Any], run: RunResult, server: ServerDelta | None, server_note: str | None) -> dict[str, Any]:
+    records = run.records
+    ok = [r for r in records if r.ok]
+    items_ok = sum(r.items for r in ok)
+    report: dict[str, Any] = {
+        "config": config,
+        "run": {"elapsed_s": run.elapsed_s, "stop_reason": run.stop_reason, "abandoned": run.abandoned},
+        "requests": {
+            "completed": len(records),
+            "ok": len(ok),
+            "failed": len(records) - len(ok),
+            "error_rate": (len(records) - len(ok)) / len(records) if records else None,
+            "by_status": _count(str(r.status) for r in records),
+            "errors": _count(r.error for r in records if r.error),
+        },
+        "throughput": {
+            "requests_per_s": len(ok) / run.elapsed_s if run.elapsed_s > 0 else 0.0,
+            "items_per_s": items_ok / run.elapsed_s if run.elapsed_s > 0 else 0.0,
+        },
+        "latency_ms": latency_summary([r.latency_ms for r in ok]),
+        "server_latency_ms": latency_summary([r.server_latency_ms for r in ok if r.server_latency_ms is not None]),
+        "exit_depth": _exit_depth(server, server_note, exit_summary(ok)),
+        "profiles": {name: _profile_summary([r for r in records if r.profile == name]) for name in sorted({r.profile for r in records})},
+    }
+    if config.get("rate"):
+        report["schedule"] = {
+            "target_rate": config["rate"],
+            "achieved_rate": _arrival_rate([r.start_s for r in records]),
+            "lag_ms": latency_summary([r.lag_ms for r in records]),
+        }
+    return report
+
+
+def _arrival_rate(starts: Sequence[float]) -> float | None:
+    """Sends per second between the first and the last send: n requests span n - 1 intervals."""
+    span = max(starts) - min(starts) if len(starts) > 1 else 0.0
+    return (len(starts) - 1) / span if span > 0 else None
+
+
+def latency_summary(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    array = np.asarray(values, dtype=float)
+    summary = {f"p{p}": float(np.percentile(array, p)) for p in PERCENTILES}
+    return summary | {"mean": float(array.mean()), "min": float(array.min()), "max": float(array.max())}
+
+
+def exit_summary(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """Exit depth as the answers reported it: the client-side check on the server's histogram."""
+    layers = [layer for r in records for layer in r.exit_layers]
+    return {
+        "items": len(layers),
+        "average_exit_layer": sum(layers) / len(layers) if layers else None,
+        "exit_layers": {str(k): v for k, v in sorted(Counter(layers).items())},
+        "budget_exhausted": sum(r.budget_exhausted for r in records),
+        "truncated": sum(r.truncated for r in records),
+    }
+
+
+def _exit_depth(server: ServerDelta | None, server_note: str | None, responses: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers come from the server's histogram when it counted items, else from the answers."""
+    use_server = server is not None and server.items > 0
+    headline = dataclasses.asdict(server) if use_server else responses
+    return {
+        "source": "server /metrics" if use_server else "responses",
+        "average_exit_layer": headline["average_exit_layer"],
+        "items": headline["items"],
+        "exit_layers": headline["exit_layers"],
+        "server": dataclasses.asdict(server) if server else None,
+        "server_note": server_note,
+        "responses": responses,
+    }
+
+
+def _profile_summary(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    exits = exit_summary(ok)
+    latency = latency_summary([r.latency_ms for r in ok]) or {}
+    return {
+        "requests": len(records),
+        "failed": len(records) - len(ok),
+        "p50_ms": latency.get("p50"),
+        "p99_ms": latency.get("p99"),
+        "average_exit_layer": exits["average_exit_layer"],
+        "budget_exhausted": exits["budget_exhausted"],
+    }
+
+
+def _count(keys: Any) -> dict[str, int]:
+    return dict(sorted(Counter(keys).items()))
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A human-readable summary; report.json has everything."""
+    cfg, req, run = report["config"], report["requests"], report["run"]
+    load = f"open loop, {cfg['rate']:g} req/s over {cfg['users']} users" if cfg.get("rate") else f"closed loop, {cfg['users']} users"
+    lines = [
+        f"romebert load test of {cfg['url']}: {load}, batch {cfg['batch']}",
+        f"  {'run':<13}{run['elapsed_s']:.2f} s, stopped by {run['stop_reason']}"
+        + (f", {run['abandoned']} requests abandoned at the deadline" if run["abandoned"] else ""),
+        f"  {'requests':<13}{req['completed']} completed, {req['ok']} ok, {req['failed']} failed"
+        + (f" ({100 * req['error_rate']:.2f}%)" if req["error_rate"] else ""),
+    ]
+    if req["failed"]:
+        lines.append(f"  {'by status':<13}" + ", ".join(f"{k}: {v}" for k, v in req["by_status"].items()))
+        lines.append(f"  {'errors':<13}" + ", ".join(f"{k}: {v}" for k, v in req["errors"].items()))
+    tp = report["throughput"]
+    lines.append(f"  {'throughput':<13}{tp['requests_per_s']:.1f} req/s, {tp['items_per_s']:.1f} items/s")
+    if "schedule" in report:
+        sched = report["schedule"]
+        lag = sched["lag_ms"] or {}
+        lines.append(f"  {'schedule':<13}target {sched['target_rate']:g} req/s, achieved {_num(sched['achieved_rate'])}, send lag p99 {_num(lag.get('p99'))} ms")
+    for key, title in (("latency_ms", "latency ms"), ("server_latency_ms", "server ms")):
+        lat = report[key]
+        if lat:
+            lines.append(f"  {title:<13}" + "  ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
+    lines += _exit_lines(report["exit_depth"])
+    if len(report["profiles"]) > 1:
+        lines.append(f"  {'by profile':<13}{'profile':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'avg exit':>9}{'budget cut':>11}")
+        for name, p in report["profiles"].items():
+            lines.append(f"  {'':<13}{name:<22}{p['requests']:>9}{_num(p['p50_ms']):>9}{_num(p['p99_ms']):>9}{_num(p['average_exit_layer']):>9}{p['budget_exhausted']:>11}")
+    return "\n".join(lines)
+
+
+def _exit_lines(exit_depth: dict[str, Any]) -> list[str]:
+    lines = [f"  {'metrics':<13}{exit_depth['server_note']}"] if exit_depth["server_note"] else []
+    if exit_depth["average_exit_layer"] is None:
+        return lines + [f"  {'exit depth':<13}no answered items"]
+    total = sum(exit_depth["exit_layers"].values())
+    lines.append(f"  {'exit depth':<13}average layer {exit_depth['average_exit_layer']:.3f} over {exit_depth['items']:g} items ({exit_depth['source']})")
+    lines.append(f"  {'exit layers':<13}" + "  ".join(f"L{k}: {100 * v / total:.1f}%" for k, v in exit_depth["exit_layers"].items()))
+    return lines
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

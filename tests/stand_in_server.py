@@ -1,0 +1,122 @@
+"""TEST DOUBLE of the romebert server for the load-test tests: the HTTP contract, none of the model.
+
+It answers POST /classify with made-up but deterministic exits and exposes the real metric names
+through a real prometheus_client registry, so the load tester's scrape-and-delta logic runs on the
+genuine exposition format. It remembers every exit layer it served, for the tests to compare
+against the report. Not the service: see service/ for that.
+
+Rules (three layers):
+  * a text containing "overload" -> 503 with Retry-After and the contract's error body;
+  * entropy_threshold >= 0.5 -> exit 1; a smaller threshold -> exit 3;
+  * latency_budget_ms set -> exit 2 with budget_exhausted (the budget "ran out" after layer 2);
+  * neither -> exit 1 + len(text) % 3.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from pydantic import BaseModel
+
+NUM_LAYERS = 3
+LABELS = ("negative", "positive")
+
+
+class ClassifyBody(BaseModel):
+    text: str | list[str]
+    text_pair: str | list[str] | None = None
+    entropy_threshold: float | None = None
+    latency_budget_ms: float | None = None
+
+
+class StandIn:
+    """The app plus what it served: `exit_layers` (per item) and `rejected` (503s sent)."""
+
+    def __init__(self) -> None:
+        self.url = ""  # set by serve()
+        self.exit_layers: list[int] = []
+        self.rejected = 0
+        self.bodies: list[ClassifyBody] = []
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("romebert_requests_total", "requests by outcome", ["outcome"], registry=r)
+        self.duration = Histogram("romebert_request_duration_seconds", "request latency", registry=r)
+        Histogram("romebert_queue_wait_seconds", "queue wait", registry=r)
+        Histogram("romebert_batch_size", "batch size", buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.exit_layer = Histogram("romebert_exit_layer", "exit layer per item", buckets=tuple(range(1, NUM_LAYERS + 1)), registry=r)
+        self.layers = Counter("romebert_layers_executed_total", "layers executed", registry=r)
+        self.budget = Counter("romebert_budget_exhausted_total", "items cut by their budget", registry=r)
+        Gauge("romebert_inflight_requests", "requests in flight", registry=r)
+        Gauge("romebert_queue_depth", "queued requests", registry=r)
+        Info("romebert_model", "the bundle served", registry=r).info({"model": "stand-in", "num_layers": str(NUM_LAYERS), "precision": "fp32"})
+        self.app = self._app()
+
+    def _app(self) -> FastAPI:
+        app = FastAPI()
+        app.get("/healthz")(lambda: {"status": "ok"})
+        app.get("/readyz")(lambda: {"status": "ready"})
+        app.get("/metrics")(lambda: Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST))
+        app.post("/classify")(self._classify)
+        return app
+
+    def _classify(self, body: ClassifyBody):
+        started = time.perf_counter()
+        self.bodies.append(body)
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        if any("overload" in t for t in texts):
+            self.rejected += 1
+            self.requests.labels(outcome="rejected").inc()
+            error = {"error": {"code": "overloaded", "message": "queue full"}}
+            return JSONResponse(error, status_code=503, headers={"Retry-After": "1"})
+        results = [self._item(text, body) for text in texts]
+        self.requests.labels(outcome="ok").inc()
+        self.duration.observe(time.perf_counter() - started)
+        return {"results": results, "latency_ms": 1000 * (time.perf_counter() - started)}
+
+    def _item(self, text: str, body: ClassifyBody) -> dict:
+        budget_cut = body.latency_budget_ms is not None
+        if budget_cut:
+            layer = 2
+        elif body.entropy_threshold is not None:
+            layer = 1 if body.entropy_threshold >= 0.5 else NUM_LAYERS
+        else:
+            layer = 1 + len(text) % NUM_LAYERS
+        self.exit_layers.append(layer)
+        self.exit_layer.observe(layer)
+        self.layers.inc(layer)
+        if budget_cut:
+            self.budget.inc()
+        return {
+            "label": LABELS[layer % 2], "probabilities": {LABELS[0]: 0.25, LABELS[1]: 0.75}, "exit_layer": layer,
+            "layers_used": layer, "entropy": 0.56, "budget_exhausted": budget_cut, "truncated": False, "latency_ms": 0.1,
+        }
+
+
+@contextmanager
+def serve(stand_in: StandIn) -> Iterator[str]:
+    """Run the stand-in under uvicorn in a daemon thread on a free loopback port; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(stand_in.app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("stand-in server did not start")
+        time.sleep(0.01)
+    stand_in.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        yield stand_in.url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()

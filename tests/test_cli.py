@@ -1,0 +1,54 @@
+"""The `romebert` command as a user runs it: sub-commands, outputs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import tiny_train_config
+
+
+def romebert(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "romebert_cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_stage():
+    done = romebert("--help")
+    assert done.returncode == 0
+    for command in ("train", "evaluate", "export", "serve", "quickstart", "loadtest"):
+        assert command in done.stdout
+
+
+def test_unknown_command_is_an_error():
+    done = romebert("frobnicate")
+    assert done.returncode == 2 and "unknown command" in done.stderr
+
+
+def test_train_then_evaluate_writes_a_checkpoint_a_report_and_plots(tiny_backbone, tmp_path):
+    cfg = tiny_train_config(tiny_backbone, tmp_path / "ckpt")
+    done = romebert("train", "--backbone", cfg.backbone, "--output", cfg.output, "--limit", "32", "--epochs", "1",
+                    "--batch-size", "16", "--max-length", "32", "--method", "deebert", "--no-gradient-regularization")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "epoch 1" in done.stdout + done.stderr
+    done = romebert("evaluate", cfg.output, "--limit", "32", "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "threshold" in done.stdout and "speed-up" in done.stdout
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert len(report["deebert"]["per_exit"]) == 3 and len(report["deebert"]["sweep"]) == 13
+    assert (tmp_path / "eval" / "per_exit_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "eval" / "accuracy_vs_speedup.png").stat().st_size > 1000
+
+
+def test_bad_data_is_one_clear_line_and_no_checkpoint(tiny_backbone, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine,1\n,0\n")
+    done = romebert("train", "--backbone", str(tiny_backbone), "--data", str(bad), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "bad.csv:3" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_refused(tiny_backbone, tmp_path):
+    done = romebert("train", "--method", "magic", "--backbone", str(tiny_backbone), "--output", str(tmp_path / "o"))
+    assert done.returncode == 2 and "unknown method" in done.stderr
