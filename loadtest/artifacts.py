@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from loadtest.plot import plot_report
-from loadtest.users import RequestRecord
+from loadtest.records import RequestRecord
 from training.files import atomic_write
 
 CSV_FIELDS = ("start_s", "latency_ms", "lag_ms", "status", "profile", "items", "exit_layers",

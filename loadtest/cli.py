@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from loadtest.texts import TextsError
 from loadtest.workload import add_workload_arguments, workload_from_args
 
 
@@ -25,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     load = p.add_argument_group("load (closed loop by default)")
-    load.add_argument("--users", type=int, default=None, help="concurrent users (closed loop: each sends its next request when the last one returns; default 4). "
+    load.add_argument("--users", type=int, default=None,
+                      help="concurrent users (closed loop: each sends its next request when the last one returns; default 4). "
                       "With --rate: the pool of users that serve the schedule (default: one per request/s)")
     load.add_argument("--rate", type=float, default=None, help="open loop: a constant arrival rate of R requests/s, whatever the latency")
     load.add_argument("--duration", type=float, default=30.0, help="stop after S seconds (default 30)")
@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, default=Path("runs/loadtest"), help="folder for report.json, requests.csv and report.png")
     out.add_argument("--metrics-url", default=None, help="Prometheus endpoint scraped before and after the run (default: URL/metrics)")
     out.add_argument("--slo-p99-ms", type=float, default=None, help="fail (exit 1) when the p99 latency of successful requests exceeds this")
-    out.add_argument("--slo-error-rate", type=float, default=None, help="fail (exit 1) when the fraction of failed requests exceeds this (0.01 = 1%%)")
+    out.add_argument("--slo-error-rate", type=float, default=None,
+                     help="fail (exit 1) when the fraction of failed requests exceeds this (0.01 = 1%%)")
     return p
 
 
@@ -80,7 +81,7 @@ def main(command: str, argv: list[str]) -> int:
 
     try:
         workload = workload_from_args(args)
-    except (ValueError, TextsError) as err:
+    except ValueError as err:  # TextsError included
         print(f"romebert {command}: error: {err}", file=sys.stderr)
         return 2
     problem = _ready(url, min(args.timeout, 10.0))

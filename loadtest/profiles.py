@@ -26,12 +26,12 @@ def profiles_from_args(threshold: float | None, budget_ms: float | None, mix: st
             raise ValueError("--mix replaces --threshold and --budget-ms; give one or the other")
         return parse_mix(mix)
     overrides: dict[str, float] = {}
-    if threshold is not None:
-        overrides["entropy_threshold"] = _checked("threshold", threshold)
-    if budget_ms is not None:
-        overrides["latency_budget_ms"] = _checked("budget", budget_ms)
-    name = ",".join(f"{key}={value:g}" for key, value in zip(("threshold", "budget"), (threshold, budget_ms)) if value is not None)
-    return [Profile(name or "default", overrides)]
+    names = []
+    for key, value in (("threshold", threshold), ("budget", budget_ms)):
+        if value is not None:
+            overrides[FIELDS[key]] = _checked(key, value)
+            names.append(f"{key}={value:g}")
+    return [Profile(",".join(names) or "default", overrides)]
 
 
 def parse_mix(spec: str) -> list[Profile]:

@@ -14,8 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from loadtest.metrics_scrape import ServerDelta
-from loadtest.runner import RunResult
-from loadtest.users import RequestRecord
+from loadtest.records import RequestRecord, RunResult
 
 PERCENTILES = (50, 95, 99)
 
@@ -131,7 +130,11 @@ def format_table(report: dict[str, Any]) -> str:
     if "schedule" in report:
         sched = report["schedule"]
         lag = sched["lag_ms"] or {}
-        lines.append(f"  {'schedule':<13}target {sched['target_rate']:g} req/s, achieved {_num(sched['achieved_rate'])}, send lag p99 {_num(lag.get('p99'))} ms")
+        lines.append(f"  {'schedule':<13}target {sched['target_rate']:g} req/s, achieved {_num(sched['achieved_rate'])}, "
+                     f"send lag p99 {_num(lag.get('p99'))} ms")
+        if lag.get("p99", 0.0) > 1000 / sched["target_rate"]:
+            lines.append(f"  {'':<13}WARNING: requests left over one interval late: too few idle users (raise --users) "
+                         "or a saturated load generator; latency from the schedule would be higher")
     for key, title in (("latency_ms", "latency ms"), ("server_latency_ms", "server ms")):
         lat = report[key]
         if lat:
@@ -140,7 +143,8 @@ def format_table(report: dict[str, Any]) -> str:
     if len(report["profiles"]) > 1:
         lines.append(f"  {'by profile':<13}{'profile':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'avg exit':>9}{'budget cut':>11}")
         for name, p in report["profiles"].items():
-            lines.append(f"  {'':<13}{name:<22}{p['requests']:>9}{_num(p['p50_ms']):>9}{_num(p['p99_ms']):>9}{_num(p['average_exit_layer']):>9}{p['budget_exhausted']:>11}")
+            numbers = "".join(f"{_num(p[k]):>9}" for k in ("p50_ms", "p99_ms", "average_exit_layer"))
+            lines.append(f"  {'':<13}{name:<22}{p['requests']:>9}{numbers}{p['budget_exhausted']:>11}")
     return "\n".join(lines)
 
 
@@ -149,7 +153,8 @@ def _exit_lines(exit_depth: dict[str, Any]) -> list[str]:
     if exit_depth["average_exit_layer"] is None:
         return lines + [f"  {'exit depth':<13}no answered items"]
     total = sum(exit_depth["exit_layers"].values())
-    lines.append(f"  {'exit depth':<13}average layer {exit_depth['average_exit_layer']:.3f} over {exit_depth['items']:g} items ({exit_depth['source']})")
+    lines.append(f"  {'exit depth':<13}average layer {exit_depth['average_exit_layer']:.3f} "
+                 f"over {exit_depth['items']:g} items ({exit_depth['source']})")
     lines.append(f"  {'exit layers':<13}" + "  ".join(f"L{k}: {100 * v / total:.1f}%" for k, v in exit_depth["exit_layers"].items()))
     return lines
 

@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import gevent
 from locust.env import Environment
 
-from loadtest.users import ClassifyUser, Gate, Recorder, RequestRecord
+from loadtest.records import RunResult
+from loadtest.users import ClassifyUser, Gate, Recorder
 from loadtest.workload import Workload
 
 # Locust warns that spawning faster than this "sometimes causes issues"; more users ramp up over seconds.
 MAX_SPAWN_RATE = 100
 DEFAULT_USERS = 4
-
-
-@dataclass(frozen=True)
-class RunResult:
-    records: list[RequestRecord]
-    elapsed_s: float
-    stop_reason: str  # "duration" or "max-requests"
-    abandoned: int  # requests claimed but not completed when the duration ran out
 
 
 def pool_size(users: int | None, rate: float | None) -> int:

@@ -1,4 +1,4 @@
-"""The Locust user that POSTs /classify, the gate that bounds and paces it, and the per-request record.
+"""The Locust user that POSTs /classify, and the gate that bounds and paces it.
 
 Latency is measured here around each request, and every request is kept (not only Locust's
 aggregated stats) because the report needs exact percentiles and the exit layers of each answer.
@@ -10,33 +10,14 @@ import itertools
 import json
 import random
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gevent
 from locust import FastHttpUser, constant, task
 from locust.exception import StopUser
 
+from loadtest.records import RequestRecord
 from loadtest.workload import Workload
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    start_s: float  # since the run started
-    latency_ms: float  # client-side, send to last byte
-    lag_ms: float  # how late the request left against its open-loop schedule (0 in closed loop)
-    status: int  # HTTP status; 0 when no response came (connection refused, timeout)
-    profile: str
-    items: int
-    exit_layers: tuple[int, ...] = ()
-    budget_exhausted: int = 0
-    truncated: int = 0
-    server_latency_ms: float | None = None
-    error: str | None = None  # set for every failed request
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 class Gate:

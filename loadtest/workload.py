@@ -46,7 +46,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload")
     source = group.add_mutually_exclusive_group()
     # A str, not a Path: Locust's master ships these options to its workers as msgpack.
-    source.add_argument("--texts", default=None, help="texts file: .txt (one per line), .csv or .jsonl with a 'text' (and optional 'text_pair') field")
+    source.add_argument("--texts", default=None,
+                        help="texts file: .txt (one per line), .csv or .jsonl with a 'text' (and optional 'text_pair') field")
     source.add_argument("--dataset", default=None, help="dataset whose test split supplies the texts (default: rotten_tomatoes)")
     group.add_argument("--threshold", type=float, default=None, help="entropy_threshold sent with every request (default: the server's)")
     group.add_argument("--budget-ms", type=float, default=None, help="latency_budget_ms sent with every request")

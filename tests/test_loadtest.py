@@ -89,7 +89,7 @@ def test_open_loop_keeps_the_arrival_rate(stand_in, texts, tmp_path):
     assert report["requests"]["completed"] == 10
     with (out / "requests.csv").open() as f:
         starts = sorted(float(r["start_s"]) for r in csv.DictReader(f))
-    assert starts[-1] - starts[0] >= 9 / 25 * 0.95  # 10 sends are 9 intervals of 1/25 s apart
+    assert starts[-1] - starts[0] >= 9 / 25 * 0.75  # 10 sends, 9 intervals of 1/25 s (closed loop: a few ms)
     assert all(isinstance(b.text, str) and b.entropy_threshold == 0.6 for b in stand_in.bodies)
     assert set(stand_in.exit_layers) <= {1} and report["exit_depth"]["average_exit_layer"] in (None, 1.0)
 
