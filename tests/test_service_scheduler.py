@@ -1,0 +1,328 @@
+"""The batching scheduler: per-row exits, latency budgets and the regroup policy.
+
+Most tests drive a fake engine whose exit logits are fixed per row, so which row leaves at which
+layer, and which rows the engine ran together, are known exactly. The last tests run the real
+tiny bundle to check that merging cohorts (zero padding along the sequence axis) is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.engine import HiddenBatch
+from service.exits import entropy, exit_layers
+from service.metrics import Metrics
+from service.scheduler import EngineFailure, QueueFull, Scheduler, SchedulerClosed
+from service.tokenization import Encoded
+
+SURE = [6.0, -6.0]  # entropy ~ 0.0001 nats
+MID = [1.0, -1.0]  # entropy ~ 0.36
+UNSURE = [0.0, 0.0]  # entropy ln 2
+# Each row's first token is a code that fixes its exit logits at layers 1, 2 and 3.
+PLAN = {
+    1: [SURE, SURE, SURE],
+    2: [UNSURE, MID, SURE],
+    3: [UNSURE, UNSURE, UNSURE],
+    4: [MID, UNSURE, SURE],
+}
+
+
+class FakeEngine:
+    """The Engine interface in numpy. The hidden state carries each row's code; `calls` records
+    (layer, codes) for every layer call. With `stepping`, each layer call waits for step()."""
+
+    num_layers = 3
+
+    def __init__(self, stepping: bool = False, fail_on_layer: int | None = None):
+        self.calls: list[tuple[int, list[int]]] = []
+        self.stepping = stepping
+        self.fail_on_layer = fail_on_layer
+        self._steps = threading.Semaphore(0)
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._steps.release()
+
+    def embed(self, batch: Encoded) -> HiddenBatch:
+        return HiddenBatch(batch.input_ids[:, :, None].astype(np.float32), batch.attention_mask)
+
+    def layer(self, i: int, state: HiddenBatch) -> tuple[HiddenBatch, np.ndarray]:
+        codes = [int(c) for c in state.hidden[:, 0, 0]]
+        self.calls.append((i, codes))
+        if self.stepping:
+            assert self._steps.acquire(timeout=10), "test never stepped the engine"
+        if i == self.fail_on_layer:
+            raise RuntimeError("device lost")
+        return state, np.array([PLAN[c][i] for c in codes], dtype=np.float32)
+
+    def keep(self, state: HiddenBatch, rows: np.ndarray) -> HiddenBatch:
+        return HiddenBatch(state.hidden[rows], state.attention_mask[rows])
+
+    def merge(self, states: list[HiddenBatch]) -> HiddenBatch:
+        width = max(s.attention_mask.shape[1] for s in states)
+        pad = [((0, 0), (0, width - s.attention_mask.shape[1])) for s in states]
+        return HiddenBatch(
+            np.concatenate([np.pad(s.hidden, p + ((0, 0),)) for s, p in zip(states, pad)]),
+            np.concatenate([np.pad(s.attention_mask, p) for s, p in zip(states, pad)]),
+        )
+
+
+class FixedCost:
+    """A cost model that predicts `seconds[layer]` whatever the batch, and learns nothing."""
+
+    def __init__(self, seconds: list[float]):
+        self.seconds = seconds
+
+    def predict(self, layer: int, rows: int, width: int) -> float:
+        return self.seconds[layer]
+
+    def observe(self, layer: int, rows: int, width: int, seconds: float) -> None:
+        pass
+
+
+def rows(codes: list[int], length: int = 5) -> Encoded:
+    ids = np.array([[c] * length for c in codes], dtype=np.int64)
+    n = len(codes)
+    return Encoded(ids, np.ones_like(ids), np.zeros_like(ids), np.zeros(n, dtype=bool), np.full(n, length, dtype=np.int64))
+
+
+def make(engine=None, **kwargs) -> tuple[Scheduler, FakeEngine]:
+    engine = engine or FakeEngine()
+    options = dict(max_batch=8, max_wait_ms=20.0, max_queue=64) | kwargs
+    scheduler = Scheduler(engine, Metrics(engine.num_layers), **options)
+    scheduler.start()
+    return scheduler, engine
+
+
+async def answers(scheduler: Scheduler, codes: list[int], threshold: float, budget_s: float | None = None, arrival: float | None = None, length: int = 5):
+    arrival = scheduler.clock() if arrival is None else arrival
+    return await asyncio.gather(*scheduler.submit(rows(codes, length), threshold, budget_s, arrival))
+
+
+async def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+def expected_exit(code: int, threshold: float) -> int:
+    return int(exit_layers(np.array(PLAN[code], dtype=np.float32)[:, None, :], threshold)[0])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("threshold", [0.0, 0.01, 0.5, 0.7])
+async def test_each_row_leaves_at_its_first_exit_below_the_threshold(threshold):
+    scheduler, _ = make()
+    got = await answers(scheduler, [1, 2, 3, 4], threshold)
+    assert [a.exit_layer for a in got] == [expected_exit(c, threshold) for c in (1, 2, 3, 4)]
+    for code, a in zip((1, 2, 3, 4), got):
+        assert np.allclose(a.logits, PLAN[code][a.exit_layer - 1])
+        assert math.isclose(a.entropy, float(entropy(np.array(PLAN[code][a.exit_layer - 1]))), rel_tol=1e-6)
+        assert not a.budget_exhausted
+
+
+@pytest.mark.asyncio
+async def test_threshold_zero_means_full_depth_even_for_confident_rows():
+    scheduler, _ = make()
+    got = await answers(scheduler, [1, 1], 0.0)
+    assert [a.exit_layer for a in got] == [3, 3]
+
+
+@pytest.mark.asyncio
+async def test_rows_leave_the_batch_and_only_survivors_run_on():
+    scheduler, engine = make()
+    await answers(scheduler, [1, 2, 3], 0.5)  # exits 1, 2, 3
+    assert engine.calls == [(0, [1, 2, 3]), (1, [2, 3]), (2, [3])]
+
+
+@pytest.mark.asyncio
+async def test_rows_with_different_thresholds_in_one_batch_leave_at_their_own_layers():
+    scheduler, engine = make()
+    strict = scheduler.submit(rows([2, 4]), 0.01, None, scheduler.clock())
+    loose = scheduler.submit(rows([2, 4]), 0.5, None, scheduler.clock())
+    together = await asyncio.gather(*strict, *loose)
+    assert engine.calls[0] == (0, [2, 4, 2, 4])  # one batch
+    assert [a.exit_layer for a in together] == [3, 3, 2, 1]
+
+    alone, _ = make()
+    for answer, (code, threshold) in zip(together, [(2, 0.01), (4, 0.01), (2, 0.5), (4, 0.5)]):
+        (single,) = await answers(alone, [code], threshold)
+        assert single.exit_layer == answer.exit_layer
+        assert np.array_equal(single.logits, answer.logits)
+
+
+@pytest.mark.asyncio
+async def test_budget_too_small_for_layer_2_answers_from_exit_1():
+    scheduler, _ = make(cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    (a,) = await answers(scheduler, [3], 0.0, budget_s=0.5)
+    assert (a.exit_layer, a.budget_exhausted) == (1, True)
+    assert np.allclose(a.logits, UNSURE)
+
+
+@pytest.mark.asyncio
+async def test_budget_stops_a_row_before_the_layer_that_would_overrun_it():
+    scheduler, _ = make(cost_model=FixedCost([0.2, 0.2, 1.0]), clock=lambda: 100.0)
+    (a,) = await answers(scheduler, [3], 0.0, budget_s=0.5)  # layer 2 fits (0.2 <= 0.5), layer 3 not
+    assert (a.exit_layer, a.budget_exhausted) == (2, True)
+
+
+@pytest.mark.asyncio
+async def test_a_budget_that_covers_every_layer_changes_nothing():
+    scheduler, _ = make(cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    (a,) = await answers(scheduler, [3], 0.0, budget_s=1.0)
+    assert (a.exit_layer, a.budget_exhausted) == (3, False)
+
+
+@pytest.mark.asyncio
+async def test_queue_time_counts_against_the_budget():
+    scheduler, _ = make(cost_model=FixedCost([0.1, 0.1, 0.1]), clock=lambda: 100.0)
+    (a,) = await answers(scheduler, [3], 0.0, budget_s=0.5, arrival=99.55)  # 0.05 s left at layer 2
+    assert (a.exit_layer, a.budget_exhausted) == (1, True)
+
+
+@pytest.mark.asyncio
+async def test_layer_1_always_runs_however_small_the_budget():
+    scheduler, engine = make(cost_model=FixedCost([9.0, 9.0, 9.0]), clock=lambda: 100.0)
+    (a,) = await answers(scheduler, [3], 0.0, budget_s=1e-6, arrival=0.0)
+    assert (a.exit_layer, a.budget_exhausted) == (1, True)
+    assert engine.calls == [(0, [3])]
+
+
+@pytest.mark.asyncio
+async def test_a_confident_row_is_not_flagged_budget_exhausted():
+    scheduler, _ = make(cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    sure, unsure = await answers(scheduler, [1, 3], 0.1, budget_s=0.5)
+    assert (sure.exit_layer, sure.budget_exhausted) == (1, False)
+    assert (unsure.exit_layer, unsure.budget_exhausted) == (1, True)
+
+
+@pytest.mark.asyncio
+async def test_regroup_admits_arrivals_at_a_layer_boundary_and_merges_cohorts_at_the_same_depth():
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0)
+    first = scheduler.submit(rows([3, 3]), 0.0, None, scheduler.clock())
+    await wait_for(lambda: len(engine.calls) == 1)  # layer 1 of the first batch is running
+    second = scheduler.submit(rows([3], length=4), 0.0, None, scheduler.clock())
+    engine.step(5)
+    await asyncio.gather(*first, *second)
+    # The newcomer runs its layer 1 at the next boundary (fresh first), then both cohorts sit at
+    # depth 1 and go on as one batch.
+    assert engine.calls == [(0, [3, 3]), (0, [3]), (1, [3, 3, 3]), (2, [3, 3, 3])]
+
+
+@pytest.mark.asyncio
+async def test_complete_policy_runs_a_batch_to_its_end_before_the_next():
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="complete")
+    first = scheduler.submit(rows([3, 3]), 0.0, None, scheduler.clock())
+    await wait_for(lambda: len(engine.calls) == 1)
+    second = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    engine.step(6)
+    await asyncio.gather(*first, *second)
+    assert engine.calls == [(0, [3, 3]), (1, [3, 3]), (2, [3, 3]), (0, [3]), (1, [3]), (2, [3])]
+
+
+@pytest.mark.asyncio
+async def test_rows_of_very_different_lengths_are_not_padded_into_one_batch():
+    scheduler, engine = make()
+    short = scheduler.submit(rows([3], length=20), 0.0, None, scheduler.clock())
+    long = scheduler.submit(rows([1], length=200), 0.0, None, scheduler.clock())
+    await asyncio.gather(*short, *long)
+    assert all(len(codes) == 1 for _, codes in engine.calls)
+
+
+@pytest.mark.asyncio
+async def test_a_full_queue_refuses_the_whole_request():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_queue=2, max_wait_ms=0.0)
+    running = scheduler.submit(rows([1]), 0.5, None, scheduler.clock())
+    await wait_for(lambda: len(engine.calls) == 1)  # taken by the engine: the queue is empty again
+    queued = scheduler.submit(rows([1]), 0.5, None, scheduler.clock())
+    with pytest.raises(QueueFull):
+        scheduler.submit(rows([1, 1]), 0.5, None, scheduler.clock())  # 1 queued + 2 > 2
+    engine.step(2)
+    assert len(await asyncio.gather(*running, *queued)) == 2
+
+
+@pytest.mark.asyncio
+async def test_close_finishes_every_row_taken_and_refuses_new_ones():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0)
+    in_flight = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    queued = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    await wait_for(lambda: len(engine.calls) == 1)
+    scheduler.close()
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    engine.step(6)
+    assert [a.exit_layer for a in await asyncio.gather(*in_flight, *queued)] == [3, 3]
+    assert scheduler.join(timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_an_engine_failure_fails_the_rows_in_flight_and_the_scheduler_goes_on():
+    scheduler, engine = make(FakeEngine(fail_on_layer=1))
+    with pytest.raises(EngineFailure, match="device lost"):
+        await answers(scheduler, [3], 0.0)
+    engine.fail_on_layer = None
+    (a,) = await answers(scheduler, [3], 0.0)
+    assert a.exit_layer == 3
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_every_answer_with_its_exit_layer():
+    scheduler, _ = make(cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    got = await answers(scheduler, [1, 2, 3, 4], 0.1) + await answers(scheduler, [3], 0.0, budget_s=0.5)
+    m = scheduler.metrics
+    layers = [a.exit_layer for a in got]
+    assert m.registry.get_sample_value("romebert_exit_layer_count") == len(got)
+    assert m.registry.get_sample_value("romebert_exit_layer_sum") == sum(layers)
+    assert m.registry.get_sample_value("romebert_layers_executed_total") == sum(layers)
+    assert m.registry.get_sample_value("romebert_budget_exhausted_total") == 1
+    assert m.registry.get_sample_value("romebert_exit_layer_bucket", {"le": "1.0"}) == layers.count(1)
+
+
+# -- the real engine ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_bundle):
+    from service.bundle import load_bundle
+    from service.engine import Engine
+    from service.tokenization import TextEncoder
+
+    bundle = load_bundle(tiny_bundle)
+    return Engine(bundle, device="cpu"), TextEncoder(bundle.tokenizer_file, bundle.max_length)
+
+
+def test_merging_cohorts_of_different_widths_is_exact(tiny_engine):
+    engine, encoder = tiny_engine
+    short = encoder.encode(["a fine film"])
+    long = encoder.encode(["a long and winding review that goes on about the plot for a while"])
+    reference = engine.all_exit_logits(short)[:, 0]
+
+    state, _ = engine.layer(0, engine.embed(short))
+    other, _ = engine.layer(0, engine.embed(long))
+    merged = engine.merge([state, other])
+    assert merged.attention_mask.shape == (2, long.input_ids.shape[1])
+    for i in range(1, engine.num_layers):
+        merged, logits = engine.layer(i, merged)
+        np.testing.assert_allclose(logits[0], reference[i], atol=1e-5)
+
+
+@pytest.mark.asyncio
+async def test_the_scheduler_answers_as_the_full_model_does(tiny_engine):
+    engine, encoder = tiny_engine
+    texts = ["great", "a dull, plodding film", "one of the best of the year, funny and warm", "meh"]
+    reference = engine.all_exit_logits(encoder.encode(texts))  # (L, B, C)
+    scheduler = Scheduler(engine, Metrics(engine.num_layers), max_batch=8, max_wait_ms=5.0)
+    scheduler.start()
+    for threshold in (0.0, 0.6931):
+        got = await asyncio.gather(*scheduler.submit(encoder.encode(texts), threshold, None, scheduler.clock()))
+        layers = exit_layers(reference, threshold)
+        assert [a.exit_layer for a in got] == layers.tolist()
+        for row, a in enumerate(got):
+            np.testing.assert_allclose(a.logits, reference[a.exit_layer - 1, row], atol=1e-5)
