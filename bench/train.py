@@ -4,7 +4,7 @@ Same seed, same epochs (per stage), same batch, lr and max length for every meth
 real training on the real data; the checkpoints land in artifacts/bench/<method> (not committed)
 and feed the engine and serve benchmarks. Writes bench/results/train.json and docs/*.png.
 
-    .venv/bin/python bench/train.py            # ~45 min on a 2-core CPU
+    .venv/bin/python bench/train.py            # ~40 min on a 2-core CPU (six runs)
 """
 
 from __future__ import annotations
@@ -27,11 +27,15 @@ from training.train import TrainConfig, encode_split, train  # noqa: E402
 from service.tokenization import TextEncoder  # noqa: E402
 
 # (name in the results, TrainConfig overrides): romebert_sd_only is the ablation without GR.
+# Exits pool as the backbone was trained (mean for all-MiniLM-L6-v2) unless a run says cls.
 RUNS = [
     ("romebert", {"method": "romebert"}),
     ("finetune", {"method": "finetune"}),
     ("deebert", {"method": "deebert"}),
     ("romebert_sd_only", {"method": "romebert", "gradient_regularization": False}),
+    # The paper's exit head pools [CLS]; on this mean-pooled backbone that is the hard case.
+    ("romebert_cls_exits", {"method": "romebert", "exit_pooling": "cls"}),
+    ("deebert_cls_exits", {"method": "deebert", "exit_pooling": "cls"}),
 ]
 
 

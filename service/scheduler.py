@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -39,6 +39,7 @@ from service.cost_model import CostModel, EwmaCostModel
 from service.engine import HiddenBatch
 from service.exits import entropy
 from service.metrics import Metrics
+from service.settings import POLICIES
 from service.tokenization import Encoded
 
 log = logging.getLogger("romebert.scheduler")
@@ -161,8 +162,8 @@ class Scheduler:
         cost_model: CostModel | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
-        if policy not in ("regroup", "complete"):
-            raise ValueError(f"policy must be regroup or complete, not {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch

@@ -1,0 +1,196 @@
+"""Scheduler policy benchmark (in-process, this CPU): "complete" vs "regroup" under a mixed stream.
+
+The same seeded open-loop arrival stream (Poisson) is replayed against the real scheduler and
+engine under each policy:
+  complete         a batch runs to its end (shedding confident rows) before the next is formed;
+  regroup          the server's default: admit arrivals at every layer boundary, merge cohorts
+                   at the same depth, fresh cohorts first, then the deepest;
+  regroup-deepest  the same, but always the deepest cohort first (no fresh-first rule).
+The stream mixes three kinds of request: "easy" (1 text, the bundle's default threshold), "full"
+(1 text, threshold 0: full depth, e.g. an auditing client) and "batch" (8 texts, default
+threshold). It runs at two loads, as fractions of the closed-loop capacity measured first.
+Latency is per request, from its arrival to its last answer. Writes
+bench/results/scheduler_policy.json.
+
+    .venv/bin/python bench/scheduler_policy.py     # ~1.5 min; needs artifacts/bench/bundle-fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime  # noqa: E402
+
+from service.bundle import load_bundle  # noqa: E402
+from service.cost_model import EwmaCostModel, warm_up  # noqa: E402
+from service.engine import Engine, default_threads  # noqa: E402
+from service.metrics import Metrics  # noqa: E402
+from service.scheduler import Scheduler  # noqa: E402
+from service.tokenization import Encoded, TextEncoder  # noqa: E402
+from training.data import load_task  # noqa: E402
+
+KINDS = {"easy": (0.7, 1), "full": (0.2, 1), "batch": (0.1, 8)}  # kind -> (share of requests, texts)
+MAX_BATCH, MAX_WAIT_MS = 32, 2.0
+
+
+class DeepestFirst(Scheduler):
+    """regroup without the fresh-first rule: always the deepest cohort next (ties: oldest)."""
+
+    def _next(self, cohorts):
+        return min(cohorts, key=lambda c: (-c.depth, c.order))
+
+
+SCHEDULERS = {"complete": (Scheduler, "complete"), "regroup": (Scheduler, "regroup"), "regroup-deepest": (DeepestFirst, "regroup")}
+
+
+@dataclass
+class Request:
+    at: float  # seconds after the start
+    kind: str
+    rows: Encoded
+    threshold: float
+
+
+def make_stream(encoded: Encoded, default_threshold: float, items_per_s: float, seconds: float, seed: int) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    kinds = list(KINDS)
+    shares = np.array([KINDS[k][0] for k in kinds])
+    mean_items = float(shares @ np.array([KINDS[k][1] for k in kinds]))
+    stream, t = [], 0.0
+    while True:
+        t += rng.exponential(mean_items / items_per_s)
+        if t >= seconds:
+            return stream
+        kind = kinds[rng.choice(len(kinds), p=shares)]
+        rows = encoded.rows(rng.choice(len(encoded.lengths), size=KINDS[kind][1], replace=False))
+        stream.append(Request(t, kind, rows, 0.0 if kind == "full" else default_threshold))
+
+
+def new_scheduler(name: str, engine: Engine, cost_model: EwmaCostModel) -> Scheduler:
+    cls, policy = SCHEDULERS[name]
+    scheduler = cls(engine, Metrics(engine.num_layers), max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, max_queue=1 << 20, policy=policy, cost_model=cost_model)
+    scheduler.start()
+    return scheduler
+
+
+async def replay(scheduler: Scheduler, stream: list[Request]) -> list[float]:
+    """Submit each request at its time; the latency of each, in seconds."""
+
+    async def one(request: Request) -> float:
+        arrival = scheduler.clock()
+        await asyncio.gather(*scheduler.submit(request.rows, request.threshold, None, arrival))
+        return scheduler.clock() - arrival
+
+    start, tasks = time.perf_counter(), []
+    for request in stream:
+        await asyncio.sleep(max(0.0, start + request.at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(request)))
+    return list(await asyncio.gather(*tasks))
+
+
+def summary(latencies: list[float], scheduler: Scheduler, elapsed: float, items: int) -> dict:
+    ms = 1000 * np.array(latencies)
+    sample = scheduler.metrics.registry.get_sample_value
+    return {
+        "requests": len(ms),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p90_ms": round(float(np.percentile(ms, 90)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+        "items_per_s": round(items / elapsed, 1),
+        "avg_exit_layer": round(sample("romebert_exit_layer_sum") / sample("romebert_exit_layer_count"), 3),
+        "layer_calls": int(sample("romebert_batch_size_count")),
+        "rows_per_layer_call": round(sample("romebert_batch_size_sum") / sample("romebert_batch_size_count"), 2),
+    }
+
+
+async def run_policy(name: str, engine: Engine, cost_model: EwmaCostModel, stream: list[Request]) -> dict:
+    scheduler = new_scheduler(name, engine, cost_model)
+    started = time.perf_counter()
+    latencies = await replay(scheduler, stream)
+    elapsed = time.perf_counter() - started
+    scheduler.close()
+    scheduler.join()
+    out = summary(latencies, scheduler, elapsed, sum(len(r.rows.lengths) for r in stream))
+    for kind in KINDS:
+        ms = 1000 * np.array([lat for lat, r in zip(latencies, stream) if r.kind == kind])
+        out[kind] = {"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+    return out
+
+
+async def capacity(engine: Engine, cost_model: EwmaCostModel, encoded: Encoded, default_threshold: float) -> float:
+    """Closed-loop items/s of the stream's mix: everything submitted at once ("complete")."""
+    stream = make_stream(encoded, default_threshold, items_per_s=1000.0, seconds=0.4, seed=1)  # ~400 items; times unused
+    scheduler = new_scheduler("complete", engine, cost_model)
+    started = time.perf_counter()
+    await asyncio.gather(*(f for r in stream for f in scheduler.submit(r.rows, r.threshold, None, scheduler.clock())))
+    elapsed = time.perf_counter() - started
+    scheduler.close()
+    scheduler.join()
+    return sum(len(r.rows.lengths) for r in stream) / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bundle", type=Path, default=ROOT / "artifacts" / "bench" / "bundle-fp32")
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of each stream")
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8], help="arrival rates as fractions of capacity")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scheduler_policy.json")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    bundle = load_bundle(args.bundle)
+    engine = Engine(bundle, device="cpu")
+    encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
+    task = load_task(bundle.manifest["source"]["data"])
+    encoded = encoder.encode([e.text for e in task.test], [e.text_pair for e in task.test] if task.is_pair else None)
+    cost_model = EwmaCostModel(engine.num_layers)
+    warm_up(engine, cost_model, MAX_BATCH, bundle.max_length)
+    cap = await capacity(engine, cost_model, encoded, bundle.default_threshold)
+    print(f"capacity of the mix (closed loop): {cap:.0f} items/s")
+
+    results = {}
+    for load in args.loads:
+        stream = make_stream(encoded, bundle.default_threshold, load * cap, args.seconds, seed=0)
+        results[f"load_{load}"] = {"arrival_items_per_s": round(load * cap, 1), "requests": len(stream)}
+        for name in SCHEDULERS:
+            r = await run_policy(name, engine, cost_model, stream)
+            results[f"load_{load}"][name] = r
+            print(f"load {load:.1f} {name:<16} p50 {r['p50_ms']:7.2f} ms  p90 {r['p90_ms']:7.2f}  p99 {r['p99_ms']:7.2f}  "
+                  f"easy p50 {r['easy']['p50_ms']:6.2f}  full p50 {r['full']['p50_ms']:6.2f}  "
+                  f"rows/call {r['rows_per_layer_call']:5.2f}  exit {r['avg_exit_layer']:.2f}")
+
+    report = {
+        "what": "scheduler policy under a mixed open-loop stream, in process (no HTTP)",
+        "bundle": {"path": str(args.bundle.relative_to(ROOT) if args.bundle.is_relative_to(ROOT) else args.bundle),
+                   "model": bundle.manifest.get("model_name"), "num_layers": bundle.num_layers, "precision": bundle.precision,
+                   "max_length": bundle.max_length, "default_threshold": bundle.default_threshold},
+        "texts": f"{task.name} test split ({len(task.test)} texts)",
+        "mix": {kind: {"share": share, "texts": n, "threshold": "0 (full depth)" if kind == "full" else "bundle default"} for kind, (share, n) in KINDS.items()},
+        "max_batch": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS, "stream_seconds": args.seconds,
+        "capacity_items_per_s": round(cap, 1),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "onnxruntime_threads": default_threads(),
+                    "onnxruntime": onnxruntime.__version__},
+        "results": results,
+        "run_seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} in {report['run_seconds']} s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
