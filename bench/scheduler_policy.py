@@ -151,7 +151,7 @@ async def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scheduler_policy.json")
     args = parser.parse_args()
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), round(os.getloadavg()[0], 2)  # other work on the machine skews latency
     bundle = load_bundle(args.bundle)
     engine = Engine(bundle, device="cpu")
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
@@ -183,7 +183,7 @@ async def main() -> None:
         "max_batch": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS, "stream_seconds": args.seconds,
         "capacity_items_per_s": round(cap, 1),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "onnxruntime_threads": default_threads(),
-                    "onnxruntime": onnxruntime.__version__},
+                    "onnxruntime": onnxruntime.__version__, "loadavg_1min_at_start": load_at_start},
         "results": results,
         "run_seconds": round(time.perf_counter() - started, 1),
     }

@@ -12,9 +12,11 @@ the sequence axis is exact for BERT, see Engine.merge), and the next step goes t
 if there is one, else to the deepest. Fresh first: layer 1 always runs, is where easy rows leave,
 and costs one layer, so a new arrival gets its exit-1 chance without waiting out the stragglers of
 an earlier batch; after that deepest first, so the oldest work finishes first and nothing starves
-(admission stops while max_batch rows are in flight). Policy "complete" is the classic one: a
-batch runs to its end (still shedding confident rows) before the next is formed; it is kept as
-the baseline that bench/scheduler_policy.py measures "regroup" against.
+(admission stops while max_batch rows are in flight). Under load this cuts the median a lot and
+costs the longest jobs some tail latency (docs/serving.md has the measurements). Policy
+"complete" is the classic one: a batch runs to its end (still shedding confident rows) before the
+next is formed; it is the baseline bench/scheduler_policy.py measures "regroup" against, and the
+choice when a p99 target matters more than the median.
 
 Latency budgets are kept by prediction: before a cohort's layer i (i >= 2, layer 1 always runs)
 each row whose remaining budget is below the cost model's prediction for that layer is answered
