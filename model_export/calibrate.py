@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from service.engine import Engine
@@ -18,14 +20,19 @@ def exit_logits_onnx(engine: Engine, batches: list[Encoded], order: np.ndarray) 
     return out
 
 
-def choose_threshold(table: list[dict], max_drop_points: float) -> dict:
-    """The largest speed-up whose accuracy stays within `max_drop_points` of full depth (threshold 0)."""
+def choose_threshold(table: list[dict], max_drop_points: float, num_labels: int) -> dict:
+    """The largest speed-up whose accuracy stays within `max_drop_points` of full depth (threshold 0).
+
+    Only thresholds up to ln(num_labels) are candidates: entropy never exceeds it, the API refuses
+    larger ones, and the default must be a threshold a client could also send.
+    """
     full = next(r for r in table if r["threshold"] == 0.0)
-    allowed = [r for r in table if r["accuracy"] >= full["accuracy"] - max_drop_points / 100]
+    ceiling = math.log(num_labels)
+    allowed = [r for r in table if r["threshold"] <= ceiling and r["accuracy"] >= full["accuracy"] - max_drop_points / 100]
     best = max(allowed, key=lambda r: (r["speedup"], -r["threshold"]))
     return {"threshold": best["threshold"], "rule": f"largest speed-up with dev accuracy within {max_drop_points} points of full depth"}
 
 
 def calibrate(logits: np.ndarray, labels: np.ndarray, max_drop_points: float) -> tuple[list[dict], dict]:
     table = sweep(logits, labels)
-    return table, choose_threshold(table, max_drop_points)
+    return table, choose_threshold(table, max_drop_points, logits.shape[-1])

@@ -52,7 +52,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         raise ApiError(413, "too_many_items", f"{len(texts)} texts in one request; the limit is {runtime.settings.max_items}")
     threshold = body.entropy_threshold
     if threshold is None:
-        threshold = runtime.bundle.default_threshold  # calibrated at export; not held to the check below
+        threshold = runtime.bundle.default_threshold  # calibrated at export, within [0, ln C]
     elif threshold > runtime.max_entropy:
         message = f"entropy_threshold {threshold} is above ln({len(runtime.labels)}) = {runtime.max_entropy:.4f}, the largest entropy an exit can have"
         raise ApiError(422, "invalid_request", message, [{"field": "entropy_threshold", "message": message, "type": "less_than_equal"}])

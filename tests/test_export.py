@@ -129,3 +129,17 @@ def test_mean_pooled_exits_export_with_parity(tiny_backbone, tmp_path):
     out = export_bundle(checkpoint, tmp_path / "bundle", limit=32, log=lambda *_: None)
     parity = json.loads((out / "manifest.json").read_text())["parity"]
     assert parity["max_abs_logit_error_chained"] < 1e-4 and parity["exit_layer_mismatches"] == 0
+
+
+def test_default_threshold_rule_picks_the_fastest_within_the_drop_and_never_above_ln_c():
+    from model_export.calibrate import choose_threshold
+
+    table = [
+        {"threshold": 0.0, "accuracy": 0.90, "speedup": 1.0},
+        {"threshold": 0.3, "accuracy": 0.895, "speedup": 1.8},
+        {"threshold": 0.5, "accuracy": 0.85, "speedup": 2.5},
+        {"threshold": 0.7, "accuracy": 0.90, "speedup": 6.0},  # above ln 2: not a threshold clients may send
+    ]
+    assert choose_threshold(table, 1.0, num_labels=2)["threshold"] == 0.3
+    assert choose_threshold(table, 10.0, num_labels=2)["threshold"] == 0.5
+    assert choose_threshold(table, 1.0, num_labels=3)["threshold"] == 0.7
