@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,10 +72,12 @@ def make_app(checkpoint: Path) -> FastAPI:
 
     @app.post("/classify")
     def post(body: Body) -> dict:
+        started = time.perf_counter()
         texts = [body.text] if isinstance(body.text, str) else body.text
         with torch.inference_mode():
             out = classify(texts)
-        return {"results": [{"label": o["label"], "exit_layer": layers, "layers_used": layers, "budget_exhausted": False, "truncated": False} for o in out]}
+        results = [{"label": o["label"], "exit_layer": layers, "layers_used": layers, "budget_exhausted": False, "truncated": False} for o in out]
+        return {"results": results, "latency_ms": 1000 * (time.perf_counter() - started)}
 
     return app
 

@@ -2,7 +2,8 @@
 
 Real bundle (bench/engine.py exports it from the bench/train.py checkpoint), texts from the
 rotten_tomatoes test split, `romebert loadtest` (Locust, closed loop) for 60 s per point:
-our server at concurrency 1 and 32 at the bundle's default threshold, the baseline at 32. Also the
+our server at concurrency 1 and 32 at the bundle's default threshold (and at 32 with the
+run-to-completion scheduler policy), the baseline at 32. Also the
 in-process engine's batch-1 p50 and best offline throughput at the same threshold, and each
 server's test accuracy (all 853 test texts sent once). Writes bench/results/serve.json.
 
@@ -109,11 +110,15 @@ def main() -> None:
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    servers = {
-        "romebert": [sys.executable, "-m", "romebert_cli", "serve", str(BUNDLE), "--host", "127.0.0.1"],
-        "baseline_transformers": [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(CHECKPOINT)],
-    }
-    for name, command in servers.items():
+    serve = [sys.executable, "-m", "romebert_cli", "serve", str(BUNDLE), "--host", "127.0.0.1"]
+    # (name, command, concurrencies): our server with its default scheduler policy, with the
+    # run-to-completion policy, and the baseline a user would write.
+    servers = [
+        ("romebert", serve, (1, 32)),
+        ("romebert_policy_complete", serve + ["--policy", "complete", "--max-wait-ms", "2"], (32,)),
+        ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(CHECKPOINT)], (32,)),
+    ]
+    for name, command, concurrencies in servers:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(command + ["--port", str(port)], env=os.environ | {"PYTHONUNBUFFERED": "1"},
@@ -121,7 +126,7 @@ def main() -> None:
         try:
             wait_ready(url, proc)
             acc, avg_exit = server_accuracy(url, texts, labels)
-            for users in ((1, 32) if name == "romebert" else (32,)):
+            for users in concurrencies:
                 report = loadtest(url, users, args.duration, tmp / f"{name}-{users}")
                 lat = report["latency_ms"]
                 row = {"server": name, "concurrency": users, "p50_ms": round(lat["p50"], 2), "p99_ms": round(lat["p99"], 2),

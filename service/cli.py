@@ -24,7 +24,7 @@ _HELP = {
     "device": "auto (CUDA if onnxruntime has it), cpu or cuda",
     "threads": "onnxruntime CPU threads (default: the cores this process may use)",
     "max_batch": "rows the engine runs together at most",
-    "max_wait_ms": "how long an idle batcher waits for a batch to fill",
+    "max_wait_ms": "how long an idle batcher waits for a batch to fill (0: regroup admits arrivals at every layer)",
     "max_queue": "rows waiting for the engine before requests get 503",
     "max_items": "texts per request before 413",
     "max_body_bytes": "request body bytes before 413",

@@ -158,7 +158,7 @@ class Scheduler:
         metrics: Metrics,
         *,
         max_batch: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         policy: str = "regroup",
         cost_model: CostModel | None = None,

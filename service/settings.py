@@ -27,7 +27,7 @@ class Settings:
     device: str = "auto"  # auto, cpu or cuda
     threads: int | None = None  # onnxruntime CPU threads (default: the cores this process may use)
     max_batch: int = 32  # rows the engine runs together at most
-    max_wait_ms: float = 2.0  # how long an idle batcher waits for a batch to fill
+    max_wait_ms: float = 0.0  # how long an idle batcher waits for a batch to fill (regroup needs none)
     max_queue: int = 1024  # rows waiting for the engine; beyond it requests get 503
     max_items: int = 64  # texts in one request; beyond it 413
     max_body_bytes: int = 1_000_000  # request body size; beyond it 413
