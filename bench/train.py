@@ -82,7 +82,8 @@ def main() -> None:
         write_json(results_file, result)
         print(json.dumps({k: v for k, v in entry.items() if k != "dev_history"}, indent=1), flush=True)
     curves = {k: v["test_acc_per_exit"] for k, v in methods.items() if "test_acc_per_exit" in v}
-    plot_per_exit(curves, ROOT / "docs" / "per_exit_accuracy.png", "rotten_tomatoes test: accuracy per exit (MiniLM-L6)")
+    references = {f"{k} (final exit)": v["test_acc_final"] for k, v in methods.items() if "test_acc_final" in v}
+    plot_per_exit(curves, ROOT / "docs" / "per_exit_accuracy.png", "rotten_tomatoes test: accuracy per exit (MiniLM-L6)", references)
     sweeps = {k: [{"accuracy": r["test_acc"], "avg_exit_layer": r["avg_exit_layer"]} for r in v["sweep"]] for k, v in methods.items() if "sweep" in v}
     plot_speedup(sweeps, 6, ROOT / "docs" / "accuracy_vs_speedup.png", "rotten_tomatoes test: accuracy vs speed-up")
 

@@ -18,11 +18,13 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_per_exit(results: dict[str, list[float]], path: Path, title: str) -> None:
-    """results: method -> accuracy of each exit (fractions)."""
+def plot_per_exit(results: dict[str, list[float]], path: Path, title: str, references: dict[str, float] | None = None) -> None:
+    """results: method -> accuracy of each exit (fractions); references: name -> one accuracy, dashed."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, accs in results.items():
         ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], marker="o", label=method)
+    for name, acc in (references or {}).items():
+        ax.axhline(100 * acc, linestyle="--", color="gray", label=name)
     ax.set_xlabel("exit layer (every sample forced out here)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
