@@ -143,3 +143,15 @@ def test_default_threshold_rule_picks_the_fastest_within_the_drop_and_never_abov
     assert choose_threshold(table, 1.0, num_labels=2)["threshold"] == 0.3
     assert choose_threshold(table, 10.0, num_labels=2)["threshold"] == 0.5
     assert choose_threshold(table, 1.0, num_labels=3)["threshold"] == 0.7
+
+
+def test_fp16_bundle_keeps_fp32_inputs_and_outputs_and_agrees_closely(tiny_checkpoint, tmp_path):
+    out = export_bundle(tiny_checkpoint, tmp_path / "fp16", precision="fp16", limit=32, log=lambda *_: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "fp16"
+    import onnx
+
+    graph = onnx.load(str(out / m["segments"][1]["file"])).graph
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer), "weights are fp16"
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT, "the engine feeds fp32 hidden states"
+    assert m["parity"]["max_abs_logit_error_chained"] < 1e-2
