@@ -46,16 +46,15 @@ class ClassifyRequest(BaseModel):
 
     @field_validator("text", "text_pair")
     @classmethod
-    def _no_blank_text(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+    def _no_blank_text(cls, value: str | list[str] | None) -> str | list[str] | None:
         if value is None:
             return value
         texts = _as_list(value)
         if not texts:
-            raise ValueError(f"{info.field_name} must hold at least one text")
+            raise ValueError("must hold at least one text")
         blank = [i for i, t in enumerate(texts) if not t.strip()]
         if blank:
-            which = info.field_name if isinstance(value, str) else f"{info.field_name} items {blank}"
-            raise ValueError(f"{which}: empty or whitespace only")
+            raise ValueError("empty or whitespace only" if isinstance(value, str) else f"items {blank} are empty or whitespace only")
         return value
 
     @field_validator("text_pair")
