@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle
+from service.exits import entropy
 from service.tokenization import Encoded
 
 _pool_lock = threading.Lock()
@@ -166,8 +167,6 @@ def run_early_exit(engine: Engine, batch: Encoded, thresholds: np.ndarray) -> tu
     Rows leave at the first exit whose entropy is below their own threshold; only the survivors
     run the next layer. The server's scheduler does the same with budgets and arrivals on top.
     """
-    from service.exits import entropy
-
     n = len(batch.lengths)
     out_logits = np.zeros((n, len(engine.bundle.labels)), dtype=np.float32)
     out_layer = np.full(n, engine.num_layers, dtype=np.int64)

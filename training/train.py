@@ -13,6 +13,7 @@ every global batch; gradients are averaged explicitly at each step (see `_averag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -284,7 +285,7 @@ class Trainer:
             running, seen = 0.0, 0
             for step in range(step_in_epoch, steps_per_epoch):
                 rows = order[step * rows_per_step : (step + 1) * rows_per_step].view(cfg.grad_accum, self.world, cfg.batch_size)
-                with ddp.no_sync() if self.distributed else _null():
+                with ddp.no_sync() if self.distributed else contextlib.nullcontext():
                     for micro in rows[:, self.rank]:
                         idx = np.sort(micro.numpy())
                         y = torch.from_numpy(labels[idx]).to(self.device)
@@ -363,14 +364,6 @@ class Trainer:
             self.state_file.parent.rmdir()
         except OSError:
             pass
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _version(package: str) -> str:
