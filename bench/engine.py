@@ -42,12 +42,13 @@ def padded(encoder: TextEncoder, texts: list[str]) -> Encoded:
     return Encoded(widen(e.input_ids), widen(e.attention_mask), widen(e.token_type_ids), e.truncated, e.lengths)
 
 
-def bundle_for(precision: str) -> Path:
-    path = ROOT / "artifacts" / "bench" / f"bundle-{precision}"
+def bundle_for(precision: str, attention: str = "classic") -> Path:
+    suffix = "" if attention == "classic" else f"-{attention}-attention"
+    path = ROOT / "artifacts" / "bench" / f"bundle-{precision}{suffix}"
     try:
         load_bundle(path)
     except BundleError:
-        export_bundle(CHECKPOINT, path, precision=precision, force=path.exists())
+        export_bundle(CHECKPOINT, path, precision=precision, force=path.exists(), attention=attention)
     return path
 
 
@@ -84,6 +85,7 @@ def main() -> None:
     task = load_task("rotten_tomatoes")
     texts, labels = [e.text for e in task.test], np.array([e.label for e in task.test])
     bundles = {p: load_bundle(bundle_for(p)) for p in ("fp32", "int8")}
+    bundles["fp32_unfused"] = load_bundle(bundle_for("fp32", attention="eager"))  # to measure attention fusion
     encoder = TextEncoder(bundles["fp32"].tokenizer_file, SEQ_LEN)
     model = MultiExitBert.from_checkpoint(CHECKPOINT, attn_implementation="eager")
     full_torch = FullDepthModel(model).eval()
@@ -117,6 +119,7 @@ def main() -> None:
         "segmented_default": segmented("fp32", -1),
         "segmented_full_int8": segmented("int8", 0.0),
         "segmented_default_int8": segmented("int8", -1),
+        "segmented_full_unfused_attention": segmented("fp32_unfused", 0.0),
     }
     rows = []
     for batch_size, count in ((1, 300), (32, len(texts))):
@@ -138,6 +141,8 @@ def main() -> None:
         "default_over_full_items_per_s_b1": by["segmented_default", 1]["items_per_s"] / by["segmented_full", 1]["items_per_s"],
         "int8_over_fp32_items_per_s_full_b32": by["segmented_full_int8", 32]["items_per_s"] / by["segmented_full", 32]["items_per_s"],
         "int8_over_fp32_items_per_s_full_b1": by["segmented_full_int8", 1]["items_per_s"] / by["segmented_full", 1]["items_per_s"],
+        "fused_over_unfused_attention_items_per_s_b1": by["segmented_full", 1]["items_per_s"] / by["segmented_full_unfused_attention", 1]["items_per_s"],
+        "fused_over_unfused_attention_items_per_s_b32": by["segmented_full", 32]["items_per_s"] / by["segmented_full_unfused_attention", 32]["items_per_s"],
     }
     for k, v in ratios.items():
         print(f"{k:<42} {v:.3f}")

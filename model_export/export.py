@@ -47,6 +47,7 @@ def export_bundle(
     parity_examples: int = 256,
     limit: int | None = None,
     log=print,
+    attention: str = "classic",
 ) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
     if precision not in PRECISIONS:
@@ -76,8 +77,8 @@ def export_bundle(
         raw, seg_dir = tmp / "raw", tmp / "segments"
         seg_dir.mkdir()
         log(f"exporting {model.num_layers + 1} segments of {checkpoint} ...")
-        segments = export_segments(model, raw)
-        export_full_depth(model, raw / "full.onnx")
+        segments = export_segments(model, raw, attention)
+        export_full_depth(model, raw / "full.onnx", attention)
         fused = {}
         for row in tqdm(segments + [{"name": "full", "file": "full.onnx"}], desc=f"optimizing ({precision})", unit="segment"):
             fused[row["name"]] = optimize_segment(raw / row["file"], seg_dir / row["file"], precision, config.num_attention_heads, config.hidden_size)
@@ -96,7 +97,7 @@ def export_bundle(
             "max_length": max_length,
             "pair_input": task.is_pair,
             "precision": precision,
-            "optimization": {"transformer_optimizer": True, "opt_level": 0, "fused_operators": fused,
+            "optimization": {"transformer_optimizer": True, "opt_level": 0, "attention_export": attention, "fused_operators": fused,
                              "quantization": "dynamic int8, per-channel" if precision == "int8" else None},
             "segments": segments,
             "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},

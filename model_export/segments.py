@@ -73,10 +73,13 @@ def _export(module: torch.nn.Module, args: tuple, kind: str, path: Path) -> None
     module.eval()  # torch.onnx.export leaves the module in training mode
 
 
-def export_segments(model: MultiExitBert, out_dir: Path) -> list[dict]:
-    """Write embeddings.onnx and layer_XX.onnx (fp32, unoptimised); return their manifest rows."""
+def export_segments(model: MultiExitBert, out_dir: Path, attention: str = "classic") -> list[dict]:
+    """Write embeddings.onnx and layer_XX.onnx (fp32, unoptimised); return their manifest rows.
+
+    attention "classic" is the form onnxruntime fuses; "eager" (unfused) exists to measure the gain.
+    """
     model.eval()
-    model.set_attention("classic")
+    model.set_attention(attention)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = torch.tensor([[101, 2023, 2003, 102, 0, 0], [101, 2204, 3185, 2003, 2307, 102]])
     mask = (torch.arange(ids.shape[1])[None] < torch.tensor([[4], [6]])).long()
@@ -96,9 +99,9 @@ def export_segments(model: MultiExitBert, out_dir: Path) -> list[dict]:
     return rows
 
 
-def export_full_depth(model: MultiExitBert, path: Path) -> None:
+def export_full_depth(model: MultiExitBert, path: Path, attention: str = "classic") -> None:
     model.eval()
-    model.set_attention("classic")
+    model.set_attention(attention)
     ids = torch.tensor([[101, 2023, 2003, 102, 0, 0], [101, 2204, 3185, 2003, 2307, 102]])
     mask = (ids > 0).long()
     _export(FullDepthModel(model), (ids, mask, torch.zeros_like(ids)), "full", path)
