@@ -24,7 +24,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.model import MultiExitBert  # noqa: E402
+from training.model import MultiExitBert, masked_mean  # noqa: E402
 
 
 def final_exit_state(multi: MultiExitBert) -> dict[str, torch.Tensor]:
@@ -40,8 +40,7 @@ class MeanPooledClassifier(BertForSequenceClassification):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        pooled = masked_mean(hidden, attention_mask)
         return SequenceClassifierOutput(logits=self.classifier(self.bert.pooler.activation(self.bert.pooler.dense(pooled))))
 
 

@@ -73,6 +73,12 @@ def _export(module: torch.nn.Module, args: tuple, kind: str, path: Path) -> None
     module.eval()  # torch.onnx.export leaves the module in training mode
 
 
+def _sample_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two rows, one padded: (input_ids, attention_mask, token_type_ids) to trace the graphs with."""
+    ids = torch.tensor([[101, 2023, 2003, 102, 0, 0], [101, 2204, 3185, 2003, 2307, 102]])
+    return ids, (ids > 0).long(), torch.zeros_like(ids)
+
+
 def export_segments(model: MultiExitBert, out_dir: Path, attention: str = "classic") -> list[dict]:
     """Write embeddings.onnx and layer_XX.onnx (fp32, unoptimised); return their manifest rows.
 
@@ -81,9 +87,7 @@ def export_segments(model: MultiExitBert, out_dir: Path, attention: str = "class
     model.eval()
     model.set_attention(attention)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ids = torch.tensor([[101, 2023, 2003, 102, 0, 0], [101, 2204, 3185, 2003, 2307, 102]])
-    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([[4], [6]])).long()
-    types = torch.zeros_like(ids)
+    ids, mask, types = _sample_inputs()
     rows = []
     path = out_dir / "embeddings.onnx"
     _export(EmbeddingsSegment(model), (ids, types), "embeddings", path)
@@ -102,9 +106,7 @@ def export_segments(model: MultiExitBert, out_dir: Path, attention: str = "class
 def export_full_depth(model: MultiExitBert, path: Path, attention: str = "classic") -> None:
     model.eval()
     model.set_attention(attention)
-    ids = torch.tensor([[101, 2023, 2003, 102, 0, 0], [101, 2204, 3185, 2003, 2307, 102]])
-    mask = (ids > 0).long()
-    _export(FullDepthModel(model), (ids, mask, torch.zeros_like(ids)), "full", path)
+    _export(FullDepthModel(model), _sample_inputs(), "full", path)
 
 
 def write_select_rows(path: Path) -> None:

@@ -306,18 +306,23 @@ class Scheduler:
         self.cost_model.observe(cohort.depth, rows, width, time.perf_counter() - started)
         self.metrics.batch_size.observe(rows)
         cohort.depth += 1
+        entropies = entropy(cohort.logits)
         if cohort.depth == self.engine.num_layers:
             leave = np.ones(rows, dtype=bool)
         else:
-            leave = entropy(cohort.logits) < np.array([it.threshold for it in cohort.items])
-        self._answer(cohort, leave, budget_exhausted=False)
+            leave = entropies < np.array([it.threshold for it in cohort.items])
+        self._answer(cohort, leave, budget_exhausted=False, entropies=entropies)
 
-    def _answer(self, cohort: _Cohort, leave: np.ndarray, budget_exhausted: bool) -> None:
-        """Answer the rows flagged in `leave` from the cohort's current exit; keep the others."""
+    def _answer(self, cohort: _Cohort, leave: np.ndarray, budget_exhausted: bool, entropies: np.ndarray | None = None) -> None:
+        """Answer the rows flagged in `leave` from the cohort's current exit; keep the others.
+
+        `entropies` of the current exit's logits, when the caller has them already.
+        """
         if not leave.any():
             return
         now = self.clock()
-        entropies = entropy(cohort.logits)
+        if entropies is None:
+            entropies = entropy(cohort.logits)
         for row in np.flatnonzero(leave):
             item = cohort.items[row]
             self.metrics.answered(cohort.depth, budget_exhausted)

@@ -20,6 +20,12 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, Be
 WEIGHTS_NAME = "model.safetensors"
 
 
+def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real tokens' hidden states, (B, S, H) -> (B, H); padding never counts."""
+    weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 class ExitHead(nn.Module):
     """pooler (Linear H->H + tanh) -> dropout -> Linear(H, C), as in DeeBERT's highways.
 
@@ -38,11 +44,7 @@ class ExitHead(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.mean_pooling:
-            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
-            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        else:
-            pooled = hidden_states[:, 0]
+        pooled = masked_mean(hidden_states, attention_mask) if self.mean_pooling else hidden_states[:, 0]
         return self.classifier(self.dropout(self.pooler.activation(self.pooler.dense(pooled))))
 
 
