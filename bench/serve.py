@@ -2,10 +2,12 @@
 
 Real bundle (bench/engine.py exports it from the bench/train.py checkpoint), texts from the
 rotten_tomatoes test split, `romebert loadtest` (Locust, closed loop) for 60 s per point:
-our server at concurrency 1 and 32 at the bundle's default threshold (and at 32 with the
-run-to-completion scheduler policy), the baseline at 32. Also the
-in-process engine's batch-1 p50 and best offline throughput at the same threshold, and each
-server's test accuracy (all 853 test texts sent once). Writes bench/results/serve.json.
+our server at concurrency 1 and 32 at the bundle's default threshold, with one engine worker
+(the default) and with two, and at 32 with the run-to-completion scheduler policy; the baseline
+at 32. Our servers run with --log-level warning (no access log line per request). Also the
+in-process engine's batch-1 p50 and best offline throughput at the same threshold (the better of
+one worker with every core and one worker per core), and each server's test accuracy (all 853
+test texts sent once). Writes bench/results/serve.json.
 
     .venv/bin/python bench/serve.py [--duration 60]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -29,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.bundle import load_bundle  # noqa: E402
-from service.engine import Engine, run_early_exit  # noqa: E402
+from service.engine import Engine, default_threads, run_early_exit  # noqa: E402
 from service.tokenization import TextEncoder  # noqa: E402
 from training.data import load_task  # noqa: E402
+from bench.workers import threaded_items_per_s  # noqa: E402
 from training.files import write_json  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
@@ -79,8 +83,8 @@ def loadtest(url: str, users: int, duration: float, out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def engine_reference(texts: list[str], threshold: float) -> tuple[float, float]:
-    """In-process: batch-1 p50 (ms) over 200 texts, and items/s in length-sorted batches of 32."""
+def engine_batch1_p50_ms(texts: list[str], threshold: float) -> float:
+    """In-process, one worker with every core: batch-1 p50 (ms) over 200 texts, the first 10 not counted."""
     bundle = load_bundle(BUNDLE)
     engine = Engine(bundle, device="cpu")
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
@@ -89,12 +93,25 @@ def engine_reference(texts: list[str], threshold: float) -> tuple[float, float]:
         t = time.perf_counter()
         run_early_exit(engine, encoder.encode([text]), np.array([threshold]))
         times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times[10:]))
+
+
+def offline_items_per_s(texts: list[str], threshold: float, workers: int) -> float:
+    """In-process items/s over length-sorted batches of 32, `workers` threads sharing the cores.
+
+    Call it in a fresh process: onnxruntime sizes its global thread pool once per process.
+    """
+    bundle = load_bundle(BUNDLE)
+    engine = Engine(bundle, device="cpu", threads=max(default_threads() // workers, 1))
+    encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    t = time.perf_counter()
-    for i in range(0, len(order), 32):
-        batch = encoder.encode([texts[j] for j in order[i : i + 32]])
-        run_early_exit(engine, batch, np.full(len(batch.lengths), threshold))
-    return 1000 * float(np.median(times[10:])), len(texts) / (time.perf_counter() - t)
+    batches = [encoder.encode([texts[j] for j in order[i : i + 32]]) for i in range(0, len(order), 32)]
+    return threaded_items_per_s(engine, batches, threshold, workers)
+
+
+def in_fresh_process(function, *args):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
 
 
 def main() -> None:
@@ -105,16 +122,20 @@ def main() -> None:
     texts = [e.text for e in task.test]
     labels = [task.labels[e.label] for e in task.test]
     threshold = load_bundle(BUNDLE).default_threshold
-    engine_p50, engine_items_per_s = engine_reference(texts, threshold)
-    print(f"in-process engine at threshold {threshold}: batch-1 p50 {engine_p50:.2f} ms, offline {engine_items_per_s:.1f} items/s", flush=True)
+    engine_p50 = in_fresh_process(engine_batch1_p50_ms, texts, threshold)
+    offline = {workers: in_fresh_process(offline_items_per_s, texts, threshold, workers) for workers in (1, 2)}
+    engine_items_per_s = max(offline.values())
+    print(f"in-process engine at threshold {threshold}: batch-1 p50 {engine_p50:.2f} ms, offline items/s "
+          f"{offline[1]:.1f} (1 worker) / {offline[2]:.1f} (2 workers)", flush=True)
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    serve = [sys.executable, "-m", "romebert_cli", "serve", str(BUNDLE), "--host", "127.0.0.1"]
-    # (name, command, concurrencies): our server with its default scheduler policy, with the
-    # run-to-completion policy, and the baseline a user would write.
+    serve = [sys.executable, "-m", "romebert_cli", "serve", str(BUNDLE), "--host", "127.0.0.1", "--log-level", "warning"]
+    # (name, command, concurrencies): our server with its defaults, with two engine workers, with
+    # the run-to-completion policy, and the baseline a user would write.
     servers = [
         ("romebert", serve, (1, 32)),
+        ("romebert_workers_2", serve + ["--workers", "2"], (1, 32)),
         ("romebert_policy_complete", serve + ["--policy", "complete", "--max-wait-ms", "2"], (32,)),
         ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(CHECKPOINT)], (32,)),
     ]
@@ -142,11 +163,13 @@ def main() -> None:
         "romebert_over_baseline_rps_c32": by["romebert", 32]["requests_per_s"] / by["baseline_transformers", 32]["requests_per_s"],
         "http_overhead_p50_ms_c1": by["romebert", 1]["p50_ms"] - engine_p50,
         "c32_rps_over_offline_engine": by["romebert", 32]["requests_per_s"] / engine_items_per_s,
+        "c32_rps_over_offline_engine_workers_2": by["romebert_workers_2", 32]["requests_per_s"] / engine_items_per_s,
     }
     for k, v in ratios.items():
         print(f"{k:<34} {v:.3f}")
     write_json(ROOT / "bench" / "results" / "serve.json", {
         "engine_p50_ms_batch1": round(engine_p50, 3), "engine_offline_items_per_s": round(engine_items_per_s, 1),
+        "engine_offline_items_per_s_by_workers": {str(k): round(v, 1) for k, v in offline.items()},
         "threshold": threshold, "duration_s": args.duration, "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()},
     })
 

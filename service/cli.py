@@ -22,7 +22,9 @@ from service.settings import POLICIES, Settings, SettingsError, value_type
 _HELP = {
     "bundle": "model bundle folder (default: $ROMEBERT_BUNDLE)",
     "device": "auto (CUDA if onnxruntime has it), cpu or cuda",
-    "threads": "onnxruntime CPU threads (default: the cores this process may use)",
+    "workers": "engine threads, each running its own batches: 1 for the lowest latency of a lone request, "
+    "more for throughput under load on a CPU (each gets cores/workers threads)",
+    "threads": "onnxruntime CPU threads per worker (default: the cores this process may use, divided by workers)",
     "max_batch": "rows the engine runs together at most",
     "max_wait_ms": "how long an idle batcher waits for a batch to fill (0: regroup admits arrivals at every layer)",
     "max_queue": "rows waiting for the engine before requests get 503",

@@ -10,6 +10,7 @@ upper edge, so a first estimate errs on the slow side, which is the safe side fo
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Protocol
 
@@ -43,11 +44,13 @@ class EwmaCostModel:
         self.num_layers = num_layers
         self.alpha = alpha
         self._cost: dict[tuple[int, int, int], float] = {}
+        self._lock = threading.Lock()  # the scheduler's workers share one model
 
     def observe(self, layer: int, rows: int, width: int, seconds: float) -> None:
         key = (layer, bucket(rows), bucket(width))
-        old = self._cost.get(key)
-        self._cost[key] = seconds if old is None else old + self.alpha * (seconds - old)
+        with self._lock:
+            old = self._cost.get(key)
+            self._cost[key] = seconds if old is None else old + self.alpha * (seconds - old)
 
     def predict(self, layer: int, rows: int, width: int) -> float:
         """Seconds layer `layer` (0-based) should take on `rows` rows of `width` tokens.
@@ -57,10 +60,11 @@ class EwmaCostModel:
         With nothing seen for the layer the answer is 0: never stop a row on no evidence.
         """
         rows_b, width_b = bucket(rows), bucket(width)
-        cost = self._cost.get((layer, rows_b, width_b))
+        with self._lock:
+            cost = self._cost.get((layer, rows_b, width_b))
+            seen = [(r, w, c) for (l, r, w), c in self._cost.items() if l == layer] if cost is None else []
         if cost is not None:
             return cost
-        seen = [(r, w, c) for (l, r, w), c in self._cost.items() if l == layer]
         if not seen:
             return 0.0
         r, w, c = min(seen, key=lambda s: abs(np.log2(s[0] / rows_b)) + abs(np.log2(s[1] / width_b)))

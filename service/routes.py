@@ -57,7 +57,10 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         message = f"entropy_threshold {threshold} is above ln({len(runtime.labels)}) = {runtime.max_entropy:.4f}, the largest entropy an exit can have"
         raise ApiError(422, "invalid_request", message, [{"field": "entropy_threshold", "message": message, "type": "less_than_equal"}])
     scheduler = runtime.check_ready()
-    encoded = await run_in_threadpool(runtime.encoder.encode, texts, body.text_pairs)
+    if len(texts) == 1:  # tokenizing one text (~70 us) costs less than a hop to a worker thread
+        encoded = runtime.encoder.encode(texts, body.text_pairs)
+    else:
+        encoded = await run_in_threadpool(runtime.encoder.encode, texts, body.text_pairs)
     budget_s = None if body.latency_budget_ms is None else body.latency_budget_ms / 1000
     try:
         futures = scheduler.submit(encoded, threshold, budget_s, arrival)

@@ -18,7 +18,7 @@ from typing import Callable
 
 from service.bundle import Bundle, load_bundle
 from service.cost_model import CostModel, EwmaCostModel, warm_up
-from service.engine import Engine
+from service.engine import Engine, default_threads
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.scheduler import EngineLike, Scheduler
@@ -33,7 +33,9 @@ EngineFactory = Callable[[Bundle, Settings], EngineLike]
 
 
 def default_engine(bundle: Bundle, settings: Settings) -> EngineLike:
-    return Engine(bundle, device=settings.device, threads=settings.threads)
+    """One engine for all workers (sessions are safe to run concurrently); the cores split among them."""
+    threads = settings.threads or max(default_threads() // settings.workers, 1)
+    return Engine(bundle, device=settings.device, threads=threads)
 
 
 class Phase(str, enum.Enum):
@@ -77,7 +79,7 @@ class Runtime:
             points = warm_up(engine, cost_model, self.settings.max_batch, bundle.max_length)
             scheduler = Scheduler(
                 engine, self.metrics, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
-                max_queue=self.settings.max_queue, policy=self.settings.policy, cost_model=cost_model, clock=self.clock,
+                max_queue=self.settings.max_queue, policy=self.settings.policy, workers=self.settings.workers, cost_model=cost_model, clock=self.clock,
             )
             self.encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
             self.metrics.model_info.info({

@@ -1,8 +1,12 @@
 """The batching scheduler: a bounded queue in front of one engine thread, with per-row early exit.
 
-The asyncio loop only enqueues and awaits; one worker thread owns the engine (onnxruntime
-releases the GIL, so HTTP keeps being served while a layer runs). The worker keeps a set of
-cohorts, rows that sit at the same depth and share hidden states. Each step runs ONE layer for
+The asyncio loop only enqueues and awaits; worker threads run the engine (onnxruntime releases
+the GIL, so HTTP keeps being served while a layer runs). Each worker takes rows from the one
+queue and keeps its own set of cohorts, rows that sit at the same depth and share hidden states.
+One worker with all the cores gives a lone request the lowest latency; on a small CPU under load,
+several workers with one core each serve more (one intra-op pool split over two cores loses a
+third of its speed whenever HTTP takes a slice of a core, and parallelises small batches poorly;
+docs/serving.md has the measurements). Each step runs ONE layer for
 ONE cohort; after it, the rows whose exit entropy is strictly below their own threshold are
 answered at once and only the survivors go on, so no row waits for a slower neighbour.
 
@@ -161,11 +165,14 @@ class Scheduler:
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         policy: str = "regroup",
+        workers: int = 1,
         cost_model: CostModel | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be positive, not {workers}")
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
@@ -178,11 +185,12 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._order = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="romebert-engine", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"romebert-engine-{k}", daemon=True) for k in range(workers)]
 
     # -- the asyncio side ------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, batch: Encoded, threshold: float, budget_s: float | None, arrival: float) -> list[asyncio.Future]:
         """Queue every row of `batch` (all or none); call from the event loop, await the futures.
@@ -203,23 +211,25 @@ class Scheduler:
                 raise QueueFull(f"{len(self._queue)} items queued, room for {self.max_queue - len(self._queue)}")
             self._queue.extend(items)
             self.metrics.queue_depth.set(len(self._queue))
-            self._cond.notify()
+            self._cond.notify_all()  # an idle worker may be waiting while another sits in its batching window
         return [it.future for it in items]
 
     def close(self) -> None:
         """Take no new work; the worker finishes what is queued and in flight, then stops."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the worker to stop (after close()); True if it did."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Wait for the workers to stop (after close()); True if they did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        return not any(thread.is_alive() for thread in self._threads)
 
-    # -- the engine thread -----------------------------------------------------------------
+    # -- the engine threads ----------------------------------------------------------------
     def _run(self) -> None:
+        """One worker: admit rows, run one layer for one of its cohorts, repeat until closed."""
         cohorts: list[_Cohort] = []
         while (fresh := self._take(cohorts)) is not None:
             try:

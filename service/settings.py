@@ -25,7 +25,8 @@ class Settings:
     host: str = "0.0.0.0"  # all interfaces: the server runs in a container behind a port mapping
     port: int = 8000
     device: str = "auto"  # auto, cpu or cuda
-    threads: int | None = None  # onnxruntime CPU threads (default: the cores this process may use)
+    workers: int = 1  # engine threads, each running its own batches
+    threads: int | None = None  # onnxruntime CPU threads per worker (default: the cores this process may use / workers)
     max_batch: int = 32  # rows the engine runs together at most
     max_wait_ms: float = 0.0  # how long an idle batcher waits for a batch to fill (regroup needs none)
     max_queue: int = 1024  # rows waiting for the engine; beyond it requests get 503
@@ -36,7 +37,7 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        positive = ("port", "max_batch", "max_queue", "max_items", "max_body_bytes")
+        positive = ("port", "workers", "max_batch", "max_queue", "max_items", "max_body_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")

@@ -263,6 +263,19 @@ async def test_close_finishes_every_row_taken_and_refuses_new_ones():
 
 
 @pytest.mark.asyncio
+async def test_two_workers_run_two_batches_at_once_and_each_row_keeps_its_exit():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, workers=2)
+    first = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    second = scheduler.submit(rows([4]), 0.5, None, scheduler.clock())
+    await wait_for(lambda: len(engine.calls) == 2)  # one worker alone would be stuck in its first call
+    assert sorted(codes for _, codes in engine.calls) == [[3], [4]]
+    engine.step(4)  # row 3: three layers; row 4: one
+    assert [a.exit_layer for a in await asyncio.gather(*first, *second)] == [3, 1]
+    scheduler.close()
+    assert scheduler.join(timeout=5)
+
+
+@pytest.mark.asyncio
 async def test_an_engine_failure_fails_the_rows_in_flight_and_the_scheduler_goes_on():
     scheduler, engine = make(FakeEngine(fail_on_layer=1))
     with pytest.raises(EngineFailure, match="device lost"):
@@ -314,14 +327,17 @@ def test_merging_cohorts_of_different_widths_is_exact(tiny_engine):
 
 
 @pytest.mark.asyncio
-async def test_the_scheduler_answers_as_the_full_model_does(tiny_engine):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_scheduler_answers_as_the_full_model_does(tiny_engine, workers):
     engine, encoder = tiny_engine
     texts = ["great", "a dull, plodding film", "one of the best of the year, funny and warm", "meh"]
     reference = engine.all_exit_logits(encoder.encode(texts))  # (L, B, C)
-    scheduler = Scheduler(engine, Metrics(engine.num_layers), max_batch=8, max_wait_ms=5.0)
+    scheduler = Scheduler(engine, Metrics(engine.num_layers), max_batch=8, max_wait_ms=0.0, workers=workers)
     scheduler.start()
     for threshold in (0.0, 0.6931):
-        got = await asyncio.gather(*scheduler.submit(encoder.encode(texts), threshold, None, scheduler.clock()))
+        # one request per text, so that with two workers the rows spread over both
+        futures = [f for text in texts for f in scheduler.submit(encoder.encode([text]), threshold, None, scheduler.clock())]
+        got = await asyncio.gather(*futures)
         layers = exit_layers(reference, threshold)
         assert [a.exit_layer for a in got] == layers.tolist()
         for row, a in enumerate(got):

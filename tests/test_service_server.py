@@ -31,11 +31,21 @@ def test_settings_come_from_defaults_then_env_then_flags():
 
 @pytest.mark.parametrize(
     "name,value,says",
-    [("PORT", "http", "ROMEBERT_PORT"), ("MAX_BATCH", "0", "max_batch"), ("DEVICE", "tpu", "device"), ("MAX_ITEMS", "5000", "max_items")],
+    [("PORT", "http", "ROMEBERT_PORT"), ("MAX_BATCH", "0", "max_batch"), ("DEVICE", "tpu", "device"), ("MAX_ITEMS", "5000", "max_items"), ("WORKERS", "0", "workers")],
 )
 def test_a_bad_setting_is_refused_with_its_name(name, value, says):
     with pytest.raises(SettingsError, match=says):
         Settings.from_env({f"ROMEBERT_{name}": value})
+
+
+def test_workers_share_the_cores_unless_threads_are_given(tiny_bundle):
+    from service.bundle import load_bundle
+    from service.engine import default_threads
+    from service.runtime import default_engine
+
+    bundle = load_bundle(tiny_bundle)
+    assert default_engine(bundle, Settings(device="cpu", workers=2)).threads == max(default_threads() // 2, 1)
+    assert default_engine(bundle, Settings(device="cpu", workers=2, threads=3)).threads == 3
 
 
 def test_serve_without_a_bundle_stops_with_exit_code_2(capsys, monkeypatch):

@@ -1,0 +1,114 @@
+"""Engine workers benchmark (in-process, this CPU): one worker with every core vs one worker per core.
+
+Why `romebert serve --workers` exists. Real fp32 bundle (bench/engine.py exports it), the
+rotten_tomatoes test split in a seeded random order (the order a server sees), batch 1 and
+batches of 8, the bundle's default threshold. Each configuration runs in a fresh process (the
+onnxruntime thread pool is sized once per process), once with the machine to itself and once
+next to a process that keeps 0.3 of a core busy, as HTTP handling does in a server.
+Writes bench/results/workers.json and prints a table.
+
+    .venv/bin/python bench/workers.py          # about 2 minutes; needs artifacts/bench/bundle-fp32
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.files import write_json  # noqa: E402
+
+BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
+CONFIGS = [(1, 2), (2, 1), (1, 1)]  # (workers, onnxruntime threads per worker), on 2 cores
+DUTY = 0.3  # the competing process's share of one core
+
+
+def busy(duty: float, stop) -> None:
+    """Spin for `duty` of every millisecond, sleep the rest, until `stop` is set."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        while time.perf_counter() - start < duty / 1000:
+            pass
+        time.sleep((1 - duty) / 1000)
+
+
+def items_per_s(workers: int, threads: int, batch: int) -> float:
+    from service.bundle import load_bundle
+    from service.engine import Engine
+    from service.tokenization import TextEncoder
+    from training.data import load_task
+
+    bundle = load_bundle(BUNDLE)
+    engine = Engine(bundle, device="cpu", threads=threads)
+    encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
+    texts = [e.text for e in load_task("rotten_tomatoes").test]
+    order = np.random.default_rng(0).permutation(len(texts))  # the order a server sees
+    batches = [encoder.encode([texts[j] for j in order[i : i + batch]]) for i in range(0, len(order), batch)]
+    return threaded_items_per_s(engine, batches, bundle.default_threshold, workers)
+
+
+def threaded_items_per_s(engine, batches: list, threshold: float, workers: int) -> float:
+    """Early exit over `batches`, dealt round-robin to `workers` threads sharing `engine`; items/s."""
+    from service.engine import run_early_exit
+
+    def run(part: list) -> None:
+        for b in part:
+            run_early_exit(engine, b, np.full(len(b.lengths), threshold))
+
+    run(batches[: max(1, 64 // len(batches[0].lengths))])  # warm-up: about 64 rows
+    started = time.perf_counter()
+    pool = [threading.Thread(target=run, args=(batches[k::workers],)) for k in range(workers)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return sum(len(b.lengths) for b in batches) / (time.perf_counter() - started)
+
+
+def in_fresh_process(workers: int, threads: int, batch: int, duty: float) -> float:
+    """items_per_s in a new process, with a rival process busy for `duty` of a core meanwhile."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    rival = context.Process(target=busy, args=(duty, stop)) if duty else None
+    if rival:
+        rival.start()
+    try:
+        with context.Pool(1) as pool:
+            return pool.apply(items_per_s, (workers, threads, batch))
+    finally:
+        if rival:
+            stop.set()
+            rival.join()
+
+
+def main() -> None:
+    rows = []
+    for batch in (1, 8):
+        for workers, threads in CONFIGS:
+            row = {"workers": workers, "threads_per_worker": threads, "batch": batch}
+            for name, duty in (("items_per_s_alone", 0.0), ("items_per_s_with_rival", DUTY)):
+                row[name] = round(in_fresh_process(workers, threads, batch, duty), 1)
+            rows.append(row)
+            print(f"batch {batch}, {workers} worker(s) x {threads} thread(s): {row['items_per_s_alone']:7.1f} items/s alone, "
+                  f"{row['items_per_s_with_rival']:7.1f} next to a {DUTY:.1f}-core rival", flush=True)
+    by = {(r["batch"], r["workers"], r["threads_per_worker"]): r for r in rows}
+    ratios = {
+        f"two_workers_over_one_b{b}_{cond}": by[b, 2, 1][f"items_per_s_{cond}"] / by[b, 1, 2][f"items_per_s_{cond}"]
+        for b in (1, 8) for cond in ("alone", "with_rival")
+    }
+    for k, v in ratios.items():
+        print(f"{k:<40} {v:.3f}")
+    write_json(ROOT / "bench" / "results" / "workers.json", {
+        "rival_core_share": DUTY, "threshold": "bundle default", "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+    })
+
+
+if __name__ == "__main__":
+    main()
