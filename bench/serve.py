@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -31,11 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.workers import in_fresh_process, items_per_s  # noqa: E402
 from service.bundle import load_bundle  # noqa: E402
 from service.engine import Engine, default_threads, run_early_exit  # noqa: E402
 from service.tokenization import TextEncoder  # noqa: E402
 from training.data import load_task  # noqa: E402
-from bench.workers import threaded_items_per_s  # noqa: E402
 from training.files import write_json  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
@@ -96,24 +95,6 @@ def engine_batch1_p50_ms(texts: list[str], threshold: float) -> float:
     return 1000 * float(np.median(times[10:]))
 
 
-def offline_items_per_s(texts: list[str], threshold: float, workers: int) -> float:
-    """In-process items/s over length-sorted batches of 32, `workers` threads sharing the cores.
-
-    Call it in a fresh process: onnxruntime sizes its global thread pool once per process.
-    """
-    bundle = load_bundle(BUNDLE)
-    engine = Engine(bundle, device="cpu", threads=max(default_threads() // workers, 1))
-    encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = [encoder.encode([texts[j] for j in order[i : i + 32]]) for i in range(0, len(order), 32)]
-    return threaded_items_per_s(engine, batches, threshold, workers)
-
-
-def in_fresh_process(function, *args):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=60.0)
@@ -123,7 +104,8 @@ def main() -> None:
     labels = [task.labels[e.label] for e in task.test]
     threshold = load_bundle(BUNDLE).default_threshold
     engine_p50 = in_fresh_process(engine_batch1_p50_ms, texts, threshold)
-    offline = {workers: in_fresh_process(offline_items_per_s, texts, threshold, workers) for workers in (1, 2)}
+    # Length-sorted batches of 32: the best case for the engine, one worker with every core or one per core.
+    offline = {w: in_fresh_process(items_per_s, w, max(default_threads() // w, 1), 32, "length") for w in (1, 2)}
     engine_items_per_s = max(offline.values())
     print(f"in-process engine at threshold {threshold}: batch-1 p50 {engine_p50:.2f} ms, offline items/s "
           f"{offline[1]:.1f} (1 worker) / {offline[2]:.1f} (2 workers)", flush=True)

@@ -16,7 +16,9 @@ import multiprocessing
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -39,9 +41,15 @@ def busy(duty: float, stop) -> None:
         time.sleep((1 - duty) / 1000)
 
 
-def items_per_s(workers: int, threads: int, batch: int) -> float:
+def items_per_s(workers: int, threads: int, batch: int, order: str = "random") -> float:
+    """Offline early exit over the test split: `workers` threads share one engine of `threads` each.
+
+    order "random": seeded random order, the order a server sees; "length": sorted by text length,
+    the best case for batching. Call it in a fresh process (in_fresh_process): onnxruntime sizes its
+    global thread pool once per process.
+    """
     from service.bundle import load_bundle
-    from service.engine import Engine
+    from service.engine import Engine, run_early_exit
     from service.tokenization import TextEncoder
     from training.data import load_task
 
@@ -49,43 +57,48 @@ def items_per_s(workers: int, threads: int, batch: int) -> float:
     engine = Engine(bundle, device="cpu", threads=threads)
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
     texts = [e.text for e in load_task("rotten_tomatoes").test]
-    order = np.random.default_rng(0).permutation(len(texts))  # the order a server sees
-    batches = [encoder.encode([texts[j] for j in order[i : i + batch]]) for i in range(0, len(order), batch)]
-    return threaded_items_per_s(engine, batches, bundle.default_threshold, workers)
-
-
-def threaded_items_per_s(engine, batches: list, threshold: float, workers: int) -> float:
-    """Early exit over `batches`, dealt round-robin to `workers` threads sharing `engine`; items/s."""
-    from service.engine import run_early_exit
+    if order == "random":
+        rows = np.random.default_rng(0).permutation(len(texts))
+    else:
+        rows = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    batches = [encoder.encode([texts[j] for j in rows[i : i + batch]]) for i in range(0, len(rows), batch)]
+    threshold = bundle.default_threshold
 
     def run(part: list) -> None:
         for b in part:
             run_early_exit(engine, b, np.full(len(b.lengths), threshold))
 
-    run(batches[: max(1, 64 // len(batches[0].lengths))])  # warm-up: about 64 rows
+    run(batches[: max(1, 64 // batch)])  # warm-up: about 64 rows
     started = time.perf_counter()
     pool = [threading.Thread(target=run, args=(batches[k::workers],)) for k in range(workers)]
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join()
-    return sum(len(b.lengths) for b in batches) / (time.perf_counter() - started)
+    return len(texts) / (time.perf_counter() - started)
 
 
-def in_fresh_process(workers: int, threads: int, batch: int, duty: float) -> float:
-    """items_per_s in a new process, with a rival process busy for `duty` of a core meanwhile."""
+def in_fresh_process(function, *args):
+    """function(*args) in a new process, which sizes its own onnxruntime thread pool."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+@contextmanager
+def rival(duty: float) -> Iterator[None]:
+    """A process busy for `duty` of a core while the block runs (none for duty 0)."""
+    if not duty:
+        yield
+        return
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    rival = context.Process(target=busy, args=(duty, stop)) if duty else None
-    if rival:
-        rival.start()
+    process = context.Process(target=busy, args=(duty, stop))
+    process.start()
     try:
-        with context.Pool(1) as pool:
-            return pool.apply(items_per_s, (workers, threads, batch))
+        yield
     finally:
-        if rival:
-            stop.set()
-            rival.join()
+        stop.set()
+        process.join()
 
 
 def main() -> None:
@@ -94,7 +107,8 @@ def main() -> None:
         for workers, threads in CONFIGS:
             row = {"workers": workers, "threads_per_worker": threads, "batch": batch}
             for name, duty in (("items_per_s_alone", 0.0), ("items_per_s_with_rival", DUTY)):
-                row[name] = round(in_fresh_process(workers, threads, batch, duty), 1)
+                with rival(duty):
+                    row[name] = round(in_fresh_process(items_per_s, workers, threads, batch), 1)
             rows.append(row)
             print(f"batch {batch}, {workers} worker(s) x {threads} thread(s): {row['items_per_s_alone']:7.1f} items/s alone, "
                   f"{row['items_per_s_with_rival']:7.1f} next to a {DUTY:.1f}-core rival", flush=True)

@@ -62,9 +62,9 @@ class EwmaCostModel:
         rows_b, width_b = bucket(rows), bucket(width)
         with self._lock:
             cost = self._cost.get((layer, rows_b, width_b))
-            seen = [(r, w, c) for (l, r, w), c in self._cost.items() if l == layer] if cost is None else []
-        if cost is not None:
-            return cost
+            if cost is not None:
+                return cost
+            seen = [(r, w, c) for (l, r, w), c in self._cost.items() if l == layer]
         if not seen:
             return 0.0
         r, w, c = min(seen, key=lambda s: abs(np.log2(s[0] / rows_b)) + abs(np.log2(s[1] / width_b)))

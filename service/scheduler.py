@@ -1,14 +1,14 @@
-"""The batching scheduler: a bounded queue in front of one engine thread, with per-row early exit.
+"""The batching scheduler: a bounded queue in front of the engine's worker threads, with per-row early exit.
 
 The asyncio loop only enqueues and awaits; worker threads run the engine (onnxruntime releases
 the GIL, so HTTP keeps being served while a layer runs). Each worker takes rows from the one
 queue and keeps its own set of cohorts, rows that sit at the same depth and share hidden states.
 One worker with all the cores gives a lone request the lowest latency; on a small CPU under load,
-several workers with one core each serve more (one intra-op pool split over two cores loses a
-third of its speed whenever HTTP takes a slice of a core, and parallelises small batches poorly;
-docs/serving.md has the measurements). Each step runs ONE layer for
-ONE cohort; after it, the rows whose exit entropy is strictly below their own threshold are
-answered at once and only the survivors go on, so no row waits for a slower neighbour.
+several workers with one core each serve more (one intra-op pool split over two cores loses over
+a quarter of its speed whenever HTTP takes a slice of a core, and parallelises small batches
+poorly; docs/serving.md has the measurements). Each step runs ONE layer for ONE cohort; after it,
+the rows whose exit entropy is strictly below their own threshold are answered at once and only
+the survivors go on, so no row waits for a slower neighbour.
 
 Policy "regroup" (the default): at every layer boundary newly queued rows are admitted as fresh
 cohorts (grouped by length, embedded), cohorts at the same depth are merged (zero padding along
