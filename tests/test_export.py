@@ -14,8 +14,8 @@ import torch
 from model_export.export import export_bundle
 from model_export.parity import ParityError, check_parity
 from service.bundle import BundleError, load_bundle, sha256_file
-from service.engine import Engine
-from service.exits import THRESHOLD_GRID
+from service.engine import Engine, run_early_exit
+from service.exits import THRESHOLD_GRID, entropy, exit_layers
 from service.tokenization import TextEncoder
 from training.model import MultiExitBert
 
@@ -46,6 +46,22 @@ def test_chained_segments_match_pytorch_at_every_exit(tiny_bundle, tiny_checkpoi
     assert np.abs(engine.all_exit_logits(batch) - expected).max() < 1e-4
     report = check_parity(model, engine, [batch], strict=True)
     assert report["exit_layer_mismatches"] == 0
+
+
+def test_offline_early_exit_follows_each_rows_own_threshold_and_zero_means_full_depth(tiny_bundle):
+    engine = Engine(load_bundle(tiny_bundle), device="cpu")
+    batch = TextEncoder(tiny_bundle / "tokenizer.json", 32).encode(TEXTS)
+    every_exit = engine.all_exit_logits(batch)  # (L, B, C)
+    rows = np.arange(len(TEXTS))
+    # Each row's threshold sits just above its exit-1 entropy or at 0, so rows leave at 1 and at L.
+    thresholds = np.where(rows % 2 == 0, entropy(every_exit[0]) + 1e-6, 0.0)
+    for t in (np.zeros(len(TEXTS)), thresholds):
+        logits, layers = run_early_exit(engine, batch, t)
+        expected = np.array([exit_layers(every_exit[:, [r]], t[r])[0] for r in rows])
+        assert layers.tolist() == expected.tolist()
+        assert np.abs(logits - every_exit[layers - 1, rows]).max() < 1e-5
+    assert run_early_exit(engine, batch, np.zeros(len(TEXTS)))[1].tolist() == [engine.num_layers] * len(TEXTS)
+    assert layers.tolist() == [1, engine.num_layers, 1]
 
 
 def test_parity_check_fails_loudly_when_the_model_differs(tiny_bundle, tiny_checkpoint):
