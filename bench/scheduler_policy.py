@@ -2,13 +2,16 @@
 
 The same seeded open-loop arrival stream (Poisson) is replayed against the real scheduler and
 engine under each policy:
-  complete         a batch runs to its end (shedding confident rows) before the next is formed;
-  regroup          the server's default: admit arrivals at every layer boundary, merge cohorts
-                   at the same depth, fresh cohorts first, then the deepest;
+  complete         the server's default: a batch runs to its end (shedding confident rows)
+                   before the next is formed;
+  regroup          admit arrivals at every layer boundary, merge cohorts at the same depth,
+                   fresh cohorts first, then the deepest;
   regroup-deepest  the same, but always the deepest cohort first (no fresh-first rule).
 The stream mixes three kinds of request: "easy" (1 text, the bundle's default threshold), "full"
 (1 text, threshold 0: full depth, e.g. an auditing client) and "batch" (8 texts, default
-threshold). It runs at two loads, as fractions of the closed-loop capacity measured first.
+threshold). First the closed-loop capacity of each policy (every request of a ~800-item stream
+submitted at once, best of two), then the stream at two loads, as fractions of the capacity of
+"complete".
 Latency is per request, from its arrival to its last answer. Writes
 bench/results/scheduler_policy.json.
 
@@ -131,16 +134,18 @@ async def run_policy(name: str, engine: Engine, cost_model: EwmaCostModel, strea
     return out
 
 
-async def capacity(engine: Engine, cost_model: EwmaCostModel, encoded: Encoded, default_threshold: float) -> float:
-    """Closed-loop items/s of the stream's mix: everything submitted at once ("complete")."""
-    stream = make_stream(encoded, default_threshold, items_per_s=1000.0, seconds=0.4, seed=1)  # ~400 items; times unused
-    scheduler = new_scheduler("complete", engine, cost_model)
-    started = time.perf_counter()
-    await asyncio.gather(*(f for r in stream for f in scheduler.submit(r.rows, r.threshold, None, scheduler.clock())))
-    elapsed = time.perf_counter() - started
-    scheduler.close()
-    scheduler.join()
-    return sum(len(r.rows.lengths) for r in stream) / elapsed
+async def capacity(name: str, engine: Engine, cost_model: EwmaCostModel, encoded: Encoded, default_threshold: float) -> float:
+    """Closed-loop items/s of the stream's mix under one policy: everything submitted at once, best of two."""
+    stream = make_stream(encoded, default_threshold, items_per_s=1000.0, seconds=0.8, seed=1)  # ~800 items; times unused
+    items, best = sum(len(r.rows.lengths) for r in stream), 0.0
+    for _ in range(2):
+        scheduler = new_scheduler(name, engine, cost_model)
+        started = time.perf_counter()
+        await asyncio.gather(*(f for r in stream for f in scheduler.submit(r.rows, r.threshold, None, scheduler.clock())))
+        best = max(best, items / (time.perf_counter() - started))
+        scheduler.close()
+        scheduler.join()
+    return best
 
 
 async def main() -> None:
@@ -159,8 +164,9 @@ async def main() -> None:
     encoded = encoder.encode([e.text for e in task.test], [e.text_pair for e in task.test] if task.is_pair else None)
     cost_model = EwmaCostModel(engine.num_layers)
     warm_up(engine, cost_model, MAX_BATCH, bundle.max_length)
-    cap = await capacity(engine, cost_model, encoded, bundle.default_threshold)
-    print(f"capacity of the mix (closed loop): {cap:.0f} items/s")
+    capacities = {name: await capacity(name, engine, cost_model, encoded, bundle.default_threshold) for name in SCHEDULERS}
+    print("capacity of the mix (closed loop), items/s: " + ", ".join(f"{k} {v:.0f}" for k, v in capacities.items()))
+    cap = capacities["complete"]
 
     results = {}
     for load in args.loads:
@@ -181,7 +187,7 @@ async def main() -> None:
         "texts": f"{task.name} test split ({len(task.test)} texts)",
         "mix": {kind: {"share": share, "texts": n, "threshold": "0 (full depth)" if kind == "full" else "bundle default"} for kind, (share, n) in KINDS.items()},
         "max_batch": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS, "stream_seconds": args.seconds,
-        "capacity_items_per_s": round(cap, 1),
+        "capacity_items_per_s": {name: round(v, 1) for name, v in capacities.items()},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "onnxruntime_threads": default_threads(),
                     "onnxruntime": onnxruntime.__version__, "loadavg_1min_at_start": load_at_start},
         "results": results,

@@ -26,11 +26,11 @@ _HELP = {
     "more for throughput under load on a CPU (each gets cores/workers threads)",
     "threads": "onnxruntime CPU threads per worker (default: the cores this process may use, divided by workers)",
     "max_batch": "rows the engine runs together at most",
-    "max_wait_ms": "how long an idle batcher waits for a batch to fill (0: regroup admits arrivals at every layer)",
+    "max_wait_ms": "how long an idle batcher waits for a batch to fill (0: a lone request starts at once; under load, batches fill while the engine runs)",
     "max_queue": "rows waiting for the engine before requests get 503",
     "max_items": "texts per request before 413",
     "max_body_bytes": "request body bytes before 413",
-    "policy": "regroup (admit and merge at layer boundaries) or complete (run each batch to its end)",
+    "policy": "complete (run each batch to its end) or regroup (admit and merge at layer boundaries)",
     "graceful_timeout_s": "on SIGTERM, how long to wait for in-flight requests",
 }
 _CHOICES = {"device": ("auto", "cpu", "cuda"), "policy": POLICIES, "log_level": ("critical", "error", "warning", "info", "debug")}

@@ -10,17 +10,16 @@ poorly; docs/serving.md has the measurements). Each step runs ONE layer for ONE 
 the rows whose exit entropy is strictly below their own threshold are answered at once and only
 the survivors go on, so no row waits for a slower neighbour.
 
-Policy "regroup" (the default): at every layer boundary newly queued rows are admitted as fresh
-cohorts (grouped by length, embedded), cohorts at the same depth are merged (zero padding along
-the sequence axis is exact for BERT, see Engine.merge), and the next step goes to a fresh cohort
-if there is one, else to the deepest. Fresh first: layer 1 always runs, is where easy rows leave,
-and costs one layer, so a new arrival gets its exit-1 chance without waiting out the stragglers of
-an earlier batch; after that deepest first, so the oldest work finishes first and nothing starves
-(admission stops while max_batch rows are in flight). Under load this cuts the median a lot and
-costs the longest jobs some tail latency (docs/serving.md has the measurements). Policy
-"complete" is the classic one: a batch runs to its end (still shedding confident rows) before the
-next is formed; it is the baseline bench/scheduler_policy.py measures "regroup" against, and the
-choice when a p99 target matters more than the median.
+Policy "complete" (the default): a batch runs to its end, still shedding confident rows after
+every layer, before the next is formed from whatever queued meanwhile. Policy "regroup": at every
+layer boundary newly queued rows are admitted as fresh cohorts (grouped by length, embedded),
+cohorts at the same depth are merged (zero padding along the sequence axis is exact for BERT, see
+Engine.merge), and the next step goes to a fresh cohort if there is one, else to the deepest
+(admission stops while max_batch rows are in flight, so nothing starves). Fresh first gives a
+newcomer its exit-1 chance without waiting out the stragglers of an earlier batch, which cuts the
+median of easy requests at moderate load; but the long jobs pay in tail latency and the extra
+steps and merges cost capacity, so on the measured CPU "complete" serves more and has the better
+p99 (docs/serving.md has the measurements).
 
 Latency budgets are kept by prediction: before a cohort's layer i (i >= 2, layer 1 always runs)
 each row whose remaining budget is below the cost model's prediction for that layer is answered
@@ -164,7 +163,7 @@ class Scheduler:
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
-        policy: str = "regroup",
+        policy: str = "complete",
         workers: int = 1,
         cost_model: CostModel | None = None,
         clock: Callable[[], float] = time.perf_counter,

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-POLICIES = ("regroup", "complete")
+POLICIES = ("complete", "regroup")
 
 
 class SettingsError(ValueError):
@@ -28,11 +28,11 @@ class Settings:
     workers: int = 1  # engine threads, each running its own batches
     threads: int | None = None  # onnxruntime CPU threads per worker (default: the cores this process may use / workers)
     max_batch: int = 32  # rows the engine runs together at most
-    max_wait_ms: float = 0.0  # how long an idle batcher waits for a batch to fill (regroup needs none)
+    max_wait_ms: float = 0.0  # how long an idle batcher waits for a batch to fill (under load, batches fill while the engine runs)
     max_queue: int = 1024  # rows waiting for the engine; beyond it requests get 503
     max_items: int = 64  # texts in one request; beyond it 413
     max_body_bytes: int = 1_000_000  # request body size; beyond it 413
-    policy: str = "regroup"  # scheduler policy: regroup at layer boundaries, or run each batch to completion
+    policy: str = "complete"  # scheduler policy: run each batch to completion, or regroup at layer boundaries (docs/serving.md)
     graceful_timeout_s: float = 30.0  # how long SIGTERM waits for in-flight requests
     log_level: str = "info"
 

@@ -19,6 +19,7 @@ from service.engine import HiddenBatch
 from service.exits import entropy, exit_layers
 from service.metrics import Metrics
 from service.scheduler import EngineFailure, QueueFull, Scheduler, SchedulerClosed
+from service.settings import POLICIES
 from service.tokenization import Encoded
 
 SURE = [6.0, -6.0]  # entropy ~ 0.0001 nats
@@ -143,8 +144,9 @@ async def test_rows_leave_the_batch_and_only_survivors_run_on():
 
 
 @pytest.mark.asyncio
-async def test_rows_with_different_thresholds_in_one_batch_leave_at_their_own_layers():
-    scheduler, engine = make()
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_rows_with_different_thresholds_in_one_batch_leave_at_their_own_layers(policy):
+    scheduler, engine = make(policy=policy)
     strict = scheduler.submit(rows([2, 4]), 0.01, None, scheduler.clock())
     loose = scheduler.submit(rows([2, 4]), 0.5, None, scheduler.clock())
     together = await asyncio.gather(*strict, *loose)
@@ -205,7 +207,7 @@ async def test_a_confident_row_is_not_flagged_budget_exhausted():
 
 @pytest.mark.asyncio
 async def test_regroup_admits_arrivals_at_a_layer_boundary_and_merges_cohorts_at_the_same_depth():
-    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0)
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup")
     first = scheduler.submit(rows([3, 3]), 0.0, None, scheduler.clock())
     await wait_for(lambda: len(engine.calls) == 1)  # layer 1 of the first batch is running
     second = scheduler.submit(rows([3], length=4), 0.0, None, scheduler.clock())
@@ -328,11 +330,12 @@ def test_merging_cohorts_of_different_widths_is_exact(tiny_engine):
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("workers", [1, 2])
-async def test_the_scheduler_answers_as_the_full_model_does(tiny_engine, workers):
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_the_scheduler_answers_as_the_full_model_does(tiny_engine, workers, policy):
     engine, encoder = tiny_engine
     texts = ["great", "a dull, plodding film", "one of the best of the year, funny and warm", "meh"]
     reference = engine.all_exit_logits(encoder.encode(texts))  # (L, B, C)
-    scheduler = Scheduler(engine, Metrics(engine.num_layers), max_batch=8, max_wait_ms=0.0, workers=workers)
+    scheduler = Scheduler(engine, Metrics(engine.num_layers), max_batch=8, max_wait_ms=0.0, workers=workers, policy=policy)
     scheduler.start()
     for threshold in (0.0, 0.6931):
         # one request per text, so that with two workers the rows spread over both
