@@ -73,7 +73,7 @@ def resolve_device(device: str) -> str:
 class HiddenBatch:
     """Hidden states of the rows still running, and their attention mask (always on the host)."""
 
-    hidden: Any  # np.ndarray on CPU, ort.OrtValue on the CUDA device
+    hidden: Any  # np.ndarray, or an ort.OrtValue on the sessions' device with IO binding
     attention_mask: np.ndarray
 
     def __len__(self) -> int:
@@ -81,16 +81,21 @@ class HiddenBatch:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None):
+    """`io_binding` (default: on for CUDA only) keeps hidden states as OrtValues on the sessions'
+    device between segments. On a CPU it only adds bookkeeping, but it lets the CUDA path's logic
+    (bindings, the on-device row gather, merges) be tested on any machine."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, io_binding: bool | None = None):
         self.bundle = bundle
         self.device = resolve_device(device)
         self.threads = threads or default_threads()
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         segments = bundle.segments
         self._embeddings = make_session(bundle.path(segments[0].file), self.device, self.threads)
         self._layers = [make_session(bundle.path(s.file), self.device, self.threads) for s in segments[1:]]
         self._select = None
-        if self.device == "cuda":
-            self._select = make_session(bundle.path(bundle.manifest["extras"]["select_rows"]["file"]), "cuda")
+        if self.io_binding:
+            self._select = make_session(bundle.path(bundle.manifest["extras"]["select_rows"]["file"]), self.device, self.threads)
 
     @property
     def num_layers(self) -> int:
@@ -98,41 +103,41 @@ class Engine:
 
     def embed(self, batch: Encoded) -> HiddenBatch:
         feeds = {"input_ids": batch.input_ids, "token_type_ids": batch.token_type_ids}
-        if self.device == "cpu":
+        if not self.io_binding:
             (hidden,) = self._embeddings.run(None, feeds)
             return HiddenBatch(hidden, batch.attention_mask)
         binding = self._embeddings.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output("hidden_states", "cuda")
+        binding.bind_output("hidden_states", self.device)
         self._embeddings.run_with_iobinding(binding)
         return HiddenBatch(binding.get_outputs()[0], batch.attention_mask)
 
     def layer(self, i: int, state: HiddenBatch) -> tuple[HiddenBatch, np.ndarray]:
         """Encoder layer i (0-based) and exit i+1: (next hidden states, exit logits on the host)."""
         session = self._layers[i]
-        if self.device == "cpu":
+        if not self.io_binding:
             hidden, logits = session.run(None, {"hidden_states": state.hidden, "attention_mask": state.attention_mask})
             return HiddenBatch(hidden, state.attention_mask), logits
         binding = session.io_binding()
         binding.bind_ortvalue_input("hidden_states", state.hidden)
         binding.bind_cpu_input("attention_mask", state.attention_mask)
-        binding.bind_output("next_hidden_states", "cuda")
+        binding.bind_output("next_hidden_states", self.device)
         binding.bind_output("logits", "cpu")
         session.run_with_iobinding(binding)
         hidden, logits = binding.get_outputs()
         return HiddenBatch(hidden, state.attention_mask), logits.numpy()
 
     def keep(self, state: HiddenBatch, rows: np.ndarray) -> HiddenBatch:
-        """Only `rows` go on; on CUDA the gather runs on the device, not through the host."""
+        """Only `rows` go on; with IO binding the gather runs on the device, not through the host."""
         rows = np.asarray(rows, dtype=np.int64)
         mask = state.attention_mask[rows]
-        if self.device == "cpu":
+        if not self.io_binding:
             return HiddenBatch(state.hidden[rows], mask)
         binding = self._select.io_binding()
         binding.bind_ortvalue_input("hidden_states", state.hidden)
         binding.bind_cpu_input("rows", rows)
-        binding.bind_output("selected", "cuda")
+        binding.bind_output("selected", self.device)
         self._select.run_with_iobinding(binding)
         return HiddenBatch(binding.get_outputs()[0], mask)
 
@@ -141,15 +146,15 @@ class Engine:
 
         Exact for BERT: padded positions carry mask 0, so no real token attends to them, and the
         exits pool [CLS] or the masked mean, so what the padded positions compute is never read.
-        On CUDA the stacking goes through the host; merges are rare next to layer calls.
+        With IO binding the stacking goes through the host; merges are rare next to layer calls.
         """
         width = max(s.attention_mask.shape[1] for s in states)
         mask = np.concatenate([np.pad(s.attention_mask, ((0, 0), (0, width - s.attention_mask.shape[1]))) for s in states])
-        hidden = [s.hidden if self.device == "cpu" else s.hidden.numpy() for s in states]
+        hidden = [s.hidden.numpy() if self.io_binding else s.hidden for s in states]
         stacked = np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1]), (0, 0))) for h in hidden])
-        if self.device == "cpu":
+        if not self.io_binding:
             return HiddenBatch(stacked, mask)
-        return HiddenBatch(ort.OrtValue.ortvalue_from_numpy(stacked, "cuda", 0), mask)
+        return HiddenBatch(ort.OrtValue.ortvalue_from_numpy(stacked, self.device, 0), mask)
 
     def all_exit_logits(self, batch: Encoded) -> np.ndarray:
         """Logits of every exit for every row, shape (L, B, C): what parity and calibration need."""

@@ -328,6 +328,33 @@ def test_merging_cohorts_of_different_widths_is_exact(tiny_engine):
         np.testing.assert_allclose(logits[0], reference[i], atol=1e-5)
 
 
+def test_the_io_binding_path_computes_what_the_host_path_does(tiny_engine):
+    """The CUDA path's logic (bindings, on-device row gather, merges of OrtValues), run on the CPU."""
+    import onnxruntime as ort
+
+    from service.engine import Engine
+
+    host, encoder = tiny_engine
+    resident = Engine(host.bundle, device="cpu", io_binding=True)
+    pair = encoder.encode(["a fine film", "meh"])
+    long = encoder.encode(["a long and winding review that goes on about the plot for a while"])
+
+    def survivors_merged_with_a_newcomer(engine) -> np.ndarray:
+        state, _ = engine.layer(0, engine.embed(pair))
+        state = engine.keep(state, [1])
+        other, _ = engine.layer(0, engine.embed(long))
+        state = engine.merge([state, other])
+        exits = []
+        for i in range(1, engine.num_layers):
+            state, logits = engine.layer(i, state)
+            exits.append(logits)
+        return np.stack(exits)
+
+    assert isinstance(resident.embed(pair).hidden, ort.OrtValue)
+    np.testing.assert_allclose(resident.all_exit_logits(pair), host.all_exit_logits(pair), atol=1e-6)
+    np.testing.assert_allclose(survivors_merged_with_a_newcomer(resident), survivors_merged_with_a_newcomer(host), atol=1e-6)
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("policy", POLICIES)
