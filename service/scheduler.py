@@ -21,9 +21,11 @@ median of easy requests at moderate load; but the long jobs pay in tail latency 
 steps and merges cost capacity, so on the measured CPU "complete" serves more and has the better
 p99 (docs/serving.md has the measurements).
 
-Latency budgets are kept by prediction: before a cohort's layer i (i >= 2, layer 1 always runs)
-each row whose remaining budget is below the cost model's prediction for that layer is answered
-from the deepest exit reached, flagged budget_exhausted.
+Latency budgets are kept by prediction, as deadlines: layer 1 always runs; after it, before every
+step, each row whose remaining budget will not cover its next layer (plus, for rows outside the
+cohort about to run, that step) is answered from the deepest exit reached, flagged
+budget_exhausted. Under "complete", a budgeted row that would run out of time waiting for the
+batch in flight joins at the next layer boundary, ahead of it.
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ class _Cohort:
     @property
     def width(self) -> int:
         return self.state.attention_mask.shape[1]
+
+    @property
+    def deadline(self) -> float:
+        """The earliest deadline of its rows (inf when none has a budget)."""
+        return min(it.deadline for it in self.items)
 
 
 def _fits(rows: int, width: int, tokens: int) -> bool:
@@ -237,9 +244,10 @@ class Scheduler:
                     cohorts = self._merged(cohorts)
                 if cohorts:
                     cohort = self._next(cohorts)
-                    self._step(cohort)
-                    if not cohort.items:
-                        cohorts.remove(cohort)
+                    self._cut_late(cohorts, cohort)
+                    if cohort.items:
+                        self._step(cohort)
+                    cohorts = [c for c in cohorts if c.items]
             except Exception as err:  # noqa: BLE001 - a failed engine call must not stop the server
                 # Fail every row in flight (a 500 for their requests): none is left unanswered, and
                 # the engine starts clean. Rows already answered are not touched (see _settle).
@@ -263,15 +271,30 @@ class Scheduler:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            elif self.policy == "complete":
-                return []
-            room = self.max_batch - sum(len(c.items) for c in cohorts)
-            taken = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            if cohorts and self.policy == "complete":  # mid-batch: only rows that cannot wait join
+                taken = self._take_urgent(cohorts)
+            else:
+                room = self.max_batch - sum(len(c.items) for c in cohorts)
+                taken = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
             self.metrics.queue_depth.set(len(self._queue))
         now = self.clock()
         for item in taken:
             self.metrics.queue_wait.observe(max(now - item.arrival, 0.0))
         return taken
+
+    def _take_urgent(self, cohorts: list[_Cohort]) -> list[_Item]:
+        """complete: the queued rows whose budget would run out before the batch in flight ends
+        (predicted as if no row of it left early), at most max_batch; call with the lock held."""
+        budgeted = [it for it in self._queue if it.deadline < math.inf]
+        if not budgeted:
+            return []
+        now = self.clock()
+        busy = sum(self.cost_model.predict(d, len(c.items), c.width) for c in cohorts for d in range(c.depth, self.engine.num_layers))
+        urgent = [it for it in budgeted if it.deadline - now < busy][: self.max_batch]
+        if urgent:
+            chosen = set(map(id, urgent))
+            self._queue = deque(it for it in self._queue if id(it) not in chosen)
+        return urgent
 
     def _merged(self, cohorts: list[_Cohort]) -> list[_Cohort]:
         """Merge cohorts at the same depth while the result stays within max_batch and PAD_SLACK."""
@@ -296,19 +319,31 @@ class Scheduler:
         return _Cohort([it for c in run for it in c.items], state, min(c.order for c in run), run[0].depth, logits)
 
     def _next(self, cohorts: list[_Cohort]) -> _Cohort:
-        """regroup: fresh cohorts first, then the deepest; complete: the deepest. Ties: oldest first."""
-        fresh_first = self.policy == "regroup"
-        return min(cohorts, key=lambda c: (fresh_first and c.depth != 0, -c.depth, c.order))
+        """regroup: fresh cohorts first, then the deepest; complete: fresh cohorts of budgeted
+        rows (admitted because they could not wait), then the deepest. Ties: oldest first."""
+        if self.policy == "regroup":
+            return min(cohorts, key=lambda c: (c.depth != 0, -c.depth, c.order))
+        return min(cohorts, key=lambda c: (not (c.depth == 0 and c.deadline < math.inf), -c.depth, c.order))
+
+    def _cut_late(self, cohorts: list[_Cohort], chosen: _Cohort) -> None:
+        """Answer now (budget_exhausted) every row past layer 1 whose remaining budget will not
+        cover its next layer: for the chosen cohort that layer comes next, for the others only
+        after the chosen cohort's step, so a row is not left waiting past its deadline."""
+        now = self.clock()
+        if chosen.depth > 0:
+            self._cut(chosen, now, self.cost_model.predict(chosen.depth, len(chosen.items), chosen.width))
+        if not chosen.items:
+            return
+        step = self.cost_model.predict(chosen.depth, len(chosen.items), chosen.width)
+        for cohort in cohorts:
+            if cohort is not chosen and cohort.depth > 0 and cohort.deadline < math.inf:
+                self._cut(cohort, now, step + self.cost_model.predict(cohort.depth, len(cohort.items), cohort.width))
+
+    def _cut(self, cohort: _Cohort, now: float, needed: float) -> None:
+        self._answer(cohort, np.array([it.deadline - now < needed for it in cohort.items]), budget_exhausted=True)
 
     def _step(self, cohort: _Cohort) -> None:
-        """Run the cohort's next layer; answer the rows that leave before or after it."""
-        if cohort.depth > 0:
-            predicted = self.cost_model.predict(cohort.depth, len(cohort.items), cohort.width)
-            now = self.clock()
-            late = np.array([it.deadline - now < predicted for it in cohort.items])
-            self._answer(cohort, late, budget_exhausted=True)
-            if not cohort.items:
-                return
+        """Run the cohort's next layer; answer the rows that leave after it."""
         rows, width = len(cohort.items), cohort.width
         started = time.perf_counter()
         cohort.state, cohort.logits = self.engine.layer(cohort.depth, cohort.state)

@@ -206,6 +206,37 @@ async def test_a_confident_row_is_not_flagged_budget_exhausted():
 
 
 @pytest.mark.asyncio
+async def test_under_complete_a_budgeted_row_that_cannot_wait_for_the_batch_joins_at_the_next_layer():
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="complete",
+                             cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    batch = scheduler.submit(rows([3, 3]), 0.0, None, 100.0)
+    await wait_for(lambda: len(engine.calls) == 1)  # layer 1 of the batch runs; 2 s of it are left after
+    patient = scheduler.submit(rows([3]), 0.0, 10.0, 100.0)  # can wait for the batch
+    urgent = scheduler.submit(rows([3]), 0.0, 1.5, 100.0)  # cannot
+    engine.step(20)
+    got = await asyncio.gather(*batch, *patient, *urgent)
+    # The urgent row runs its layer 1 at the next boundary, then is answered before it would have
+    # to wait out the batch's next layer and its own; the patient row waits for the batch.
+    assert engine.calls == [(0, [3, 3]), (0, [3]), (1, [3, 3]), (2, [3, 3]), (0, [3]), (1, [3]), (2, [3])]
+    assert [(a.exit_layer, a.budget_exhausted) for a in got] == [(3, False), (3, False), (3, False), (1, True)]
+
+
+@pytest.mark.asyncio
+async def test_a_row_is_answered_when_waiting_for_another_cohort_would_overrun_its_budget():
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup",
+                             cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    budgeted = scheduler.submit(rows([3]), 0.0, 1.5, 100.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    newcomer = scheduler.submit(rows([3], length=4), 0.0, None, 100.0)
+    engine.step(20)
+    (a,), (b,) = await asyncio.gather(*budgeted), await asyncio.gather(*newcomer)
+    # Layer 2 alone (1 s) would fit its 1.5 s, but the newcomer's layer 1 runs first (1 s).
+    assert (a.exit_layer, a.budget_exhausted) == (1, True)
+    assert engine.calls == [(0, [3]), (0, [3]), (1, [3]), (2, [3])]
+    assert (b.exit_layer, b.budget_exhausted) == (3, False)
+
+
+@pytest.mark.asyncio
 async def test_regroup_admits_arrivals_at_a_layer_boundary_and_merges_cohorts_at_the_same_depth():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup")
     first = scheduler.submit(rows([3, 3]), 0.0, None, scheduler.clock())
