@@ -20,6 +20,7 @@ class RequestRecord:
     budget_exhausted: int = 0
     truncated: int = 0
     server_latency_ms: float | None = None
+    budget_ms: float | None = None  # the latency_budget_ms the request carried
     error: str | None = None  # set for every failed request
 
     @property

@@ -104,7 +104,15 @@ def _profile_summary(records: Sequence[RequestRecord]) -> dict[str, Any]:
         "p99_ms": latency.get("p99"),
         "average_exit_layer": exits["average_exit_layer"],
         "budget_exhausted": exits["budget_exhausted"],
+        "over_budget": _over_budget(ok),
     }
+
+
+def _over_budget(records: Sequence[RequestRecord]) -> float | None:
+    """Share of the budgeted requests the server answered after their budget (its own latency_ms,
+    which is what the budget bounds); None when none carried a budget."""
+    timed = [r for r in records if r.budget_ms is not None and r.server_latency_ms is not None]
+    return sum(r.server_latency_ms > r.budget_ms for r in timed) / len(timed) if timed else None
 
 
 def _count(keys: Any) -> dict[str, int]:
@@ -141,10 +149,12 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"  {title:<13}" + "  ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
     lines += _exit_lines(report["exit_depth"])
     if len(report["profiles"]) > 1:
-        lines.append(f"  {'by profile':<13}{'profile':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'avg exit':>9}{'budget cut':>11}")
+        lines.append(f"  {'by profile':<13}{'profile':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'avg exit':>9}{'budget cut':>11}"
+                     f"{'over budget':>12}")
         for name, p in report["profiles"].items():
             numbers = "".join(f"{_num(p[k]):>9}" for k in ("p50_ms", "p99_ms", "average_exit_layer"))
-            lines.append(f"  {'':<13}{name:<22}{p['requests']:>9}{numbers}{p['budget_exhausted']:>11}")
+            over = "" if p["over_budget"] is None else f"{100 * p['over_budget']:.1f}%"
+            lines.append(f"  {'':<13}{name:<22}{p['requests']:>9}{numbers}{p['budget_exhausted']:>11}{over:>12}")
     return "\n".join(lines)
 
 

@@ -93,16 +93,18 @@ class ClassifyUser(FastHttpUser):
             if self.recorder is not None:
                 self.recorder.records.append(
                     _record(response.status_code or 0, response.text, request.items, request.profile,
-                            started - self.recorder.t0, latency_ms, (started - slot) * 1000)
+                            started - self.recorder.t0, latency_ms, (started - slot) * 1000, request.body.get("latency_budget_ms"))
                 )
         finally:
             if self.gate:
                 self.gate.release()
 
 
-def _record(status: int, text: str | None, items: int, profile: str, start_s: float, latency_ms: float, lag_ms: float) -> RequestRecord:
+def _record(status: int, text: str | None, items: int, profile: str, start_s: float, latency_ms: float, lag_ms: float,
+            budget_ms: float | None = None) -> RequestRecord:
     """Read a /classify answer into a record; a 2xx whose body breaks the contract counts as failed."""
-    base: dict[str, Any] = dict(start_s=start_s, latency_ms=latency_ms, lag_ms=lag_ms, status=status, profile=profile, items=items)
+    base: dict[str, Any] = dict(start_s=start_s, latency_ms=latency_ms, lag_ms=lag_ms, status=status, profile=profile, items=items,
+                                budget_ms=budget_ms)
     if not 200 <= status < 300:
         return RequestRecord(**base, error=_error_code(status, text))
     try:

@@ -69,6 +69,7 @@ def test_closed_loop_report_matches_what_the_server_served(stand_in, texts, tmp_
     assert set(profiles) == {"threshold=0.1", "budget=20", "default"}
     assert profiles["threshold=0.1"]["average_exit_layer"] in (None, 3.0)
     assert profiles["budget=20"]["average_exit_layer"] in (None, 2.0)
+    assert profiles["default"]["over_budget"] is None
 
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["p99"]
     assert report["throughput"]["items_per_s"] == pytest.approx(2 * report["throughput"]["requests_per_s"])
@@ -79,6 +80,20 @@ def test_closed_loop_report_matches_what_the_server_served(stand_in, texts, tmp_
     assert len(rows) == 30 and Counter(r["status"] for r in rows)["503"] == stand_in.rejected
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "exit depth" in run.stdout and "p99" in run.stdout
+
+
+def test_a_profile_reports_the_share_of_budgeted_requests_answered_after_their_budget():
+    from loadtest.records import RequestRecord, RunResult
+    from loadtest.report import build_report
+
+    def answered(server_ms: float, budget_ms: float | None, profile: str) -> RequestRecord:
+        return RequestRecord(0.0, server_ms + 1, 0.0, 200, profile, 1, (1,), 0, 0, server_ms, budget_ms)
+
+    records = [answered(10.0, 20.0, "budget=20"), answered(30.0, 20.0, "budget=20"), answered(25.0, 20.0, "budget=20"),
+               answered(99.0, None, "default"), RequestRecord(0.0, 5.0, 0.0, 503, "budget=20", 1, budget_ms=20.0, error="overloaded")]
+    profiles = build_report({"url": "x", "users": 1, "batch": 1}, RunResult(records, 1.0, "duration", 0), None, None)["profiles"]
+    assert profiles["budget=20"]["over_budget"] == pytest.approx(2 / 3)  # the refused request has no answer to time
+    assert profiles["default"]["over_budget"] is None
 
 
 def test_open_loop_keeps_the_arrival_rate(stand_in, texts, tmp_path):
