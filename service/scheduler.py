@@ -271,11 +271,12 @@ class Scheduler:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            if cohorts and self.policy == "complete":  # mid-batch: only rows that cannot wait join
-                taken = self._take_urgent(cohorts)
-            else:
-                room = self.max_batch - sum(len(c.items) for c in cohorts)
-                taken = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            # Mid-flight, rows whose budget cannot wait join at once; under regroup the others join
+            # too while fewer than max_batch rows are in flight.
+            taken = self._take_urgent(cohorts) if cohorts else []
+            if not cohorts or self.policy == "regroup":
+                room = self.max_batch - sum(len(c.items) for c in cohorts) - len(taken)
+                taken += [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
             self.metrics.queue_depth.set(len(self._queue))
         now = self.clock()
         for item in taken:
@@ -283,8 +284,8 @@ class Scheduler:
         return taken
 
     def _take_urgent(self, cohorts: list[_Cohort]) -> list[_Item]:
-        """complete: the queued rows whose budget would run out before the batch in flight ends
-        (predicted as if no row of it left early), at most max_batch; call with the lock held."""
+        """The queued rows whose budget would run out before the cohorts in flight end (predicted as
+        if no row left early), at most max_batch; call with the lock held."""
         budgeted = [it for it in self._queue if it.deadline < math.inf]
         if not budgeted:
             return []
@@ -319,11 +320,11 @@ class Scheduler:
         return _Cohort([it for c in run for it in c.items], state, min(c.order for c in run), run[0].depth, logits)
 
     def _next(self, cohorts: list[_Cohort]) -> _Cohort:
-        """regroup: fresh cohorts first, then the deepest; complete: fresh cohorts of budgeted
-        rows (admitted because they could not wait), then the deepest. Ties: oldest first."""
-        if self.policy == "regroup":
-            return min(cohorts, key=lambda c: (c.depth != 0, -c.depth, c.order))
-        return min(cohorts, key=lambda c: (not (c.depth == 0 and c.deadline < math.inf), -c.depth, c.order))
+        """Fresh cohorts with a budget first (their rows may have been let in because they could not
+        wait); then regroup: the other fresh ones, then the deepest; complete: the deepest. Ties:
+        oldest first."""
+        fresh_first = self.policy == "regroup"
+        return min(cohorts, key=lambda c: (not (c.depth == 0 and c.deadline < math.inf), fresh_first and c.depth != 0, -c.depth, c.order))
 
     def _cut_late(self, cohorts: list[_Cohort], chosen: _Cohort) -> None:
         """Answer now (budget_exhausted) every row past layer 1 whose remaining budget will not
