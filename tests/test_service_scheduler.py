@@ -222,6 +222,20 @@ async def test_under_complete_a_budgeted_row_that_cannot_wait_for_the_batch_join
 
 
 @pytest.mark.asyncio
+async def test_under_regroup_a_row_that_cannot_wait_gets_in_even_when_max_batch_rows_are_in_flight():
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup", max_batch=1,
+                             cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    first = scheduler.submit(rows([3]), 0.0, None, 100.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    patient = scheduler.submit(rows([3]), 0.0, None, 100.0)  # no budget: waits for room
+    urgent = scheduler.submit(rows([3]), 0.0, 1.5, 100.0)
+    engine.step(20)
+    got = await asyncio.gather(*first, *patient, *urgent)
+    assert engine.calls == [(0, [3]), (0, [3]), (1, [3]), (2, [3]), (0, [3]), (1, [3]), (2, [3])]
+    assert [(a.exit_layer, a.budget_exhausted) for a in got] == [(3, False), (3, False), (1, True)]
+
+
+@pytest.mark.asyncio
 async def test_a_row_is_answered_when_waiting_for_another_cohort_would_overrun_its_budget():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup",
                              cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
