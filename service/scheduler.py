@@ -323,8 +323,12 @@ class Scheduler:
         """Fresh cohorts with a budget first (their rows may have been let in because they could not
         wait); then regroup: the other fresh ones, then the deepest; complete: the deepest. Ties:
         oldest first."""
-        fresh_first = self.policy == "regroup"
-        return min(cohorts, key=lambda c: (not (c.depth == 0 and c.deadline < math.inf), fresh_first and c.depth != 0, -c.depth, c.order))
+
+        def rank(c: _Cohort) -> tuple:
+            fresh = c.depth == 0
+            return (not (fresh and c.deadline < math.inf), self.policy == "regroup" and not fresh, -c.depth, c.order)
+
+        return min(cohorts, key=rank)
 
     def _cut_late(self, cohorts: list[_Cohort], chosen: _Cohort) -> None:
         """Answer now (budget_exhausted) every row past layer 1 whose remaining budget will not
