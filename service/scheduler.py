@@ -355,11 +355,12 @@ class Scheduler:
         self.cost_model.observe(cohort.depth, rows, width, time.perf_counter() - started)
         self.metrics.batch_size.observe(rows)
         cohort.depth += 1
+        last = cohort.depth == self.engine.num_layers
+        thresholds = np.array([it.threshold for it in cohort.items])
+        if not last and not (thresholds > 0).any():
+            return  # entropy is never negative: at threshold 0 no row leaves before the last layer
         entropies = entropy(cohort.logits)
-        if cohort.depth == self.engine.num_layers:
-            leave = np.ones(rows, dtype=bool)
-        else:
-            leave = entropies < np.array([it.threshold for it in cohort.items])
+        leave = np.ones(rows, dtype=bool) if last else entropies < thresholds
         self._answer(cohort, leave, budget_exhausted=False, entropies=entropies)
 
     def _answer(self, cohort: _Cohort, leave: np.ndarray, budget_exhausted: bool, entropies: np.ndarray | None = None) -> None:
