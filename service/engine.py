@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle
-from service.exits import entropy
+from service.exits import can_leave_early, entropy
 from service.tokenization import Encoded
 
 _pool_lock = threading.Lock()
@@ -171,18 +171,17 @@ def run_early_exit(engine: Engine, batch: Encoded, thresholds: np.ndarray) -> tu
 
     Rows leave at the first exit whose entropy is below their own threshold; only the survivors
     run the next layer. The server's scheduler does the same with budgets and arrivals on top.
-    Entropy is never negative, so when no threshold is above 0 no row can leave early and the
-    exit test is skipped: at batch 1 it costs about as much as an exit head (docs/results.md).
+    The exit test is skipped when no row can leave early (see can_leave_early).
     """
     n = len(batch.lengths)
     out_logits = np.zeros((n, len(engine.bundle.labels)), dtype=np.float32)
     out_layer = np.full(n, engine.num_layers, dtype=np.int64)
     alive = np.arange(n)
-    can_leave_early = bool((thresholds > 0).any())
+    test_exits = can_leave_early(thresholds)
     state = engine.embed(batch)
     for i in range(engine.num_layers - 1):
         state, logits = engine.layer(i, state)
-        if not can_leave_early:
+        if not test_exits:
             continue
         done = entropy(logits) < thresholds[alive]
         if done.any():

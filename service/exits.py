@@ -30,6 +30,13 @@ def entropy(logits: np.ndarray) -> np.ndarray:
     return np.maximum(lse - (p * z).sum(axis=-1), 0.0)
 
 
+def can_leave_early(thresholds: np.ndarray) -> bool:
+    """Whether any of these thresholds lets a row leave before the last exit. Entropy is never
+    negative, so threshold 0 never does; skipping the test then saves about an exit head's cost
+    per layer at batch 1 (docs/results.md)."""
+    return bool((np.asarray(thresholds) > 0).any())
+
+
 def exit_layers(per_exit_logits: np.ndarray, threshold: float) -> np.ndarray:
     """1-based exit layer of each sample: the first exit with entropy strictly below `threshold`.
 

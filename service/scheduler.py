@@ -44,7 +44,7 @@ import numpy as np
 
 from service.cost_model import CostModel, EwmaCostModel
 from service.engine import HiddenBatch
-from service.exits import entropy
+from service.exits import can_leave_early, entropy
 from service.metrics import Metrics
 from service.settings import POLICIES
 from service.tokenization import Encoded
@@ -357,8 +357,8 @@ class Scheduler:
         cohort.depth += 1
         last = cohort.depth == self.engine.num_layers
         thresholds = np.array([it.threshold for it in cohort.items])
-        if not last and not (thresholds > 0).any():
-            return  # entropy is never negative: at threshold 0 no row leaves before the last layer
+        if not last and not can_leave_early(thresholds):
+            return
         entropies = entropy(cohort.logits)
         leave = np.ones(rows, dtype=bool) if last else entropies < thresholds
         self._answer(cohort, leave, budget_exhausted=False, entropies=entropies)
