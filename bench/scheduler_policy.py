@@ -9,9 +9,9 @@ engine under each policy:
   regroup-deepest  the same, but always the deepest cohort first (no fresh-first rule).
 The stream mixes four kinds of request: "easy" (1 text, the bundle's default threshold),
 "budget" (the same with a 15 ms latency budget), "full" (1 text, threshold 0: full depth, e.g. an
-auditing client) and "batch" (8 texts, default threshold). First the closed-loop capacity of each policy (every request of a ~800-item stream
-submitted at once, best of two), then the stream at two loads, as fractions of the capacity of
-"complete".
+auditing client) and "batch" (8 texts, default threshold). First the closed-loop capacity of each
+policy (every request of a ~800-item stream submitted at once, best of two), then the stream at
+two loads, as fractions of the capacity of "complete".
 Latency is per request, from its arrival to its last answer. Writes
 bench/results/scheduler_policy.json.
 
