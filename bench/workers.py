@@ -41,7 +41,7 @@ def busy(duty: float, stop) -> None:
         time.sleep((1 - duty) / 1000)
 
 
-def items_per_s(workers: int, threads: int, batch: int, order: str = "random") -> float:
+def items_per_s(workers: int, threads: int, batch: int, order: str = "random", bundle_path: Path = BUNDLE) -> float:
     """Offline early exit over the test split: `workers` threads share one engine of `threads` each.
 
     order "random": seeded random order, the order a server sees; "length": sorted by text length,
@@ -53,7 +53,7 @@ def items_per_s(workers: int, threads: int, batch: int, order: str = "random") -
     from service.tokenization import TextEncoder
     from training.data import load_task
 
-    bundle = load_bundle(BUNDLE)
+    bundle = load_bundle(bundle_path)
     engine = Engine(bundle, device="cpu", threads=threads)
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
     texts = [e.text for e in load_task("rotten_tomatoes").test]
