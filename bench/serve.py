@@ -45,8 +45,8 @@ from service.engine import Engine, default_threads, run_early_exit  # noqa: E402
 from service.tokenization import TextEncoder  # noqa: E402
 from training.data import load_task  # noqa: E402
 from training.files import write_json  # noqa: E402
-from training.tiny_backbone import make_tiny_backbone  # noqa: E402
-from training.train import TrainConfig, train  # noqa: E402
+from training.tiny_backbone import make_tiny_backbone, tiny_train_config  # noqa: E402
+from training.train import train  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
 CHECKPOINT = ROOT / "artifacts" / "bench" / "romebert"
@@ -128,8 +128,7 @@ def serve(bundle: Path, *flags: str) -> list[str]:
 def tiny_bundle(folder: Path) -> Path:
     """A model that costs next to nothing: the tiny random backbone, trained for a moment, exported."""
     backbone = make_tiny_backbone(folder / "backbone")
-    checkpoint = train(TrainConfig(backbone=str(backbone), output=str(folder / "checkpoint"), limit=64, epochs=1,
-                                   batch_size=16, max_length=64, lr=1e-3, device="cpu"))
+    checkpoint = train(tiny_train_config(backbone, folder / "checkpoint", max_length=64))  # the real bundle's max_length
     return export_bundle(checkpoint, folder / "bundle", limit=64, log=lambda *_: None)
 
 

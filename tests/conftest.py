@@ -10,17 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.tiny_backbone import make_tiny_backbone
-
-
-def tiny_train_config(backbone: Path, output: Path, **overrides):
-    from training.train import TrainConfig
-
-    defaults = dict(
-        backbone=str(backbone), output=str(output), data="rotten_tomatoes", limit=64, epochs=1,
-        batch_size=16, max_length=32, lr=1e-3, save_every=2, device="cpu", eval_batch_size=64,
-    )
-    return TrainConfig(**(defaults | overrides))
+from training.tiny_backbone import make_tiny_backbone, tiny_train_config
 
 
 @pytest.fixture(scope="session")

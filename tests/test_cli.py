@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import tiny_train_config
+from training.tiny_backbone import tiny_train_config
 
 
 def romebert(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -138,7 +138,7 @@ def test_server_side_check_refuses_tampered_or_unknown_bundles(tiny_bundle, tmp_
 
 
 def test_mean_pooled_exits_export_with_parity(tiny_backbone, tmp_path):
-    from tests.conftest import tiny_train_config
+    from training.tiny_backbone import tiny_train_config
     from training.train import train
 
     checkpoint = train(tiny_train_config(tiny_backbone, tmp_path / "mean", exit_pooling="mean", limit=32))

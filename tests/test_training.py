@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_train_config
 from training.checkpoint import state_path
 from training.model import MultiExitBert
-from training.tiny_backbone import make_tiny_backbone
+from training.tiny_backbone import make_tiny_backbone, tiny_train_config
 from training.train import SimulatedCrash, Trainer, train
 
 
@@ -112,7 +111,7 @@ def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_b
     single = train(tiny_train_config(tiny_backbone, tmp_path / "single", batch_size=16, grad_accum=1, seed=3))
     script = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from tests.conftest import tiny_train_config\n"
+        "from training.tiny_backbone import tiny_train_config\n"
         "from training.train import train\n"
         "train(tiny_train_config(%r, %r, batch_size=8, seed=3))\n"
     ) % (str(Path(__file__).parents[1]), str(tiny_backbone), str(tmp_path / "ddp"))

@@ -1,4 +1,4 @@
-"""A tiny random BERT backbone with the real all-MiniLM-L6-v2 tokenizer.
+"""A tiny random BERT backbone with the real all-MiniLM-L6-v2 tokenizer, and a quick run on it.
 
 For the tests (a whole train -> export -> serve flow in seconds on two cores) and for the serving
 benchmark, which serves a model this small to measure what HTTP and the load generator cost per
@@ -30,3 +30,14 @@ def make_tiny_backbone(folder: Path, seed: int = 0, **overrides) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy2(source / name, folder / name)
     return folder
+
+
+def tiny_train_config(backbone: Path, output: Path, **overrides):
+    """A TrainConfig for the tiny backbone that trains in seconds on a CPU (64 examples per split)."""
+    from training.train import TrainConfig
+
+    defaults = dict(
+        backbone=str(backbone), output=str(output), data="rotten_tomatoes", limit=64, epochs=1,
+        batch_size=16, max_length=32, lr=1e-3, save_every=2, device="cpu", eval_batch_size=64,
+    )
+    return TrainConfig(**(defaults | overrides))
