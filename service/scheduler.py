@@ -335,7 +335,7 @@ class Scheduler:
         cover its next layer: for the chosen cohort that layer comes next, for the others only
         after the chosen cohort's step, so a row is not left waiting past its deadline."""
         now = self.clock()
-        if chosen.depth > 0:
+        if chosen.depth > 0 and chosen.deadline < math.inf:
             self._cut(chosen, now, self.cost_model.predict(chosen.depth, len(chosen.items), chosen.width))
         if not chosen.items:
             return
