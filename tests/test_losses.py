@@ -47,3 +47,9 @@ def test_gamma_zero_is_plain_cross_entropy_on_every_exit():
     exits, final = romebert_losses(z, y, gamma=0.0)
     assert torch.allclose(exits, early_exits_loss(z, y))
     assert torch.allclose(final, final_exit_loss(z, y))
+
+
+def test_the_reference_kl_reduction_is_the_true_kl_divided_by_the_number_of_labels():
+    student, teacher = torch.randn(5, 4), torch.randn(5, 4)
+    true_kl = distillation_kl(student, teacher, 3.0)
+    assert torch.allclose(distillation_kl(student, teacher, 3.0, "mean"), true_kl / 4)

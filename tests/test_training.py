@@ -152,3 +152,15 @@ def test_exit_pooling_follows_the_backbone_unless_told(tiny_backbone, tmp_path):
     assert MultiExitBert.from_backbone(tiny_backbone, ["a", "b"], exit_pooling="mean").config.exit_pooling == "mean"
     with pytest.raises(ValueError, match="exit_pooling"):
         MultiExitBert.from_backbone(tiny_backbone, ["a", "b"], exit_pooling="max")
+
+
+def test_init_from_starts_from_the_checkpoint_and_refuses_other_labels(tiny_backbone, tmp_path):
+    finetuned = train(tiny_train_config(tiny_backbone, tmp_path / "ft", method="finetune"))
+    # lr 0: the run changes nothing, so its weights are the checkpoint it started from
+    same = weights(train(tiny_train_config(tiny_backbone, tmp_path / "rb", init_from=str(finetuned), lr=0.0)))
+    start = weights(finetuned)
+    assert all(torch.equal(same[k], start[k]) for k in start)
+    other = tmp_path / "other.csv"
+    other.write_text("text,label\n" + "".join(f"text {i},{'abc'[i % 3]}\n" for i in range(30)))
+    with pytest.raises(ValueError, match="labels"):
+        train(tiny_train_config(tiny_backbone, tmp_path / "bad", init_from=str(finetuned), data=str(other)))

@@ -30,6 +30,8 @@ def _train_parser() -> argparse.ArgumentParser:
         "resume": "continue an interrupted run from its saved state",
         "limit": "cap every split at this many examples (quick runs)",
         "gr_swap": "swap the roles of A and B in gradient regularization (reference: MNLI, QQP)",
+        "kl_reduction": "batchmean (KL summed over labels, the default) or mean (the reference code's, divided by the number of labels)",
+        "init_from": "start from this multi-exit checkpoint (e.g. a fine-tuned one) instead of the backbone with fresh exits",
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "crash_after_steps":

@@ -16,18 +16,24 @@ import torch
 import torch.nn.functional as F
 
 
-def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(sg(teacher)/T) || softmax(student/T)), summed over classes, mean over the batch."""
+KL_REDUCTIONS = ("batchmean", "mean")
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(sg(teacher)/T) || softmax(student/T)): summed over classes and averaged over the
+    batch ("batchmean"), or the reference code's element-wise "mean" (that, divided by C)."""
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, not {reduction!r}")
     return F.kl_div(
         F.log_softmax(student / temperature, dim=-1),
         F.log_softmax(teacher.detach() / temperature, dim=-1),
-        reduction="batchmean",
+        reduction=reduction,
         log_target=True,
     )
 
 
 def romebert_losses(
-    exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 0.9, temperature: float = 3.0
+    exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 0.9, temperature: float = 3.0, kl_reduction: str = "batchmean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B): A = the early exits' losses (i < L) with self-distillation, B = the final exit's CE.
 
@@ -39,7 +45,7 @@ def romebert_losses(
     for z in exit_logits[:-1]:
         loss_exits = loss_exits + (1 - gamma) * F.cross_entropy(z, labels)
         if gamma > 0:
-            loss_exits = loss_exits + gamma * temperature**2 * distillation_kl(z, final, temperature)
+            loss_exits = loss_exits + gamma * temperature**2 * distillation_kl(z, final, temperature, kl_reduction)
     return loss_exits, loss_final
 
 

@@ -68,6 +68,8 @@ class TrainConfig:
     gradient_regularization: bool = True
     gr_swap: bool = False  # the reference swaps A and B for MNLI and QQP
     gradient_equilibrium: bool = False
+    kl_reduction: str = "batchmean"  # or "mean", the reference code's (divides the KL by the number of labels)
+    init_from: str = ""  # a multi-exit checkpoint to start from instead of the backbone (e.g. a fine-tuned one)
     exit_pooling: str = "auto"  # cls | mean | auto (the backbone's own pooling)
     seed: int = 42
     save_every: int = 200  # optimizer steps between training-state saves
@@ -175,7 +177,7 @@ class Trainer:
         self.backbone = Path(cfg.backbone or default_backbone())
         self.data: TaskData = load_task(cfg.data, seed=cfg.seed, limit=cfg.limit)
         self.encoder = TextEncoder(self.backbone / "tokenizer.json", cfg.max_length)
-        self.model = MultiExitBert.from_backbone(self.backbone, self.data.labels, exit_pooling=cfg.exit_pooling).to(self.device)
+        self.model = self._initial_model().to(self.device)
         self.model.gradient_equilibrium = cfg.gradient_equilibrium
         self.train_set = encode_split(self.encoder, self.data.train)
         self.dev_set = encode_split(self.encoder, self.data.dev)
@@ -183,6 +185,18 @@ class Trainer:
         self.state_file = state_path(self.output)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.history: list[dict[str, Any]] = []
+
+    def _initial_model(self) -> MultiExitBert:
+        """The backbone with fresh exits, or, with init_from, a trained multi-exit checkpoint
+        (RomeBERT from a fine-tuned backbone: its last exit starts where fine-tuning ended)."""
+        cfg = self.cfg
+        if not cfg.init_from:
+            return MultiExitBert.from_backbone(self.backbone, self.data.labels, exit_pooling=cfg.exit_pooling)
+        model = MultiExitBert.from_checkpoint(cfg.init_from)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if labels != self.data.labels:
+            raise ValueError(f"--init-from {cfg.init_from}: its labels {labels} are not the data's {self.data.labels}")
+        return model
 
     # ---- one optimizer step ---------------------------------------------------------------
 
@@ -201,7 +215,7 @@ class Trainer:
         elif phase.loss == "exits":
             loss = losses.early_exits_loss(logits, labels)
         else:
-            loss_exits, loss_final = losses.romebert_losses(logits, labels, self.cfg.gamma, self.cfg.temperature)
+            loss_exits, loss_final = losses.romebert_losses(logits, labels, self.cfg.gamma, self.cfg.temperature, self.cfg.kl_reduction)
             if self.cfg.gr_swap:
                 loss_exits, loss_final = loss_final, loss_exits
             if projector is not None:
