@@ -16,7 +16,8 @@ ARG TRAIN_BASE=python:3.12-slim-bookworm
 # ---------------------------------------------------------------------------------------------
 # source: the project's files, copied once for both images.
 FROM scratch AS source
-COPY pyproject.toml README.md romebert_cli.py /src/
+COPY pyproject.toml README.md cli.py /src/
+COPY core/ /src/core/
 COPY training/ /src/training/
 COPY model_export/ /src/model_export/
 COPY service/ /src/service/

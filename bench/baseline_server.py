@@ -24,7 +24,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.model import MultiExitBert, masked_mean  # noqa: E402
+from romebert.training.model import MultiExitBert, masked_mean  # noqa: E402
 
 
 def final_exit_state(multi: MultiExitBert) -> dict[str, torch.Tensor]:

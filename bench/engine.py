@@ -22,14 +22,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model_export.export import export_bundle  # noqa: E402
-from model_export.segments import FullDepthModel  # noqa: E402
-from service.bundle import BundleError, load_bundle  # noqa: E402
-from service.engine import Engine, default_threads, make_session, run_early_exit  # noqa: E402
-from service.tokenization import Encoded, TextEncoder  # noqa: E402
-from training.data import load_task  # noqa: E402
-from training.files import write_json  # noqa: E402
-from training.model import MultiExitBert  # noqa: E402
+from romebert.model_export.export import export_bundle  # noqa: E402
+from romebert.model_export.segments import FullDepthModel  # noqa: E402
+from romebert.core.bundle import BundleError, load_bundle  # noqa: E402
+from romebert.core.engine import Engine, default_threads, make_session, run_early_exit  # noqa: E402
+from romebert.core.tokenization import Encoded, TextEncoder  # noqa: E402
+from romebert.core.data import load_task  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
+from romebert.training.model import MultiExitBert  # noqa: E402
 
 SEQ_LEN = 64
 CHECKPOINT = ROOT / "artifacts" / "bench" / "romebert"

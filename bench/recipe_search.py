@@ -24,13 +24,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.evaluate import exit_logits  # noqa: E402
-from training.files import write_json  # noqa: E402
-from training.model import MultiExitBert  # noqa: E402
-from training.train import TrainConfig, encode_split, train  # noqa: E402
-from service.exits import sweep  # noqa: E402
-from service.tokenization import TextEncoder  # noqa: E402
-from training.data import load_task  # noqa: E402
+from romebert.training.evaluate import exit_logits  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
+from romebert.training.model import MultiExitBert  # noqa: E402
+from romebert.training.train import TrainConfig, encode_split, train  # noqa: E402
+from romebert.core.exits import sweep  # noqa: E402
+from romebert.core.tokenization import TextEncoder  # noqa: E402
+from romebert.core.data import load_task  # noqa: E402
 
 BASE = dict(data="rotten_tomatoes", max_length=64, batch_size=32, seed=42, device="cpu", save_every=100)
 # name -> TrainConfig overrides; "@name" in init_from is that run's checkpoint (it runs first).

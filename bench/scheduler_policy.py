@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime  # noqa: E402
 
-from service.bundle import load_bundle  # noqa: E402
-from service.cost_model import EwmaCostModel, warm_up  # noqa: E402
-from service.engine import Engine, default_threads  # noqa: E402
-from service.metrics import Metrics  # noqa: E402
-from service.scheduler import Scheduler  # noqa: E402
-from service.tokenization import Encoded, TextEncoder  # noqa: E402
-from training.data import load_task  # noqa: E402
+from romebert.core.bundle import load_bundle  # noqa: E402
+from romebert.service.cost_model import EwmaCostModel, warm_up  # noqa: E402
+from romebert.core.engine import Engine, default_threads  # noqa: E402
+from romebert.service.metrics import Metrics  # noqa: E402
+from romebert.service.scheduler import Scheduler  # noqa: E402
+from romebert.core.tokenization import Encoded, TextEncoder  # noqa: E402
+from romebert.core.data import load_task  # noqa: E402
 
 KINDS = {"easy": (0.5, 1), "budget": (0.2, 1), "full": (0.2, 1), "batch": (0.1, 8)}  # kind -> (share of requests, texts)
 BUDGET_MS = 15.0  # the "budget" kind's latency budget

@@ -39,14 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
-from model_export.export import export_bundle  # noqa: E402
-from service.bundle import load_bundle  # noqa: E402
-from service.engine import Engine, default_threads, run_early_exit  # noqa: E402
-from service.tokenization import TextEncoder  # noqa: E402
-from training.data import load_task  # noqa: E402
-from training.files import write_json  # noqa: E402
-from training.tiny_backbone import make_tiny_backbone, tiny_train_config  # noqa: E402
-from training.train import train  # noqa: E402
+from romebert.model_export.export import export_bundle  # noqa: E402
+from romebert.core.bundle import load_bundle  # noqa: E402
+from romebert.core.engine import Engine, default_threads, run_early_exit  # noqa: E402
+from romebert.core.tokenization import TextEncoder  # noqa: E402
+from romebert.core.data import load_task  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
+from tiny_backbone import make_tiny_backbone, tiny_train_config  # noqa: E402
+from romebert.training.train import train  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
 CHECKPOINT = ROOT / "artifacts" / "bench" / "romebert"
@@ -95,7 +95,7 @@ def busy_core_seconds() -> float:
 def loadtest(url: str, users: int, duration: float, out: Path) -> tuple[dict, float]:
     """The load test's report, and how many cores the machine kept busy during its steady part
     (from 5 s after the start to 5 s before the end: Locust's start-up and report are not counted)."""
-    cmd = [sys.executable, "-m", "romebert_cli", "loadtest", url, "--users", str(users), "--duration", str(duration),
+    cmd = [sys.executable, "-m", "romebert.cli", "loadtest", url, "--users", str(users), "--duration", str(duration),
            "--dataset", "rotten_tomatoes", "--out", str(out)]
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL) as proc:
         time.sleep(5)
@@ -122,7 +122,7 @@ def engine_batch1_p50_ms(texts: list[str], threshold: float) -> float:
 
 def serve(bundle: Path, *flags: str) -> list[str]:
     """Our server's command line, without an access-log line per request."""
-    return [sys.executable, "-m", "romebert_cli", "serve", str(bundle), "--host", "127.0.0.1", "--log-level", "warning", *flags]
+    return [sys.executable, "-m", "romebert.cli", "serve", str(bundle), "--host", "127.0.0.1", "--log-level", "warning", *flags]
 
 
 def tiny_bundle(folder: Path) -> Path:

@@ -18,13 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.data import load_task  # noqa: E402
-from training.evaluate import evaluate_model  # noqa: E402
-from training.files import write_json  # noqa: E402
-from training.model import MultiExitBert  # noqa: E402
-from training.plots import plot_per_exit, plot_speedup  # noqa: E402
-from training.train import TrainConfig, encode_split, train  # noqa: E402
-from service.tokenization import TextEncoder  # noqa: E402
+from romebert.core.data import encode_examples, load_task  # noqa: E402
+from romebert.training.evaluate import evaluate_model  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
+from romebert.training.model import MultiExitBert  # noqa: E402
+from romebert.training.plots import plot_per_exit, plot_speedup  # noqa: E402
+from romebert.training.train import TrainConfig, train  # noqa: E402
+from romebert.core.tokenization import TextEncoder  # noqa: E402
 
 # (name in the results, TrainConfig overrides): romebert_sd_only is the ablation without GR.
 # Exits pool as the backbone was trained (mean for all-MiniLM-L6-v2) unless a run says cls.
@@ -63,7 +63,7 @@ def main() -> None:
         ckpt = train(cfg)
         record = json.loads((ckpt / "training_record.json").read_text())
         model = MultiExitBert.from_checkpoint(ckpt)
-        encoded, labels = encode_split(TextEncoder(ckpt / "tokenizer.json", args.max_length), task.test)
+        encoded, labels = encode_examples(TextEncoder(ckpt / "tokenizer.json", args.max_length), task.test)
         report = evaluate_model(model, encoded, labels)
         accs = [r["accuracy"] for r in report["per_exit"]]
         entry = {"train_seconds": round(record["train_seconds"], 1), "test_acc_per_exit": accs}

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.files import write_json  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
 CONFIGS = [(1, 2), (2, 1), (1, 1)]  # (workers, onnxruntime threads per worker), on 2 cores
@@ -48,10 +48,10 @@ def items_per_s(workers: int, threads: int, batch: int, order: str = "random", b
     the best case for batching. Call it in a fresh process (in_fresh_process): onnxruntime sizes its
     global thread pool once per process.
     """
-    from service.bundle import load_bundle
-    from service.engine import Engine, run_early_exit
-    from service.tokenization import TextEncoder
-    from training.data import load_task
+    from romebert.core.bundle import load_bundle
+    from romebert.core.engine import Engine, run_early_exit
+    from romebert.core.tokenization import TextEncoder
+    from romebert.core.data import load_task
 
     bundle = load_bundle(bundle_path)
     engine = Engine(bundle, device="cpu", threads=threads)

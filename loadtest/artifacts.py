@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from loadtest.plot import plot_report
-from loadtest.records import RequestRecord
-from training.files import atomic_write
+from romebert.loadtest.plot import plot_report
+from romebert.loadtest.records import RequestRecord
+from romebert.core.files import atomic_write
 
 CSV_FIELDS = ("start_s", "latency_ms", "lag_ms", "status", "profile", "items", "exit_layers",
               "budget_exhausted", "truncated", "server_latency_ms", "budget_ms", "error")

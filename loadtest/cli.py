@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from loadtest.workload import add_workload_arguments, workload_from_args
+from romebert.loadtest.workload import add_workload_arguments, workload_from_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def main(command: str, argv: list[str]) -> int:
     _check(parser, args)
     url = args.url.rstrip("/")
     # Locust first: it monkey-patches sockets and ssl, which must happen before anything opens one.
-    from loadtest.runner import pool_size, run_load
+    from romebert.loadtest.runner import pool_size, run_load
 
     try:
         workload = workload_from_args(args)
@@ -89,10 +89,10 @@ def main(command: str, argv: list[str]) -> int:
         print(f"romebert {command}: error: {problem}", file=sys.stderr)
         return 2
 
-    from loadtest.artifacts import write_artifacts
-    from loadtest.metrics_scrape import MetricsWatch
-    from loadtest.report import build_report, format_table
-    from loadtest.slo import check_slos
+    from romebert.loadtest.artifacts import write_artifacts
+    from romebert.loadtest.metrics_scrape import MetricsWatch
+    from romebert.loadtest.report import build_report, format_table
+    from romebert.loadtest.slo import check_slos
 
     users = pool_size(args.users, args.rate)
     watch = MetricsWatch(args.metrics_url or f"{url}/metrics")

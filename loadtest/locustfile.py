@@ -25,9 +25,9 @@ from locust import constant, constant_throughput, events
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
-from loadtest.metrics_scrape import MetricsWatch
-from loadtest.users import ClassifyUser
-from loadtest.workload import add_workload_arguments, workload_from_args
+from romebert.loadtest.metrics_scrape import MetricsWatch
+from romebert.loadtest.users import ClassifyUser
+from romebert.loadtest.workload import add_workload_arguments, workload_from_args
 
 _watch: MetricsWatch | None = None
 

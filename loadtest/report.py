@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from loadtest.metrics_scrape import ServerDelta
-from loadtest.records import RequestRecord, RunResult
+from romebert.loadtest.metrics_scrape import ServerDelta
+from romebert.loadtest.records import RequestRecord, RunResult
 
 PERCENTILES = (50, 95, 99)
 

@@ -13,9 +13,9 @@ import time
 import gevent
 from locust.env import Environment
 
-from loadtest.records import RunResult
-from loadtest.users import ClassifyUser, Gate, Recorder
-from loadtest.workload import Workload
+from romebert.loadtest.records import RunResult
+from romebert.loadtest.users import ClassifyUser, Gate, Recorder
+from romebert.loadtest.workload import Workload
 
 # Locust warns that spawning faster than this "sometimes causes issues"; more users ramp up over seconds.
 MAX_SPAWN_RATE = 100

@@ -23,7 +23,7 @@ class TextItem:
 
 
 def load_texts(path: Path | None, dataset: str | None) -> list[TextItem]:
-    """Texts from `path` when given, else the test split of `dataset` (via training.data, no torch)."""
+    """Texts from `path` when given, else the test split of `dataset` (via core.data, no torch)."""
     items = _from_file(path) if path is not None else _from_dataset(dataset or "rotten_tomatoes")
     if not items:
         raise TextsError(f"{path or dataset}: no texts")
@@ -34,7 +34,7 @@ def load_texts(path: Path | None, dataset: str | None) -> list[TextItem]:
 
 def _from_dataset(name: str) -> list[TextItem]:
     # Imported here so that a load test from a file never needs the training package's data files.
-    from training.data import DataError, load_task
+    from romebert.core.data import DataError, load_task
 
     try:
         task = load_task(name)

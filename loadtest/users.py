@@ -16,8 +16,8 @@ import gevent
 from locust import FastHttpUser, constant, task
 from locust.exception import StopUser
 
-from loadtest.records import RequestRecord
-from loadtest.workload import Workload
+from romebert.loadtest.records import RequestRecord
+from romebert.loadtest.workload import Workload
 
 
 class Gate:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from loadtest.profiles import Profile, profiles_from_args
-from loadtest.texts import TextItem, load_texts
+from romebert.loadtest.profiles import Profile, profiles_from_args
+from romebert.loadtest.texts import TextItem, load_texts
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 
-from service.engine import Engine
-from service.exits import sweep
-from service.tokenization import Encoded
+from romebert.core.engine import Engine
+from romebert.core.exits import sweep
+from romebert.core.tokenization import Encoded
 
 
 def exit_logits_onnx(engine: Engine, batches: list[Encoded], order: np.ndarray) -> np.ndarray:

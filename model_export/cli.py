@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from model_export.optimize import PRECISIONS
+from romebert.model_export.optimize import PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,9 +23,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(command: str, argv: list[str]) -> int:
-    from model_export.export import export_bundle
-    from model_export.parity import ParityError
-    from training.data import DataError
+    from romebert.model_export.export import export_bundle
+    from romebert.model_export.parity import ParityError
+    from romebert.core.data import DataError
 
     args = _parser().parse_args(argv)
     try:

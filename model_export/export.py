@@ -17,18 +17,17 @@ import onnxruntime
 import torch
 from tqdm.auto import tqdm
 
-from model_export.calibrate import calibrate, exit_logits_onnx
-from model_export.optimize import PRECISIONS, optimize_segment
-from model_export.parity import check_parity
-from model_export.segments import export_full_depth, export_segments, write_select_rows
-from service.bundle import FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
-from service.engine import Engine
-from service.tokenization import Encoded, TextEncoder
-from training.checkpoint import RECORD_NAME
-from training.data import load_task
-from training.files import publish_dir, write_json
-from training.model import MultiExitBert
-from training.train import encode_split
+from romebert.model_export.calibrate import calibrate, exit_logits_onnx
+from romebert.model_export.optimize import PRECISIONS, optimize_segment
+from romebert.model_export.parity import check_parity
+from romebert.model_export.segments import export_full_depth, export_segments, write_select_rows
+from romebert.core.bundle import FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
+from romebert.core.engine import Engine
+from romebert.core.tokenization import Encoded, TextEncoder
+from romebert.training.checkpoint import RECORD_NAME
+from romebert.core.data import encode_examples, load_task
+from romebert.core.files import publish_dir, write_json
+from romebert.training.model import MultiExitBert
 
 
 def length_batches(encoded: Encoded, batch_size: int) -> tuple[list[Encoded], np.ndarray]:
@@ -110,7 +109,7 @@ def export_bundle(
         write_json(tmp / MANIFEST, manifest)
         engine = Engine(load_bundle(tmp), device="cpu")
         encoder = TextEncoder(tmp / "tokenizer.json", max_length)
-        dev, labels = encode_split(encoder, task.dev)
+        dev, labels = encode_examples(encoder, task.dev)
         batches, order = length_batches(dev, 64)
 
         log(f"parity on {min(parity_examples, len(labels))} dev examples ...")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.engine import Engine, HiddenBatch
-from service.exits import THRESHOLD_GRID, exit_layers
-from service.tokenization import Encoded
-from training.model import MultiExitBert
+from romebert.core.engine import Engine, HiddenBatch
+from romebert.core.exits import THRESHOLD_GRID, exit_layers
+from romebert.core.tokenization import Encoded
+from romebert.training.model import MultiExitBert
 
 FP32_LOGIT_TOLERANCE = 1e-4
 

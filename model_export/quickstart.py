@@ -3,22 +3,25 @@
 Builds the default bundle once (RomeBERT on rotten_tomatoes from the shipped all-MiniLM-L6-v2,
 one epoch: about 5-10 minutes on a 2-core CPU, with progress bars), then serves it. A bundle that
 is already there is reused; a run killed half-way resumes from its last saved training state.
+Serving replaces this process with a fresh `romebert serve` (exec): the server never holds the
+torch and training memory the build needed, and keeps this process's PID for signals.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from service.bundle import BundleError, load_bundle
+from romebert.core.bundle import BundleError, load_bundle
 
 DEFAULT_HOME = Path(os.environ.get("ROMEBERT_HOME", "artifacts"))
 
 
 def build_default_bundle(home: Path) -> Path:
-    from model_export.export import export_bundle
-    from training.train import TrainConfig, train
+    from romebert.model_export.export import export_bundle
+    from romebert.training.train import TrainConfig, train
 
     bundle, checkpoint = home / "default-bundle", home / "default-checkpoint"
     try:
@@ -43,6 +46,5 @@ def main(command: str, argv: list[str]) -> int:
     bundle = build_default_bundle(args.home)
     if args.build_only:
         return 0
-    from service.cli import main as serve
-
-    return serve("serve", [str(bundle), *serve_args])
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "romebert.cli", "serve", str(bundle), *serve_args])

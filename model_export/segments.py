@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from training.model import MultiExitBert
+from romebert.training.model import MultiExitBert
 
 OPSET = 17
 _BATCH, _SEQ = "batch", "sequence"

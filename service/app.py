@@ -15,14 +15,14 @@ from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from service.bundle import load_bundle
-from service.cost_model import CostModel
-from service.errors import install_error_handlers
-from service.metrics import Metrics
-from service.middleware import BodyLimit, ClassifyMetrics
-from service.routes import router
-from service.runtime import EngineFactory, Runtime, default_engine
-from service.settings import Settings, SettingsError
+from romebert.core.bundle import load_bundle
+from romebert.service.cost_model import CostModel
+from romebert.service.errors import install_error_handlers
+from romebert.service.metrics import Metrics
+from romebert.service.middleware import BodyLimit, ClassifyMetrics
+from romebert.service.routes import router
+from romebert.service.runtime import EngineFactory, Runtime, default_engine
+from romebert.service.settings import Settings, SettingsError
 
 
 def create_app(

@@ -17,7 +17,7 @@ from typing import Callable
 
 import uvicorn
 
-from service.settings import POLICIES, Settings, SettingsError, value_type
+from romebert.service.settings import POLICIES, Settings, SettingsError, value_type
 
 _HELP = {
     "bundle": "model bundle folder (default: $ROMEBERT_BUNDLE)",
@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(settings: Settings) -> None:
     """What would stop the server anyway, found before uvicorn starts (raises with the reason)."""
-    from service.bundle import load_bundle
-    from service.engine import resolve_device
+    from romebert.core.bundle import load_bundle
+    from romebert.core.engine import resolve_device
 
     if not settings.bundle:
         raise SettingsError("no model bundle given (romebert serve BUNDLE, or ROMEBERT_BUNDLE)")
@@ -76,7 +76,7 @@ def main(command: str, argv: list[str]) -> int:
 
 def serve(settings: Settings) -> int:
     """Run uvicorn until SIGTERM/SIGINT; then drain and return 0 (1 if the server never started)."""
-    from service.app import create_app
+    from romebert.service.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

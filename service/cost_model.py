@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from service.engine import HiddenBatch
-from service.tokenization import Encoded
+from romebert.core.engine import HiddenBatch
+from romebert.core.tokenization import Encoded
 
 
 class CostModel(Protocol):

@@ -12,8 +12,8 @@ import time
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_response
-from service.metrics import Metrics, outcome_of
+from romebert.service.errors import ApiError, error_response
+from romebert.service.metrics import Metrics, outcome_of
 
 
 class BodyLimit:

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import ApiError
-from service.exits import softmax
-from service.runtime import RETRY_AFTER_S, Phase, Runtime
-from service.scheduler import EngineFailure, Exit, QueueFull, SchedulerClosed
-from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, ItemResult
+from romebert.service.errors import ApiError
+from romebert.core.exits import softmax
+from romebert.service.runtime import RETRY_AFTER_S, Phase, Runtime
+from romebert.service.scheduler import EngineFailure, Exit, QueueFull, SchedulerClosed
+from romebert.service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, ItemResult
 
 router = APIRouter()
 

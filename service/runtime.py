@@ -16,14 +16,14 @@ import threading
 import time
 from typing import Callable
 
-from service.bundle import Bundle, load_bundle
-from service.cost_model import CostModel, EwmaCostModel, warm_up
-from service.engine import Engine, default_threads
-from service.errors import ApiError
-from service.metrics import Metrics
-from service.scheduler import EngineLike, Scheduler
-from service.settings import Settings
-from service.tokenization import TextEncoder
+from romebert.core.bundle import Bundle, load_bundle
+from romebert.service.cost_model import CostModel, EwmaCostModel, warm_up
+from romebert.core.engine import Engine, default_threads
+from romebert.service.errors import ApiError
+from romebert.service.metrics import Metrics
+from romebert.service.scheduler import EngineLike, Scheduler
+from romebert.service.settings import Settings
+from romebert.core.tokenization import TextEncoder
 
 log = logging.getLogger("romebert.runtime")
 

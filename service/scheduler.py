@@ -42,12 +42,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from service.cost_model import CostModel, EwmaCostModel
-from service.engine import HiddenBatch
-from service.exits import can_leave_early, entropy
-from service.metrics import Metrics
-from service.settings import POLICIES
-from service.tokenization import Encoded
+from romebert.service.cost_model import CostModel, EwmaCostModel
+from romebert.core.engine import HiddenBatch
+from romebert.core.exits import can_leave_early, entropy
+from romebert.service.metrics import Metrics
+from romebert.service.settings import POLICIES
+from romebert.core.tokenization import Encoded
 
 log = logging.getLogger("romebert.scheduler")
 

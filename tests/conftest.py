@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.tiny_backbone import make_tiny_backbone, tiny_train_config
+from tiny_backbone import make_tiny_backbone, tiny_train_config
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_backbone, tmp_path_factory) -> Path:
-    from training.train import train
+    from romebert.training.train import train
 
     return train(tiny_train_config(tiny_backbone, tmp_path_factory.mktemp("ckpt") / "tiny-romebert", epochs=2))
 
@@ -28,6 +28,6 @@ def tiny_checkpoint(tiny_backbone, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     """A real exported bundle: 3 layer segments, labels ["negative", "positive"], max_length 32."""
-    from model_export.export import export_bundle
+    from romebert.model_export.export import export_bundle
 
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny-bundle", limit=64, log=lambda *_: None)

@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-from training.tiny_backbone import tiny_train_config
+from tiny_backbone import tiny_train_config
 
 
 def romebert(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "romebert_cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "romebert.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_lists_every_stage():

@@ -1,4 +1,4 @@
-"""training.data: every source loads into seeded train/dev/test splits; bad input names file and line."""
+"""core.data: every source loads into seeded train/dev/test splits; bad input names file and line."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from training import data
-from training.data import DataError, Example, load_task
+from romebert.core import data
+from romebert.core.data import DataError, Example, load_task
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:

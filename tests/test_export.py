@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_export.export import export_bundle
-from model_export.parity import ParityError, check_parity
-from service.bundle import BundleError, load_bundle, sha256_file
-from service.engine import Engine, run_early_exit
-from service.exits import THRESHOLD_GRID, entropy, exit_layers
-from service.tokenization import TextEncoder
-from training.model import MultiExitBert
+from romebert.model_export.export import export_bundle
+from romebert.model_export.parity import ParityError, check_parity
+from romebert.core.bundle import BundleError, load_bundle, sha256_file
+from romebert.core.engine import Engine, run_early_exit
+from romebert.core.exits import THRESHOLD_GRID, entropy, exit_layers
+from romebert.core.tokenization import TextEncoder
+from romebert.training.model import MultiExitBert
 
 TEXTS = ["a gorgeous, witty film", "dull and far too long , with a plot that never decides what it wants to be", "meh"]
 
@@ -75,7 +75,7 @@ def test_parity_check_fails_loudly_when_the_model_differs(tiny_bundle, tiny_chec
 
 
 def test_monolithic_graph_equals_the_final_exit(tiny_bundle):
-    from service.engine import make_session
+    from romebert.core.engine import make_session
 
     bundle = load_bundle(tiny_bundle)
     batch = TextEncoder(bundle.tokenizer_file, 32).encode(TEXTS)
@@ -120,7 +120,7 @@ def test_missing_corrupt_and_foreign_checkpoints_are_refused_and_nothing_is_writ
 
 
 def test_cli_reports_errors_in_one_line_with_exit_code_2(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "romebert_cli", "export", str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "romebert.cli", "export", str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 2 and "checkpoint folder not found" in done.stderr
 
 
@@ -138,8 +138,8 @@ def test_server_side_check_refuses_tampered_or_unknown_bundles(tiny_bundle, tmp_
 
 
 def test_mean_pooled_exits_export_with_parity(tiny_backbone, tmp_path):
-    from training.tiny_backbone import tiny_train_config
-    from training.train import train
+    from tiny_backbone import tiny_train_config
+    from romebert.training.train import train
 
     checkpoint = train(tiny_train_config(tiny_backbone, tmp_path / "mean", exit_pooling="mean", limit=32))
     out = export_bundle(checkpoint, tmp_path / "bundle", limit=32, log=lambda *_: None)
@@ -148,7 +148,7 @@ def test_mean_pooled_exits_export_with_parity(tiny_backbone, tmp_path):
 
 
 def test_default_threshold_rule_picks_the_fastest_within_the_drop_and_never_above_ln_c():
-    from model_export.calibrate import choose_threshold
+    from romebert.model_export.calibrate import choose_threshold
 
     table = [
         {"threshold": 0.0, "accuracy": 0.90, "speedup": 1.0},

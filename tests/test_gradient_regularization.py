@@ -2,8 +2,8 @@
 
 import torch
 
-from training.gradient_regularization import GradientProjector, project_conflicting, shared_encoder_weights
-from training.model import MultiExitBert
+from romebert.training.gradient_regularization import GradientProjector, project_conflicting, shared_encoder_weights
+from romebert.training.model import MultiExitBert
 
 
 def flat_dot(a, b):

@@ -24,7 +24,7 @@ TEXTS = ["a gripping, beautifully shot film", "dull", "the plot goes nowhere at 
 
 
 def loadtest(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "romebert_cli", "loadtest", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "romebert.cli", "loadtest", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
@@ -83,8 +83,8 @@ def test_closed_loop_report_matches_what_the_server_served(stand_in, texts, tmp_
 
 
 def test_a_profile_reports_the_share_of_budgeted_requests_answered_after_their_budget():
-    from loadtest.records import RequestRecord, RunResult
-    from loadtest.report import build_report
+    from romebert.loadtest.records import RequestRecord, RunResult
+    from romebert.loadtest.report import build_report
 
     def answered(server_ms: float, budget_ms: float | None, profile: str) -> RequestRecord:
         return RequestRecord(0.0, server_ms + 1, 0.0, 200, profile, 1, (1,), 0, 0, server_ms, budget_ms)
@@ -141,6 +141,6 @@ def test_bad_arguments_exit_2(args, tmp_path):
 
 
 def test_load_tester_does_not_need_torch():
-    code = ("import sys; import loadtest.cli, loadtest.runner, loadtest.artifacts, loadtest.locustfile, training.data; "
+    code = ("import sys; import loadtest.cli, loadtest.runner, loadtest.artifacts, loadtest.locustfile, core.data; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from training.losses import distillation_kl, early_exits_loss, final_exit_loss, romebert_losses
+from romebert.training.losses import distillation_kl, early_exits_loss, final_exit_loss, romebert_losses
 
 
 def ce(logits, label):

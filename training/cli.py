@@ -11,11 +11,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from training.data import DataError
+from romebert.core.data import DataError
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from training.train import METHODS, TrainConfig
+    from romebert.training.train import METHODS, TrainConfig
 
     parser = argparse.ArgumentParser(prog="romebert train", description="Train a multi-exit checkpoint.")
     helps = {
@@ -60,13 +60,13 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 def main(command: str, argv: list[str]) -> int:
     try:
         if command == "train":
-            from training.train import TrainConfig, train
+            from romebert.training.train import TrainConfig, train
 
             args = _train_parser().parse_args(argv)
             out = train(TrainConfig(**vars(args)))
             print(f"checkpoint written to {out}")
             return 0
-        from training.evaluate import evaluate_checkpoints
+        from romebert.training.evaluate import evaluate_checkpoints
 
         args = _evaluate_parser().parse_args(argv)
         evaluate_checkpoints(args.checkpoints, args.data, args.split, args.out, args.batch_size, args.limit)

@@ -1,6 +1,6 @@
 """How accuracy trades against depth: each exit forced, and the entropy-threshold sweep.
 
-Exit selection goes through service.exits, the very rule the server applies.
+Exit selection goes through core.exits, the very rule the server applies.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.exits import sweep
-from service.tokenization import Encoded, TextEncoder
+from romebert.core.exits import sweep
+from romebert.core.tokenization import Encoded, TextEncoder
 
 
 @torch.no_grad()
@@ -73,12 +73,11 @@ def evaluate_checkpoints(
     checkpoints: list[Path], data: str | None, split: str, out: Path, batch_size: int = 128, limit: int | None = None
 ) -> dict:
     """Evaluate checkpoints side by side; print tables, write evaluation.json and two plots."""
-    from training.checkpoint import RECORD_NAME
-    from training.data import load_task
-    from training.files import write_json
-    from training.model import MultiExitBert
-    from training.plots import plot_per_exit, plot_speedup
-    from training.train import encode_split
+    from romebert.training.checkpoint import RECORD_NAME
+    from romebert.core.data import encode_examples, load_task
+    from romebert.core.files import write_json
+    from romebert.training.model import MultiExitBert
+    from romebert.training.plots import plot_per_exit, plot_speedup
 
     results = {}
     for ckpt in checkpoints:
@@ -91,7 +90,7 @@ def evaluate_checkpoints(
         task = load_task(source, seed=seed, limit=limit)
         model = MultiExitBert.from_checkpoint(ckpt)
         encoder = TextEncoder(ckpt / "tokenizer.json", getattr(model.config, "max_seq_length", 128))
-        encoded, labels = encode_split(encoder, getattr(task, split))
+        encoded, labels = encode_examples(encoder, getattr(task, split))
         report = evaluate_model(model, encoded, labels, batch_size)
         report.update({"checkpoint": str(ckpt), "method": record.get("method", ckpt.name), "data": task.name, "split": split, "size": len(labels)})
         name = report["method"] if report["method"] not in results else ckpt.name

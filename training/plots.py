@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from training.files import atomic_write  # noqa: E402
+from romebert.core.files import atomic_write  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

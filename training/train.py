@@ -29,13 +29,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from training import losses
-from training.checkpoint import load_training_state, save_checkpoint, save_training_state, state_path
-from training.data import TaskData, load_task
-from training.evaluate import exit_logits, per_exit_metrics
-from training.gradient_regularization import GradientProjector, shared_encoder_weights
-from training.model import MultiExitBert
-from service.tokenization import Encoded, TextEncoder
+from romebert.training import losses
+from romebert.training.checkpoint import load_training_state, save_checkpoint, save_training_state, state_path
+from romebert.core.data import TaskData, encode_examples, load_task
+from romebert.training.evaluate import exit_logits, per_exit_metrics
+from romebert.training.gradient_regularization import GradientProjector, shared_encoder_weights
+from romebert.training.model import MultiExitBert
+from romebert.core.tokenization import Encoded, TextEncoder
 
 METHODS = ("romebert", "deebert", "finetune")
 
@@ -128,12 +128,6 @@ def _to_torch(batch: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
     }
 
 
-def encode_split(encoder: TextEncoder, examples: list) -> tuple[Encoded, np.ndarray]:
-    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
-    encoded = encoder.encode([e.text for e in examples], pairs)
-    return encoded, np.array([e.label for e in examples], dtype=np.int64)
-
-
 def length_grouped_order(lengths: np.ndarray, rows_per_step: int, seed: int, group_steps: int = 50) -> torch.Tensor:
     """A shuffled epoch order in which each step's rows have similar lengths.
 
@@ -179,8 +173,8 @@ class Trainer:
         self.encoder = TextEncoder(self.backbone / "tokenizer.json", cfg.max_length)
         self.model = self._initial_model().to(self.device)
         self.model.gradient_equilibrium = cfg.gradient_equilibrium
-        self.train_set = encode_split(self.encoder, self.data.train)
-        self.dev_set = encode_split(self.encoder, self.data.dev)
+        self.train_set = encode_examples(self.encoder, self.data.train)
+        self.dev_set = encode_examples(self.encoder, self.data.dev)
         self.output = Path(cfg.output)
         self.state_file = state_path(self.output)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None

@@ -40,6 +40,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence, TextIO, TypeVar
 
+import numpy as np
+
+from romebert.core.tokenization import Encoded, TextEncoder
+
 BUILTIN = ("rotten_tomatoes", "imdb")
 BUILTIN_LABELS = ("negative", "positive")
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json")
@@ -402,3 +406,9 @@ def _index(where: str, value: str, labels: Sequence[str]) -> int:
         return labels.index(value.strip())
     except ValueError:
         raise DataError(f"{where}: unknown label {value!r} (expected one of: {', '.join(labels)})") from None
+
+
+def encode_examples(encoder: TextEncoder, examples: Sequence[Example]) -> tuple[Encoded, np.ndarray]:
+    """A split as model inputs and label indices (pairs when any example has a text_pair)."""
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+    return encoder.encode([e.text for e in examples], pairs), np.array([e.label for e in examples], dtype=np.int64)

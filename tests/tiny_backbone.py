@@ -34,7 +34,7 @@ def make_tiny_backbone(folder: Path, seed: int = 0, **overrides) -> Path:
 
 def tiny_train_config(backbone: Path, output: Path, **overrides):
     """A TrainConfig for the tiny backbone that trains in seconds on a CPU (64 examples per split)."""
-    from training.train import TrainConfig
+    from romebert.training.train import TrainConfig
 
     defaults = dict(
         backbone=str(backbone), output=str(output), data="rotten_tomatoes", limit=64, epochs=1,

@@ -10,12 +10,12 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training.cli", "train a multi-exit checkpoint (romebert, deebert or finetune)"),
-    "evaluate": ("training.cli", "per-exit accuracy and the entropy-threshold sweep, with plots"),
-    "export": ("model_export.cli", "split a checkpoint into per-layer ONNX segments (a bundle)"),
-    "serve": ("service.cli", "serve a bundle over HTTP with per-request early exit"),
-    "quickstart": ("model_export.quickstart", "build the default bundle if missing, then serve it"),
-    "loadtest": ("loadtest.cli", "drive a running server and report latency and exit depth"),
+    "train": ("romebert.training.cli", "train a multi-exit checkpoint (romebert, deebert or finetune)"),
+    "evaluate": ("romebert.training.cli", "per-exit accuracy and the entropy-threshold sweep, with plots"),
+    "export": ("romebert.model_export.cli", "split a checkpoint into per-layer ONNX segments (a bundle)"),
+    "serve": ("romebert.service.cli", "serve a bundle over HTTP with per-request early exit"),
+    "quickstart": ("romebert.model_export.quickstart", "build the default bundle if missing, then serve it"),
+    "loadtest": ("romebert.loadtest.cli", "drive a running server and report latency and exit depth"),
 }
 
 

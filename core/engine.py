@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.bundle import Bundle
-from service.exits import can_leave_early, entropy
-from service.tokenization import Encoded
+from romebert.core.bundle import Bundle
+from romebert.core.exits import can_leave_early, entropy
+from romebert.core.tokenization import Encoded
 
 _pool_lock = threading.Lock()
 _global_pool_threads: int | None = None
