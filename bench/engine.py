@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from romebert.model_export.export import export_bundle  # noqa: E402
 from romebert.model_export.segments import FullDepthModel  # noqa: E402
 from romebert.core.bundle import BundleError, load_bundle  # noqa: E402
-from romebert.core.engine import Engine, default_threads, make_session, run_early_exit  # noqa: E402
+from romebert.core.engine import Engine, default_threads, open_session, run_early_exit  # noqa: E402
 from romebert.core.tokenization import Encoded, TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -48,7 +48,7 @@ def bundle_for(precision: str, attention: str = "classic") -> Path:
     try:
         load_bundle(path)
     except BundleError:
-        export_bundle(CHECKPOINT, path, precision=precision, force=path.exists(), attention=attention)
+        export_bundle(CHECKPOINT, path, precision=precision, force=path.exists(), attention=attention, monolithic=True)
     return path
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     encoder = TextEncoder(bundles["fp32"].tokenizer_file, SEQ_LEN)
     model = MultiExitBert.from_checkpoint(CHECKPOINT, attn_implementation="eager")
     full_torch = FullDepthModel(model).eval()
-    monolithic = make_session(bundles["fp32"].path(bundles["fp32"].manifest["extras"]["full"]["file"]), "cpu", threads)
+    monolithic = open_session(bundles["fp32"].path(bundles["fp32"].manifest["extras"]["full"]["file"]), "cpu", threads)
     engines = {p: Engine(b, device="cpu", threads=threads) for p, b in bundles.items()}
     default_t = bundles["fp32"].default_threshold
 

@@ -1,7 +1,8 @@
-"""The model bundle (DESIGN.md, Contract 2): reading and checking manifest.json.
+"""The model bundle (DESIGN.md, Contract 2): manifest.json written (`seal`) and read (`load_bundle`).
 
 The service reads nothing else before the manifest has vouched for it: the format version must
 be one we know and every file's sha256 must match, or the bundle is refused with a clear error.
+Export writes through `seal`, so the files the manifest lists and the files checked are one list.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from romebert.core.files import write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,6 +67,11 @@ class Bundle:
         return float(self.manifest["default_threshold"])
 
     @property
+    def pair_input(self) -> bool:
+        """Whether the model was trained on text pairs (NLI, paraphrase) and takes text_pair."""
+        return bool(self.manifest.get("pair_input", False))
+
+    @property
     def segments(self) -> list[Segment]:
         return [Segment(**s) for s in self.manifest["segments"]]
 
@@ -73,6 +81,18 @@ class Bundle:
 
     def path(self, relative: str) -> Path:
         return self.root / relative
+
+
+def listed_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every entry of the manifest that names a file (and carries its sha256)."""
+    return [*manifest["segments"], manifest["tokenizer"], *manifest.get("extras", {}).values()]
+
+
+def seal(root: Path, manifest: dict[str, Any]) -> None:
+    """Record the sha256 of every listed file, then write manifest.json atomically."""
+    for entry in listed_files(manifest):
+        entry["sha256"] = sha256_file(Path(root) / entry["file"])
+    write_json(Path(root) / MANIFEST, manifest)
 
 
 def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
@@ -97,13 +117,10 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     if layers != list(range(1, bundle.num_layers + 1)):
         raise BundleError(f"{manifest_file}: segments carry exits {layers}, expected 1..{bundle.num_layers}")
     if verify:
-        files = [(s.file, s.sha256) for s in bundle.segments]
-        files.append((manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"]))
-        files += [(extra["file"], extra["sha256"]) for extra in manifest.get("extras", {}).values()]
-        for relative, expected in files:
-            path = root / relative
+        for entry in listed_files(manifest):
+            path = root / entry["file"]
             if not path.is_file():
                 raise BundleError(f"{path}: listed in the manifest but missing")
-            if sha256_file(path) != expected:
+            if sha256_file(path) != entry.get("sha256"):
                 raise BundleError(f"{path}: sha256 does not match the manifest (corrupt or modified bundle)")
     return bundle

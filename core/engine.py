@@ -9,18 +9,25 @@ Export's parity check and calibration run through this same class.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import tempfile
 import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnxruntime as ort
 
-from romebert.core.bundle import Bundle
-from romebert.core.exits import can_leave_early, entropy
+from romebert.core.bundle import Bundle, BundleError
+from romebert.core.exits import can_leave_early, confident, entropy
 from romebert.core.tokenization import Encoded
+
+log = logging.getLogger("romebert.engine")
 
 _pool_lock = threading.Lock()
 _global_pool_threads: int | None = None
@@ -44,29 +51,80 @@ def _use_global_thread_pool(threads: int) -> int:
         return _global_pool_threads
 
 
-def make_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    """A session configured the way every session of this project is: shared pool on CPU, CUDA EP on GPU."""
+class DeviceError(RuntimeError):
+    """The sessions cannot run on the device asked for; the message carries onnxruntime's reason."""
+
+
+@contextmanager
+def _onnxruntime_messages() -> Iterator[list[str]]:
+    """Collect what onnxruntime says while a session is created: its C++ log goes to file
+    descriptor 2 (a provider library that fails to load is reported only there) and its Python
+    layer warns (a provider it does not have). Both are the reason a session fell back to the CPU."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+            if text:
+                sys.stderr.write(text)  # still shown, as onnxruntime meant it
+            lines += [line.strip() for line in text.splitlines() if line.strip()]
+            lines += [str(w.message) for w in caught]
+
+
+def open_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """A session configured the way every session of this project is: on the CPU the shared pool,
+    on CUDA the CUDA provider, verified: a session that onnxruntime put on the CPU instead raises
+    DeviceError with onnxruntime's own reason, never a silent fall-back. A file onnxruntime cannot
+    load raises BundleError naming it."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    if device == "cuda":
-        providers: list[Any] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
+    if device != "cuda":
         _use_global_thread_pool(threads or default_threads())
         options.use_per_session_threads = False
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return _load(path, options, ["CPUExecutionProvider"])
+    with _onnxruntime_messages() as messages:
+        session = _load(path, options, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        reason = "; ".join(messages) or "onnxruntime gave no reason"
+        raise DeviceError(f"{path}: onnxruntime runs this session on {session.get_providers()}, not on CUDA: {reason}")
+    return session
 
 
-def resolve_device(device: str) -> str:
-    available = ort.get_available_providers()
-    if device == "auto":
-        return "cuda" if "CUDAExecutionProvider" in available else "cpu"
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise RuntimeError(f"device 'cuda' asked for but onnxruntime offers only {available} (install onnxruntime-gpu)")
-    if device not in ("cpu", "cuda"):
+def _load(path: str | Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, NoSuchFile)
+        raise BundleError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {err})") from None
+
+
+def resolve_device(device: str, probe: str | Path | None = None) -> str:
+    """"cpu" or "cuda". cuda must be offered by onnxruntime (and, given a probe model, really run
+    it); auto is cuda only when a probe session really lands on CUDA, else the CPU with a warning."""
+    if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    return device
+    available = ort.get_available_providers()
+    if device == "cpu" or (device == "auto" and "CUDAExecutionProvider" not in available):
+        return "cpu"
+    if "CUDAExecutionProvider" not in available:
+        raise DeviceError(f"device 'cuda' asked for, but this onnxruntime offers only {available} (install onnxruntime-gpu)")
+    if probe is not None:
+        try:
+            open_session(probe, "cuda")
+        except DeviceError as err:
+            if device == "cuda":
+                raise
+            log.warning("device auto: CUDA does not work here, serving on the CPU (%s)", err)
+            return "cpu"
+    return "cuda"
 
 
 @dataclass
@@ -87,15 +145,20 @@ class Engine:
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, io_binding: bool | None = None):
         self.bundle = bundle
-        self.device = resolve_device(device)
+        segments = bundle.segments
+        self.device = resolve_device(device, probe=bundle.path(segments[0].file))
         self.threads = threads or default_threads()
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
-        segments = bundle.segments
-        self._embeddings = make_session(bundle.path(segments[0].file), self.device, self.threads)
-        self._layers = [make_session(bundle.path(s.file), self.device, self.threads) for s in segments[1:]]
+        self._embeddings = open_session(bundle.path(segments[0].file), self.device, self.threads)
+        self._layers = [open_session(bundle.path(s.file), self.device, self.threads) for s in segments[1:]]
         self._select = None
         if self.io_binding:
-            self._select = make_session(bundle.path(bundle.manifest["extras"]["select_rows"]["file"]), self.device, self.threads)
+            self._select = open_session(bundle.path(bundle.manifest["extras"]["select_rows"]["file"]), self.device, self.threads)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers onnxruntime really gave the sessions, best first."""
+        return self._embeddings.get_providers()
 
     @property
     def num_layers(self) -> int:
@@ -183,7 +246,7 @@ def run_early_exit(engine: Engine, batch: Encoded, thresholds: np.ndarray) -> tu
         state, logits = engine.layer(i, state)
         if not test_exits:
             continue
-        done = entropy(logits) < thresholds[alive]
+        done = confident(entropy(logits), thresholds[alive])
         if done.any():
             out_logits[alive[done]] = logits[done]
             out_layer[alive[done]] = i + 1

@@ -1,7 +1,7 @@
 """The early-exit rule, in numpy, shared by the server, the export calibration and evaluation.
 
-One implementation so that the exit layer the server picks, the one calibration measured and the
-one `romebert evaluate` reports cannot drift apart.
+One implementation (`confident`) so that the exit layer the server picks, the one calibration
+measured and the one `romebert evaluate` reports cannot drift apart.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def entropy(logits: np.ndarray) -> np.ndarray:
     return np.maximum(lse - (p * z).sum(axis=-1), 0.0)
 
 
+def confident(entropies: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
+    """THE exit rule: a row leaves at an exit whose entropy is strictly below its own threshold."""
+    return entropies < thresholds
+
+
 def can_leave_early(thresholds: np.ndarray) -> bool:
     """Whether any of these thresholds lets a row leave before the last exit. Entropy is never
     negative, so threshold 0 never does; skipping the test then saves about an exit head's cost
@@ -43,10 +48,9 @@ def exit_layers(per_exit_logits: np.ndarray, threshold: float) -> np.ndarray:
     `per_exit_logits` has shape (L, N, C). Samples with no confident exit leave at L;
     threshold 0 therefore means full depth.
     """
-    ent = entropy(per_exit_logits)  # (L, N)
-    confident = ent < threshold
-    confident[-1] = True
-    return confident.argmax(axis=0) + 1
+    leaves = confident(entropy(per_exit_logits), threshold)  # (L, N)
+    leaves[-1] = True
+    return leaves.argmax(axis=0) + 1
 
 
 def sweep(

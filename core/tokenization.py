@@ -1,16 +1,35 @@
 """Text -> model inputs, with the fast tokenizer from tokenizer.json.
 
 Training, export and serving all tokenize through this one class, so the ids a request gets are
-exactly the ids the model was trained and calibrated on.
+exactly the ids the model was trained and calibrated on. `tokenize` gives each text its own row,
+unpadded; `pad` is the one place rows become a padded batch (the server pads once, when it forms
+a batch; training and evaluation pad a whole split through `encode`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
+
+
+class TokenizerError(ValueError):
+    """tokenizer.json cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One text (or text pair) as token ids, unpadded."""
+
+    ids: np.ndarray  # (length,) int64
+    type_ids: np.ndarray  # (length,) int64
+    truncated: bool  # the text was longer than max_length tokens
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -34,25 +53,40 @@ class Encoded:
         )
 
 
+def pad(rows: Sequence[TokenRow], pad_id: int = 0) -> Encoded:
+    """Rows -> one batch as wide as its longest row. Padded positions carry mask 0, so no real
+    token attends to them and no exit reads them: the pad id changes no output."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max()) if len(rows) else 0
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    types = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row.ids
+        types[i, : len(row)] = row.type_ids
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    truncated = np.fromiter((r.truncated for r in rows), dtype=bool, count=len(rows))
+    return Encoded(ids, mask, types, truncated, lengths)
+
+
 class TextEncoder:
     def __init__(self, tokenizer_file: str | Path, max_length: int):
         self.max_length = max_length
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # the tokenizers library raises its own Exception type
+            raise TokenizerError(f"{tokenizer_file}: not a readable tokenizer.json ({err})") from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_length)
-        pad = self.tokenizer.padding or {}
-        self.pad_id = pad.get("pad_id", self.tokenizer.token_to_id("[PAD]") or 0)
+        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+
+    def tokenize(self, texts: list[str], text_pairs: list[str] | None = None) -> list[TokenRow]:
+        """One row per text. The Rust tokenizer releases the GIL, so a thread may call this while
+        the event loop goes on serving."""
+        inputs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
+        return [
+            TokenRow(np.array(e.ids, dtype=np.int64), np.array(e.type_ids, dtype=np.int64), bool(e.overflowing))
+            for e in self.tokenizer.encode_batch(inputs)
+        ]
 
     def encode(self, texts: list[str], text_pairs: list[str] | None = None) -> Encoded:
-        inputs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
-        encodings = self.tokenizer.encode_batch(inputs)
-        lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
-        width = int(lengths.max()) if len(encodings) else 0
-        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
-        types = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            ids[row, : len(e.ids)] = e.ids
-            types[row, : len(e.ids)] = e.type_ids
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
-        return Encoded(ids, mask, types, truncated, lengths)
+        return pad(self.tokenize(texts, text_pairs), self.pad_id)

@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="held-out data for parity and calibration (default: the checkpoint's dataset, dev split)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="default-threshold rule: largest speed-up within this many accuracy points of full depth")
     p.add_argument("--parity-examples", type=int, default=256)
+    p.add_argument("--monolithic", action="store_true", help="also write the whole model as one graph (extras.full), the baseline bench/engine.py compares with")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p
 
@@ -29,7 +30,8 @@ def main(command: str, argv: list[str]) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        out = export_bundle(args.checkpoint, args.out, args.precision, args.data, args.force, args.max_accuracy_drop, args.parity_examples)
+        out = export_bundle(args.checkpoint, args.out, args.precision, args.data, args.force, args.max_accuracy_drop, args.parity_examples,
+                            monolithic=args.monolithic)
     except (FileNotFoundError, FileExistsError, ValueError, DataError, ParityError) as err:
         print(f"romebert export: error: {err}", file=sys.stderr)
         return 2

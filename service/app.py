@@ -1,8 +1,10 @@
 """The app factory: settings in, a FastAPI app out, with its own metrics registry and lifecycle.
 
-The factory reads only the manifest (cheap, no checksums) so that the error shapes and the metrics
-know the labels and the number of layers from the first request on; everything heavy happens in
-the background loader (see runtime.py). Startup starts that loader; shutdown drains the scheduler.
+The factory reads only the manifest (cheap, no checksums) so that the request schema, the error
+shapes and the metrics know the labels and the number of layers from the first request on;
+everything heavy happens in the background loader (see runtime.py). Startup starts that loader;
+shutdown drains the workers. /docs and /redoc are served with their assets from the package
+(fastapi-offline), so they work on a host without internet.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from importlib.metadata import version
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from romebert.core.bundle import load_bundle
 from romebert.service.cost_model import CostModel
 from romebert.service.errors import install_error_handlers
 from romebert.service.metrics import Metrics
-from romebert.service.middleware import BodyLimit, ClassifyMetrics
-from romebert.service.routes import router
+from romebert.service.middleware import ClassifyMetrics, RequestGuard
+from romebert.service.routes import make_router
 from romebert.service.runtime import EngineFactory, Runtime, default_engine
+from romebert.service.schemas import classify_request_model
 from romebert.service.settings import Settings, SettingsError
 
 
@@ -45,7 +49,7 @@ def create_app(
         yield
         await runtime.drain(settings.graceful_timeout_s)
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="romebert",
         summary="Early-exit BERT classification: each item leaves the model at its own exit.",
         version=version("romebert"),
@@ -53,7 +57,7 @@ def create_app(
     )
     app.state.runtime = runtime
     install_error_handlers(app)
-    app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ClassifyMetrics, metrics=metrics)  # added last = outermost: it sees the 413s too
+    app.include_router(make_router(classify_request_model(runtime.max_entropy, settings.max_items, bundle.pair_input)))
+    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(ClassifyMetrics, metrics=metrics)  # added last = outermost: it sees the guard's answers too
     return app

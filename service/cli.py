@@ -12,28 +12,18 @@ import dataclasses
 import logging
 import signal
 import sys
+import threading
 from types import FrameType
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from romebert.service.settings import POLICIES, Settings, SettingsError, value_type
 
-_HELP = {
-    "bundle": "model bundle folder (default: $ROMEBERT_BUNDLE)",
-    "device": "auto (CUDA if onnxruntime has it), cpu or cuda",
-    "workers": "engine threads, each running its own batches: 1 for the lowest latency of a lone request, "
-    "more for throughput under load on a CPU (each gets cores/workers threads)",
-    "threads": "onnxruntime CPU threads per worker (default: the cores this process may use, divided by workers)",
-    "max_batch": "rows the engine runs together at most",
-    "max_wait_ms": "how long an idle batcher waits for a batch to fill (0: a lone request starts at once; under load, batches fill while the engine runs)",
-    "max_queue": "rows waiting for the engine before requests get 503",
-    "max_items": "texts per request before 413",
-    "max_body_bytes": "request body bytes before 413",
-    "policy": "complete (run each batch to its end) or regroup (admit and merge at layer boundaries)",
-    "graceful_timeout_s": "on SIGTERM, how long to wait for in-flight requests",
-}
-_CHOICES = {"device": ("auto", "cpu", "cuda"), "policy": POLICIES, "log_level": ("critical", "error", "warning", "info", "debug")}
+if TYPE_CHECKING:
+    from romebert.service.runtime import Runtime
+
+_CHOICES = {"device": ("auto", "cpu", "cuda"), "policy": tuple(POLICIES), "log_level": ("critical", "error", "warning", "info", "debug")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,25 +32,26 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a model bundle over HTTP: POST /classify, GET /metrics, /healthz, /readyz, /docs. "
         "Every option can also be set as ROMEBERT_<OPTION> in the environment (e.g. ROMEBERT_MAX_BATCH).",
     )
-    parser.add_argument("bundle", nargs="?", default=None, help=_HELP["bundle"])
     for field in dataclasses.fields(Settings):
-        if field.name != "bundle":
-            parser.add_argument(
-                "--" + field.name.replace("_", "-"), type=value_type(field), default=None, choices=_CHOICES.get(field.name),
-                help=_HELP.get(field.name, field.name.replace("_", " ")) + ("" if field.default is None else f" (default: {field.default})"),
-            )
+        help_ = field.metadata["help"] + ("" if field.default is None else f" (default: {field.default})")
+        if field.name == "bundle":
+            parser.add_argument("bundle", nargs="?", default=None, help=field.metadata["help"])
+        else:
+            parser.add_argument("--" + field.name.replace("_", "-"), type=value_type(field), default=None,
+                                choices=_CHOICES.get(field.name), help=help_)
     return parser
 
 
 def _check(settings: Settings) -> None:
-    """What would stop the server anyway, found before uvicorn starts (raises with the reason)."""
+    """What would stop the server anyway, found before uvicorn starts (raises with the reason):
+    the bundle's checksums, and the device (a probe session must really run where it was asked)."""
     from romebert.core.bundle import load_bundle
     from romebert.core.engine import resolve_device
 
     if not settings.bundle:
         raise SettingsError("no model bundle given (romebert serve BUNDLE, or ROMEBERT_BUNDLE)")
-    load_bundle(settings.bundle)
-    resolve_device(settings.device)
+    bundle = load_bundle(settings.bundle)
+    resolve_device(settings.device, probe=bundle.path(bundle.segments[0].file) if settings.device == "cuda" else None)
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -75,32 +66,56 @@ def main(command: str, argv: list[str]) -> int:
 
 
 def serve(settings: Settings) -> int:
-    """Run uvicorn until SIGTERM/SIGINT; then drain and return 0 (1 if the server never started)."""
-    from romebert.service.app import create_app
-
+    """Run uvicorn until SIGTERM/SIGINT, then drain; the exit status as `Server.exit_status` says."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.graceful_timeout_s, lifespan="on",
-    )
-    server = _Server(config, on_exit=app.state.runtime.begin_drain)
+    server = build_server(settings)
     # uvicorn re-raises the signal that stopped it once shutdown is complete; with a Python handler
     # in place that re-raise returns here, and a graceful SIGTERM exits 0 instead of dying of it.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
-    return 0 if server.started else 1
+    return server.exit_status
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, telling the app the moment SIGTERM/SIGINT arrives. uvicorn then stops
-    accepting connections and waits for in-flight requests, and only after that runs the lifespan
-    shutdown; calling `on_exit` at once makes /readyz and any new request say 503 meanwhile."""
+def build_server(settings: Settings, **app_options: Any) -> Server:
+    """The app behind uvicorn: our protocol (header deadline), keep-alive and drain limits, and the
+    runtime's failures wired to a shutdown. `app_options` go to create_app (tests stub the engine)."""
+    from romebert.service.app import create_app
+    from romebert.service.connections import protocol_with_header_timeout
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+    app = create_app(settings, **app_options)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s), timeout_keep_alive=int(settings.keep_alive_s), lifespan="on",
+        http=protocol_with_header_timeout(settings.header_timeout_s),
+    )
+    return Server(config, app.state.runtime)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the runtime the moment SIGTERM/SIGINT arrives, and stopping when
+    the runtime fails. uvicorn stops accepting connections and waits for in-flight requests, and
+    only after that runs the lifespan shutdown; draining at once makes /readyz and any new request
+    say 503 meanwhile."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime):
         super().__init__(config)
-        self._on_exit = on_exit
+        self.runtime = runtime
+        runtime.request_exit = self._stop
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._on_exit()
+        # In a thread: this runs inside a signal handler, which may have interrupted the event
+        # loop while it held the admission lock.
+        threading.Thread(target=self.runtime.begin_drain, name="romebert-drain").start()
         super().handle_exit(sig, frame)
+
+    def _stop(self, code: int) -> None:
+        """The runtime failed (from any thread): uvicorn's main loop sees the flag and shuts down."""
+        self.should_exit = True
+
+    @property
+    def exit_status(self) -> int:
+        """0 after a graceful stop; the runtime's code when it failed (2: the bundle or the device
+        cannot load, 1: a worker died); 1 if the server never started."""
+        if self.runtime.exit_code is not None:
+            return self.runtime.exit_code
+        return 0 if self.started else 1

@@ -1,4 +1,4 @@
-"""What one encoder layer costs, predicted before it runs, so latency budgets are kept by prediction.
+"""What the engine costs, predicted before it runs: a layer (for budgets) and a row (for admission).
 
 The scheduler asks `predict(layer, rows, width)` before running a layer for a cohort and stops the
 rows whose remaining budget is smaller; after the layer it reports the measured time with
@@ -6,6 +6,9 @@ rows whose remaining budget is smaller; after the layer it reports the measured 
 cost moves with load and thermal state, and an average over the recent past follows it without
 being thrown by one slow call. Buckets are powers of two; warm-up measures each bucket at its
 upper edge, so a first estimate errs on the slow side, which is the safe side for a budget.
+
+`ServiceRate` is the coarser number admission needs: engine seconds per answered row, over the
+recent past, early exits and batching included, so the queue's drain time is queue length x it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from romebert.core.engine import HiddenBatch
-from romebert.core.tokenization import Encoded
+from romebert.core.tokenization import Encoded, TokenRow, pad
 
 
 class CostModel(Protocol):
@@ -71,12 +74,37 @@ class EwmaCostModel:
         return c * (rows_b * width_b) / (r * w)
 
 
-def warm_up(engine, cost_model: CostModel, max_batch: int, max_length: int, min_width: int = 8) -> int:
+class ServiceRate:
+    """Engine seconds per answered row over the recent past (EWMA over windows of `window` rows).
+
+    Not locked: its one writer and readers hold the admission lock.
+    """
+
+    def __init__(self, seconds_per_row: float, alpha: float = 0.2, window: int = 32):
+        self.seconds_per_row = seconds_per_row
+        self.alpha = alpha
+        self.window = window
+        self._seconds = 0.0
+        self._rows = 0
+
+    def record(self, seconds: float, rows_done: int) -> None:
+        """A step took `seconds`, after which `rows_done` rows left (answered or dropped)."""
+        self._seconds += seconds
+        self._rows += rows_done
+        if self._rows >= self.window:
+            sample = self._seconds / self._rows
+            self.seconds_per_row += self.alpha * (sample - self.seconds_per_row)
+            self._seconds, self._rows = 0.0, 0
+
+
+def warm_up(engine, cost_model: CostModel, max_batch: int, max_length: int, min_width: int = 8) -> float:
     """Run every layer once per (rows, width) bucket the server will see, recording each cost.
 
     This also pays onnxruntime's first-call costs (memory arenas, kernel selection) before the
     first request does; the very first pass is not recorded, since it measures those costs and
-    not a layer's. Returns the number of grid points measured.
+    not a layer's. Returns the seconds per row of a full-depth batch of max_batch rows of
+    min(32, max_length) tokens: the first estimate of the service rate, on the slow side (no early
+    exit), until traffic measures the real one.
     """
     smallest = min(min_width, max_length)
     _layer_seconds(engine, _dummy_batch(1, smallest))
@@ -84,7 +112,8 @@ def warm_up(engine, cost_model: CostModel, max_batch: int, max_length: int, min_
     for rows, width in grid:
         for i, seconds in enumerate(_layer_seconds(engine, _dummy_batch(rows, width))):
             cost_model.observe(i, rows, width, seconds)
-    return len(grid)
+    typical = min(32, max_length)
+    return sum(cost_model.predict(i, max_batch, typical) for i in range(engine.num_layers)) / max_batch
 
 
 def _layer_seconds(engine, batch: Encoded) -> list[float]:
@@ -99,5 +128,5 @@ def _layer_seconds(engine, batch: Encoded) -> list[float]:
 
 def _dummy_batch(rows: int, width: int) -> Encoded:
     """A batch of the given shape with no padding: the cost of a layer does not depend on the ids."""
-    ids = np.zeros((rows, width), dtype=np.int64)
-    return Encoded(ids, np.ones_like(ids), np.zeros_like(ids), np.zeros(rows, dtype=bool), np.full(rows, width, dtype=np.int64))
+    zeros = np.zeros(width, dtype=np.int64)
+    return pad([TokenRow(zeros, zeros, False)] * rows)

@@ -1,8 +1,9 @@
 """One error shape for every failure: {"error": {"code", "message", "details"}}.
 
 Clients branch on `code`, which is stable; `message` is for people. FastAPI's own validation
-errors and Starlette's 404/405 are remapped to the same shape, and nothing a client sends
-reaches a 500: only a failure of the server itself does.
+errors and Starlette's HTTP errors are remapped to the same shape, the serving layer's refusals
+(Rejected) become 503 with Retry-After, and nothing a client sends reaches a 500: only a failure of
+the server itself does. ERROR_RESPONSES documents every status in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -15,15 +16,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from romebert.service.schemas import ErrorResponse
+from romebert.service.tickets import EngineFailure, Rejected
+
 log = logging.getLogger("romebert.errors")
 
 # Codes for the HTTP errors Starlette and FastAPI raise themselves.
 _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
 
 
+def _doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _doc("unparseable body: invalid UTF-8, JSON nested too deeply (bad_request)"),
+    408: _doc("the headers or the body did not arrive in time (request_timeout); the connection is closed"),
+    413: _doc("more texts than the server's limit (too_many_items) or a body over its byte limit (body_too_large)"),
+    415: _doc("the body is not declared as JSON: send Content-Type: application/json (unsupported_media_type)"),
+    422: _doc("invalid input (invalid_request); details name each field"),
+    503: _doc("overloaded, loading, draining or failing (overloaded, not_ready, shutting_down, model_failed, "
+              "worker_failed, deadline_exceeded)") | {"headers": RETRY_AFTER},
+}
+
+
 class ApiError(StarletteHTTPException):
     """An error answered as-is. A Starlette HTTPException so that FastAPI lets it through even
-    when it is raised while the request body is being read (see BodyLimit)."""
+    when it is raised while the request body is being read (see the request guard)."""
 
     def __init__(self, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None):
         super().__init__(status_code=status, detail=message, headers=headers)
@@ -46,6 +66,8 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
         else:  # the body as a whole, e.g. not JSON (the int is then a character position)
             field = "body"
         message = str(err.get("msg", "")).removeprefix("Value error, ")
+        if err.get("type") == "string_pattern_mismatch":  # the one pattern: a text needs a non-blank character
+            message = "empty or whitespace only"
         if err.get("type") == "json_invalid":
             message += f" ({err.get('ctx', {}).get('error', 'unreadable')} at character {loc[0] if loc else 0})"
         details.append({"field": field, "message": message, "type": str(err.get("type", ""))})
@@ -58,9 +80,22 @@ async def _api_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    details = validation_details(list(exc.errors()))
+    errors = list(exc.errors())
+    too_long = [e for e in errors if e.get("type") == "too_long" and e.get("loc", ())[1:2] in (("text",), ("text_pair",))]
+    if too_long:  # a list over the item limit is "too large", as the contract says, not "invalid"
+        limit = too_long[0].get("ctx", {}).get("max_length")
+        return error_response(413, "too_many_items", f"more texts in one request than the limit of {limit}")
+    details = validation_details(errors)
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
     return error_response(422, "invalid_request", f"invalid request: {summary}", details)
+
+
+async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
+    return error_response(503, exc.code, str(exc), headers={"Retry-After": exc.retry_after})
+
+
+async def _engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:
+    return error_response(500, "engine_failure", str(exc))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -71,4 +106,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Rejected, _rejected)
+    app.add_exception_handler(EngineFailure, _engine_failure)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,15 +1,14 @@
-"""The Prometheus metrics of the server (DESIGN.md, Contract 4).
+"""The server's Prometheus collectors, built from the one list of names in core/metric_names.py.
 
-The names are a contract with dashboards and alerts: change them only on purpose. Each app owns
-its CollectorRegistry, so several apps in one process (tests, benchmarks) never share counts.
-No metric carries a per-request label.
+Each app owns its CollectorRegistry, so several apps in one process (tests, benchmarks) never
+share counts. No metric carries a per-request label.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-OUTCOMES = ("ok", "invalid", "too_large", "overloaded", "error")
+from romebert.core import metric_names as names
 
 # Request latency from 1 ms to 10 s: the span between a one-layer exit on a GPU and a full-depth
 # batch on a loaded CPU.
@@ -21,42 +20,41 @@ def outcome_of(status: int) -> str:
     """The outcome label a /classify response with this HTTP status counts under."""
     if status < 400:
         return "ok"
-    if status == 413:
-        return "too_large"
-    if status in (429, 503):
-        return "overloaded"
-    if status < 500:
-        return "invalid"
-    return "error"
+    return {408: "slow_client", 413: "too_large", 429: "overloaded", 499: "cancelled", 503: "overloaded"}.get(
+        status, "invalid" if status < 500 else "error"
+    )
 
 
 class Metrics:
     def __init__(self, num_layers: int, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("romebert_requests", "POST /classify requests by outcome", ["outcome"], registry=r)
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)  # export every outcome at 0, so rate() sees the first error
-        self.request_duration = Histogram(
-            "romebert_request_duration_seconds", "POST /classify latency, server side", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.queue_wait = Histogram(
-            "romebert_queue_wait_seconds", "time an item waited from arrival until the engine took it", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.batch_size = Histogram(
-            "romebert_batch_size", "rows in each engine layer call (the survivors of earlier exits)", buckets=BATCH_BUCKETS, registry=r
-        )
-        # One bucket per layer, so bucket counts are exit-layer counts and _sum/_count is the mean exit depth.
-        self.exit_layer = Histogram(
-            "romebert_exit_layer", "exit layer of each answered item", buckets=tuple(range(1, num_layers + 1)), registry=r
-        )
-        self.layers_executed = Counter("romebert_layers_executed", "encoder layers run, summed over answered items", registry=r)
-        self.budget_exhausted = Counter(
-            "romebert_budget_exhausted", "items answered early because the next layer would overrun their latency budget", registry=r
-        )
-        self.inflight = Gauge("romebert_inflight_requests", "POST /classify requests being handled", registry=r)
-        self.queue_depth = Gauge("romebert_queue_depth", "items waiting for the engine", registry=r)
-        self.model_info = Info("romebert_model", "the model bundle being served", registry=r)
+        self.registry = r = registry or CollectorRegistry()
+
+        def counter(metric: names.Metric, values: tuple[str, ...] = ()) -> Counter:
+            made = Counter(metric.name, metric.help, list(metric.labels), registry=r)
+            for value in values:
+                made.labels(value)  # exported at 0 from the start, so rate() sees the first one
+            return made
+
+        def histogram(metric: names.Metric, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(metric.name, metric.help, buckets=buckets, registry=r)
+
+        def gauge(metric: names.Metric) -> Gauge:
+            return Gauge(metric.name, metric.help, registry=r)
+
+        self.requests = counter(names.REQUESTS, names.OUTCOMES)
+        self.request_duration = histogram(names.REQUEST_DURATION, LATENCY_BUCKETS)
+        self.queue_wait = histogram(names.QUEUE_WAIT, LATENCY_BUCKETS)
+        self.batch_size = histogram(names.BATCH_SIZE, BATCH_BUCKETS)
+        # One bucket per layer: bucket counts are exit-layer counts, _sum/_count the mean exit depth.
+        self.exit_layer = histogram(names.EXIT_LAYER, tuple(range(1, num_layers + 1)))
+        self.layers_executed = counter(names.LAYERS_EXECUTED)
+        self.budget_exhausted = counter(names.BUDGET_EXHAUSTED)
+        self.rejected = counter(names.REJECTED, names.REJECT_REASONS)
+        self.shed_rows = counter(names.SHED_ROWS, names.SHED_REASONS)
+        self.predicted_wait = gauge(names.PREDICTED_WAIT)
+        self.inflight = gauge(names.INFLIGHT)
+        self.queue_depth = gauge(names.QUEUE_DEPTH)
+        self.model_info = Info(names.MODEL.name, names.MODEL.help, registry=r)
 
     def answered(self, exit_layer: int, budget_exhausted: bool) -> None:
         """One item answered from `exit_layer` after running exactly that many layers."""

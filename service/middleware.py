@@ -1,12 +1,13 @@
-"""Two pure ASGI middlewares: the request-body limit and the /classify request metrics.
+"""Two pure ASGI middlewares: the guard on request bodies, and the /classify request metrics.
 
-Pure ASGI (not BaseHTTPMiddleware) because both need the raw message stream: the body limit
-counts the bytes actually received, not only what Content-Length claims, and the metrics need the
-status of every response, including the ones other middlewares send.
+Pure ASGI (not BaseHTTPMiddleware) because both need the raw message stream: the guard counts the
+bytes actually received and times their arrival, and the metrics need the status of every
+response, including the ones the guard sends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.datastructures import Headers
@@ -16,38 +17,62 @@ from romebert.service.errors import ApiError, error_response
 from romebert.service.metrics import Metrics, outcome_of
 
 
-class BodyLimit:
-    """413 for a body over `max_bytes`: at once when Content-Length says so, else as soon as the
-    bytes received pass the limit (a missing or lying Content-Length, chunked uploads)."""
+def is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+
+class RequestGuard:
+    """For the requests of `path` (POST /classify, the one route that reads a body): 415 unless it is declared JSON; 413 once it passes
+    `max_bytes` (at once when Content-Length says so, else as the bytes arrive: a missing or lying
+    Content-Length, chunked uploads); 408 and a closed connection when it has not fully arrived
+    `timeout_s` after the headers (a client that stalls mid-body holds nothing for long)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, path: str = "/classify"):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.path = path
 
     def _too_large(self, size: str) -> ApiError:
         return ApiError(413, "body_too_large", f"request body {size} exceeds the limit of {self.max_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        problem = None
         if declared.isdigit() and int(declared) > self.max_bytes:
-            err = self._too_large(f"of {declared} bytes")
-            await error_response(err.status_code, err.code, str(err.detail))(scope, receive, send)
+            problem = self._too_large(f"of {declared} bytes")
+        elif not is_json(headers.get("content-type", "")):
+            problem = ApiError(415, "unsupported_media_type",
+                               f"the body must be JSON (Content-Type: application/json), not {headers.get('content-type') or 'undeclared'}")
+        if problem is not None:
+            await error_response(problem.status_code, problem.code, str(problem.detail))(scope, receive, send)
             return
-        received = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        received, complete = 0, False
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # after the body: only http.disconnect can come, and waiting for it is fine
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s",
+                               headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise self._too_large(f"of more than {received} bytes")  # answered by the ApiError handler
+                complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, guarded_receive, send)
 
 
 class ClassifyMetrics:

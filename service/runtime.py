@@ -1,9 +1,14 @@
-"""What the server serves and where it stands: starting -> ready -> draining (or failed).
+"""What the server serves and where it stands: starting -> ready -> draining, or failed.
 
-Loading (checksums, sessions, warm-up) runs in a background thread while HTTP is already up, so
-/healthz answers at once and /readyz says 503 until the model can really answer; an orchestrator
-then sends traffic only to replicas that are warm. Draining is the reverse: readiness and new
-requests get 503 while the scheduler finishes every row it has taken.
+Loading (checksums, sessions on the device asked for, warm-up) runs in a background thread while
+HTTP is already up, so /healthz answers at once and /readyz says 503 until the model can really
+answer; an orchestrator then sends traffic only to replicas that are warm. Draining is the
+reverse: readiness and new requests get 503 while the workers finish what they can before the
+drain deadline.
+
+Supervision: a bundle that cannot load (the error names the file) or a worker that dies turns the
+phase to failed, readiness and new requests to 503, and asks the process to exit non-zero
+(`request_exit`, wired to uvicorn by `romebert serve`), so that the orchestrator replaces it.
 """
 
 from __future__ import annotations
@@ -17,23 +22,27 @@ import time
 from typing import Callable
 
 from romebert.core.bundle import Bundle, load_bundle
-from romebert.service.cost_model import CostModel, EwmaCostModel, warm_up
 from romebert.core.engine import Engine, default_threads
-from romebert.service.errors import ApiError
-from romebert.service.metrics import Metrics
-from romebert.service.scheduler import EngineLike, Scheduler
-from romebert.service.settings import Settings
 from romebert.core.tokenization import TextEncoder
+from romebert.service.admission import Admission
+from romebert.service.cohorts import EngineLike
+from romebert.service.cost_model import CostModel, EwmaCostModel, warm_up
+from romebert.service.metrics import Metrics
+from romebert.service.policy import POLICIES
+from romebert.service.scheduler import Scheduler
+from romebert.service.settings import Settings
+from romebert.service.tickets import Rejected
 
 log = logging.getLogger("romebert.runtime")
 
-RETRY_AFTER_S = 1
-
 EngineFactory = Callable[[Bundle, Settings], EngineLike]
+
+EXIT_CANNOT_LOAD = 2  # the bundle or the device is unusable: restarting will not help by itself
+EXIT_WORKER_DIED = 1
 
 
 def default_engine(bundle: Bundle, settings: Settings) -> EngineLike:
-    """One engine for all workers (sessions are safe to run concurrently); the cores split among them."""
+    """One engine for all workers (sessions may run concurrently); see Settings.threads."""
     threads = settings.threads or max(default_threads() // settings.workers, 1)
     return Engine(bundle, device=settings.device, threads=threads)
 
@@ -65,60 +74,85 @@ class Runtime:
         self.max_entropy = math.log(len(self.labels))  # no exit's entropy can exceed ln(C)
         self.phase = Phase.STARTING
         self.error: str | None = None
+        self.device: str | None = None
         self.encoder: TextEncoder | None = None
         self.scheduler: Scheduler | None = None
+        self.admission: Admission | None = None
+        self.exit_code: int | None = None
+        self.request_exit: Callable[[int], None] = lambda code: None
         self._lock = threading.Lock()
 
     def load(self) -> None:
-        """Verify the bundle, open the engine, warm it up and start the scheduler (blocking)."""
+        """Verify the bundle, open the engine, warm it up and start the workers (blocking)."""
         try:
             started = time.perf_counter()
             bundle = load_bundle(self.bundle.root)
             engine = self.engine_factory(bundle, self.settings)
+            encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
             cost_model = self.cost_model or EwmaCostModel(engine.num_layers)
-            points = warm_up(engine, cost_model, self.settings.max_batch, bundle.max_length)
-            scheduler = Scheduler(
-                engine, self.metrics, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
-                max_queue=self.settings.max_queue, policy=self.settings.policy, workers=self.settings.workers, cost_model=cost_model, clock=self.clock,
+            seconds_per_row = warm_up(engine, cost_model, self.settings.max_batch, bundle.max_length)
+            admission = Admission(
+                self.metrics, max_queue=self.settings.max_queue, max_queue_wait_s=self.settings.max_queue_wait_ms / 1000,
+                workers=self.settings.workers, seconds_per_row=seconds_per_row, clock=self.clock,
             )
-            self.encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
+            scheduler = Scheduler(
+                engine, admission, self.metrics, cost_model, policy=POLICIES[self.settings.policy], max_batch=self.settings.max_batch,
+                max_wait_ms=self.settings.max_wait_ms, workers=self.settings.workers, clock=self.clock, on_failure=self._worker_died,
+            )
+            device = getattr(engine, "device", "cpu")
             self.metrics.model_info.info({
                 "model": str(bundle.manifest.get("model_name", bundle.root.name)),
                 "num_layers": str(bundle.num_layers),
                 "precision": bundle.precision,
                 "labels": ",".join(bundle.labels),
+                "device": device,
+                "providers": ",".join(getattr(engine, "providers", [])),
             })
-        except Exception as err:  # noqa: BLE001 - reported by /healthz and /readyz, and logged
-            log.exception("loading the model failed")
-            self.error, self.phase = f"{type(err).__name__}: {err}", Phase.FAILED
+        except Exception as err:  # noqa: BLE001 - logged, reported by /healthz and /readyz, and the process exits
+            log.error("cannot serve %s: %s", self.bundle.root, err, exc_info=not isinstance(err, (RuntimeError, ValueError, OSError)))
+            self._fail(f"{type(err).__name__}: {err}", EXIT_CANNOT_LOAD)
             return
         with self._lock:
             if self.phase is not Phase.STARTING:  # shutdown began while we were loading
                 return
+            self.encoder, self.admission, self.device = encoder, admission, device
             scheduler.start()
             self.scheduler, self.phase = scheduler, Phase.READY
-        log.info("ready: %d warm-up shapes in %.1fs", points, time.perf_counter() - started)
+        log.info("ready on %s in %.1fs", device, time.perf_counter() - started)
+
+    def _worker_died(self, err: BaseException) -> None:
+        self._fail(f"a worker died: {type(err).__name__}: {err}", EXIT_WORKER_DIED)
+
+    def _fail(self, error: str, code: int) -> None:
+        with self._lock:
+            self.error, self.phase = error, Phase.FAILED
+            if self.exit_code is None:
+                self.exit_code = code
+        if self.admission is not None:
+            self.admission.fail_all(Rejected("worker_failed", "this server is failing and restarts; retry elsewhere"), "worker_failed")
+        self.request_exit(code)
 
     def check_ready(self) -> Scheduler:
-        """The scheduler, or a 503 saying why there is none to take this request."""
+        """The scheduler, or Rejected (503 with Retry-After) saying why there is none to take a request."""
         if self.phase is Phase.READY and self.scheduler is not None:
             return self.scheduler
         if self.phase is Phase.DRAINING:
-            raise ApiError(503, "shutting_down", "the server is shutting down", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise Rejected("shutting_down", "the server is shutting down")
         if self.phase is Phase.FAILED:
-            raise ApiError(503, "model_failed", f"the model could not be loaded: {self.error}")
-        raise ApiError(503, "not_ready", "the model is still loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise Rejected("model_failed", f"this server cannot serve and is exiting: {self.error}")
+        raise Rejected("not_ready", "the model is still loading")
 
     def begin_drain(self) -> None:
-        """Stop taking work: from now on /readyz and new requests get 503. Safe from a signal handler."""
+        """Stop taking work: /readyz and new requests get 503; queued rows that cannot start
+        before the drain deadline get 503 now, the rest are served."""
         with self._lock:
             if self.phase in (Phase.STARTING, Phase.READY):
                 self.phase = Phase.DRAINING
-            if self.scheduler is not None:
-                self.scheduler.close()
+        if self.admission is not None:
+            self.admission.close(drain_s=0.8 * self.settings.graceful_timeout_s)
 
     async def drain(self, timeout_s: float) -> None:
-        """begin_drain(), then wait until every row the scheduler took has been answered."""
+        """begin_drain(), then wait until the workers have stopped."""
         self.begin_drain()
         if self.scheduler is not None and not await asyncio.to_thread(self.scheduler.join, timeout_s):
-            log.error("scheduler still busy after %.0fs of draining; stopping anyway", timeout_s)
+            log.error("workers still busy after %.0fs of draining; stopping anyway", timeout_s)

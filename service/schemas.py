@@ -1,15 +1,15 @@
 """Request and response bodies of the HTTP API (DESIGN.md, Contract 3), as pydantic v2 models.
 
-Everything that can be checked without the model is checked here, so the OpenAPI schema at /docs
-states it; the limits that depend on the bundle or on settings (threshold <= ln(num_labels),
-max_items) are checked by the route, with the same error shape.
+The request model is made per served bundle (`classify_request_model`), so the OpenAPI schema at
+/docs states every limit the server enforces: the threshold's ceiling ln(number of labels), the
+most texts per request, whether the model takes a text_pair at all.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr, StringConstraints, ValidationInfo, create_model, field_validator
 
 MAX_BUDGET_MS = 60_000.0
 
@@ -18,7 +18,27 @@ def _as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
-class ClassifyRequest(BaseModel):
+def _check_texts(value: str | list[str] | None) -> str | list[str] | None:
+    """Every text non-blank and encodable as UTF-8 (JSON admits lone surrogates such as \\ud800)."""
+    if value is None:
+        return value
+    texts = _as_list(value)
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ValueError("empty or whitespace only" if isinstance(value, str) else f"items {blank} are empty or whitespace only")
+    broken = []
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            broken.append(i)
+    if broken:
+        where = "" if isinstance(value, str) else f"items {broken}: "
+        raise ValueError(f"{where}contains a lone surrogate (\\ud800-\\udfff), which is not text")
+    return value
+
+
+class ClassifyRequestBase(BaseModel):
     model_config = ConfigDict(
         extra="forbid",  # a misspelt option ("threshold") must not be silently ignored
         json_schema_extra={
@@ -29,53 +49,56 @@ class ClassifyRequest(BaseModel):
         },
     )
 
-    text: StrictStr | list[StrictStr] = Field(description="one text, or a list of texts classified independently")
-    text_pair: StrictStr | list[StrictStr] | None = Field(
-        None, description="second segment for pair tasks (NLI, paraphrase): one per text, in the same form as text"
-    )
-    entropy_threshold: StrictFloat | None = Field(
-        None, ge=0.0, allow_inf_nan=False,
-        description="exit at the first layer whose entropy (nats) is strictly below this; 0 = full depth; "
-        "at most ln(number of labels); default: the bundle's calibrated threshold",
-    )
-    latency_budget_ms: StrictFloat | None = Field(
-        None, gt=0.0, le=MAX_BUDGET_MS, allow_inf_nan=False,
-        description="server-side budget from arrival; a row stops before the layer predicted to overrun it "
-        "(it always gets at least exit 1) and is flagged budget_exhausted",
-    )
-
-    @field_validator("text", "text_pair")
-    @classmethod
-    def _no_blank_text(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if value is None:
-            return value
-        texts = _as_list(value)
-        if not texts:
-            raise ValueError("must hold at least one text")
-        blank = [i for i, t in enumerate(texts) if not t.strip()]
-        if blank:
-            raise ValueError("empty or whitespace only" if isinstance(value, str) else f"items {blank} are empty or whitespace only")
-        return value
-
-    @field_validator("text_pair")
-    @classmethod
-    def _pairs_match_texts(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
-        text = info.data.get("text")  # absent when text itself failed: that error is reported already
-        if value is None or text is None:
-            return value
-        if isinstance(text, str) != isinstance(value, str):
-            raise ValueError("text_pair must have the same form as text (both strings or both lists)")
-        if len(_as_list(text)) != len(_as_list(value)):
-            raise ValueError(f"text_pair has {len(_as_list(value))} items but text has {len(_as_list(text))}")
-        return value
-
     @property
     def texts(self) -> list[str]:
-        return _as_list(self.text)
+        return _as_list(self.text)  # type: ignore[attr-defined]
 
     @property
     def text_pairs(self) -> list[str] | None:
-        return None if self.text_pair is None else _as_list(self.text_pair)
+        pair = getattr(self, "text_pair", None)
+        return None if pair is None else _as_list(pair)
+
+
+def _texts_valid(cls, value: str | list[str]) -> str | list[str]:
+    return _check_texts(value)
+
+
+def _pairs_valid(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+    value = _check_texts(value)
+    text = info.data.get("text")  # absent when text itself failed: that error is reported already
+    if value is None or text is None:
+        return value
+    if isinstance(text, str) != isinstance(value, str):
+        raise ValueError("text_pair must have the same form as text (both strings or both lists)")
+    if len(_as_list(text)) != len(_as_list(value)):
+        raise ValueError(f"text_pair has {len(_as_list(value))} items but text has {len(_as_list(text))}")
+    return value
+
+
+def classify_request_model(max_threshold: float, max_items: int, pair_input: bool) -> type[ClassifyRequestBase]:
+    """The POST /classify body for a bundle with this entropy ceiling, item limit and input kind."""
+    text = Annotated[StrictStr, StringConstraints(pattern=r"\S")]  # not empty, not whitespace only: stated in the schema
+    texts = text | Annotated[list[text], Field(min_length=1, max_length=max_items)]
+    fields: dict[str, Any] = {
+        "text": (texts, Field(description=f"one text, or a list of at most {max_items} texts classified independently")),
+        "entropy_threshold": (StrictFloat | None, Field(
+            None, ge=0.0, le=max_threshold, allow_inf_nan=False,
+            description="exit at the first layer whose entropy (nats) is strictly below this; 0 = full depth; "
+            f"at most ln(number of labels) = {max_threshold:.6f}; default: the bundle's calibrated threshold",
+        )),
+        "latency_budget_ms": (StrictFloat | None, Field(
+            None, gt=0.0, le=MAX_BUDGET_MS, allow_inf_nan=False,
+            description="server-side budget from arrival; a row stops before the layer predicted to overrun it "
+            "(it always gets at least exit 1) and is flagged budget_exhausted; a request whose predicted queue "
+            "wait alone exceeds its budget gets 503",
+        )),
+    }
+    validators = {"texts_valid": field_validator("text")(_texts_valid)}
+    if pair_input:  # a single-input model has no text_pair field at all: sending one is a 422
+        fields["text_pair"] = (texts | None, Field(
+            None, description="second segment for pair tasks (NLI, paraphrase): one per text, in the same form as text"))
+        validators["pairs_valid"] = field_validator("text_pair")(_pairs_valid)
+    return create_model("ClassifyRequest", __base__=ClassifyRequestBase, __validators__=validators, **fields)
 
 
 class ItemResult(BaseModel):

@@ -9,32 +9,49 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
-POLICIES = ("complete", "regroup")
+from romebert.service.policy import POLICIES
 
 
 class SettingsError(ValueError):
     """A setting has a value the server cannot run with; the message names it."""
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A setting's default and its one description (the `romebert serve --help` text)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Settings:
-    bundle: str | None = None  # model bundle folder (Contract 2)
-    host: str = "0.0.0.0"  # all interfaces: the server runs in a container behind a port mapping
-    port: int = 8000
-    device: str = "auto"  # auto, cpu or cuda
-    workers: int = 1  # engine threads, each running its own batches
-    threads: int | None = None  # onnxruntime CPU threads per worker (default: the cores this process may use / workers)
-    max_batch: int = 32  # rows the engine runs together at most
-    max_wait_ms: float = 0.0  # how long an idle batcher waits for a batch to fill (under load, batches fill while the engine runs)
-    max_queue: int = 1024  # rows waiting for the engine; beyond it requests get 503
-    max_items: int = 64  # texts in one request; beyond it 413
-    max_body_bytes: int = 1_000_000  # request body size; beyond it 413
-    policy: str = "complete"  # scheduler policy: run each batch to completion, or regroup at layer boundaries (docs/serving.md)
-    graceful_timeout_s: float = 30.0  # how long SIGTERM waits for in-flight requests
-    log_level: str = "info"
+    bundle: str | None = _setting(None, "model bundle folder (default: $ROMEBERT_BUNDLE)")
+    host: str = _setting("0.0.0.0", "interface to listen on (all: the server runs in a container behind a port mapping)")
+    port: int = _setting(8000, "TCP port")
+    device: str = _setting("auto", "cuda: every session on the CUDA provider or exit 2; cpu; auto: CUDA when a probe session really "
+                           "runs there, else the CPU with a warning")
+    workers: int = _setting(1, "engine threads, each running its own batches: 1 for the lowest latency of a lone request, "
+                            "more for throughput under load on a CPU")
+    threads: int | None = _setting(None, "size of onnxruntime's one process-wide CPU thread pool, which every worker's calls share "
+                                   "(default: the cores this process may use divided by workers, so that workers x threads = cores)")
+    max_batch: int = _setting(32, "rows the engine runs together at most")
+    max_wait_ms: float = _setting(0.0, "how long an idle worker waits for a batch to fill (0: a lone request starts at once; "
+                                  "under load, batches fill while the engine runs)")
+    max_queue_wait_ms: float = _setting(250.0, "admission bound: a request is let in only when its predicted queue wait fits, "
+                                        "and a row that has waited longer gets 503 instead of running")
+    max_queue: int = _setting(1024, "rows waiting for a worker at most, whatever the predicted wait")
+    max_items: int = _setting(64, "texts per request before 413")
+    max_body_bytes: int = _setting(1_000_000, "request body bytes before 413")
+    policy: str = _setting("complete", "complete (run each batch to its end) or regroup (admit and merge at layer boundaries)")
+    request_timeout_s: float = _setting(30.0, "a request still unanswered after this gets 503 and its rows are dropped")
+    header_timeout_s: float = _setting(10.0, "a request's headers must arrive within this, else 408 and the connection is closed")
+    body_timeout_s: float = _setting(10.0, "a request's body must arrive within this after its headers, else 408 and closed")
+    keep_alive_s: float = _setting(5.0, "an idle keep-alive connection is closed after this")
+    graceful_timeout_s: float = _setting(30.0, "on SIGTERM, the longest the drain may take; queued rows predicted not to start "
+                                         "within 80%% of it get 503 with Retry-After at once")
+    access_log: bool = _setting(False, "log one line per request (off by default: it costs more than the HTTP handling of a short request)")
+    log_level: str = _setting("info", "critical, error, warning, info or debug")
 
     def __post_init__(self) -> None:
         positive = ("port", "workers", "max_batch", "max_queue", "max_items", "max_body_bytes")
@@ -45,12 +62,18 @@ class Settings:
             raise SettingsError(f"threads must be positive, not {self.threads}")
         if self.max_wait_ms < 0:
             raise SettingsError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
+        for name in ("max_queue_wait_ms", "request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.max_wait_ms >= self.max_queue_wait_ms:
+            raise SettingsError(f"max_wait_ms ({self.max_wait_ms}) must be below max_queue_wait_ms ({self.max_queue_wait_ms}): "
+                                "a batching window as long as the wait bound would expire every row it holds")
         if self.max_items > self.max_queue:
             raise SettingsError(f"max_items ({self.max_items}) cannot exceed max_queue ({self.max_queue}): such a request could never be queued")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.policy not in POLICIES:
-            raise SettingsError(f"policy must be one of {POLICIES}, not {self.policy!r}")
+            raise SettingsError(f"policy must be one of {tuple(POLICIES)}, not {self.policy!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -65,14 +88,21 @@ class Settings:
         return cls(**values)
 
 
-def value_type(field: dataclasses.Field) -> type:
-    """int, float or str: what a setting's text (environment, command line) converts to."""
+def value_type(field: dataclasses.Field) -> Callable[[str], Any]:
+    """What a setting's text (environment, command line) converts with: int, float, a bool or str."""
     kind = str(field.type)
-    return int if "int" in kind else float if "float" in kind else str
+    return parse_bool if "bool" in kind else int if "int" in kind else float if "float" in kind else str
+
+
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{raw!r} is not a boolean")
+    return value in ("1", "true", "yes", "on")
 
 
 def _parse(field: dataclasses.Field, raw: str) -> Any:
     try:
         return value_type(field)(raw)
     except ValueError:
-        raise SettingsError(f"ROMEBERT_{field.name.upper()}={raw!r} is not a number") from None
+        raise SettingsError(f"ROMEBERT_{field.name.upper()}={raw!r} is not a valid {str(field.type).split()[0]}") from None

@@ -74,12 +74,13 @@ def test_parity_check_fails_loudly_when_the_model_differs(tiny_bundle, tiny_chec
         check_parity(model, engine, [batch], strict=True)
 
 
-def test_monolithic_graph_equals_the_final_exit(tiny_bundle):
-    from romebert.core.engine import make_session
+def test_the_monolithic_graph_is_exported_only_on_request_and_equals_the_final_exit(tiny_bundle, tiny_checkpoint, tmp_path):
+    from romebert.core.engine import open_session
 
-    bundle = load_bundle(tiny_bundle)
+    assert "full" not in load_bundle(tiny_bundle).manifest["extras"]
+    bundle = load_bundle(export_bundle(tiny_checkpoint, tmp_path / "mono", limit=64, log=lambda *_: None, monolithic=True))
     batch = TextEncoder(bundle.tokenizer_file, 32).encode(TEXTS)
-    full = make_session(bundle.path(bundle.manifest["extras"]["full"]["file"]))
+    full = open_session(bundle.path(bundle.manifest["extras"]["full"]["file"]))
     (logits,) = full.run(None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "token_type_ids": batch.token_type_ids})
     assert np.abs(logits - Engine(bundle, device="cpu").all_exit_logits(batch)[-1]).max() < 1e-4
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import threading
 import time
 
@@ -16,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from romebert.service.app import create_app
@@ -25,6 +27,7 @@ from romebert.core.exits import entropy, exit_layers
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
 from romebert.core.tokenization import TextEncoder
+from gated_engine import Gated
 
 LN2 = math.log(2)
 RESULT_FIELDS = {"label", "probabilities", "exit_layer", "layers_used", "entropy", "budget_exhausted", "truncated", "latency_ms"}
@@ -90,9 +93,30 @@ def test_a_list_gets_one_result_per_text_in_order(client, reference):
         assert np.allclose(list(result["probabilities"].values()), expected, atol=1e-5)
 
 
-def test_text_pairs_are_accepted(client):
-    results = client.post("/classify", json={"text": ["a man sleeps", "it rains"], "text_pair": ["a person rests", "it is dry"]}).json()["results"]
-    assert len(results) == 2
+@pytest.fixture(scope="module")
+def pair_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle, declared as a pair model (its segments do not care: token types are inputs)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("pair") / "bundle"
+    shutil.copytree(tiny_bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(manifest | {"pair_input": True}))
+    return folder
+
+
+def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_input_one(client, pair_bundle):
+    body = {"text": ["a man sleeps", "it rains"], "text_pair": ["a person rests", "it is dry"]}
+    with TestClient(create_app(settings(pair_bundle))) as pair_client:
+        wait_ready(pair_client)
+        assert len(pair_client.post("/classify", json=body).json()["results"]) == 2
+        assert "text_pair" in pair_client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]
+        assert pair_client.post("/classify", content=b'{"text": "a", "text_pair": "\\ud800"}',
+                                headers={"content-type": "application/json"}).status_code == 422
+    refused = client.post("/classify", json=body)
+    assert refused.status_code == 422 and refused.json()["error"]["details"][0]["field"] == "text_pair"
+    assert "text_pair" not in client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]
 
 
 def test_a_text_longer_than_the_max_length_is_truncated_and_flagged(client):
@@ -135,11 +159,34 @@ async def test_concurrent_requests_with_different_thresholds_get_the_answers_the
             assert np.allclose(list(g["probabilities"].values()), list(w["probabilities"].values()), atol=1e-5)
 
 
-def test_docs_and_health(client):
-    assert client.get("/docs").status_code == 200
-    assert "/classify" in client.get("/openapi.json").json()["paths"]
+def test_docs_are_served_with_their_own_assets_and_health_answers(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    scripts = re.findall(r'src="([^"]+\.js)"', page.text)
+    assert scripts and all(src.startswith("/") for src in scripts), "the docs must not load from a CDN"
+    assert all(client.get(src).status_code == 200 for src in scripts)
     assert client.get("/healthz").json()["status"] == "alive"
-    assert client.get("/readyz").status_code == 200
+    assert client.get("/readyz").json()["device"] == "cpu"
+
+
+def test_the_openapi_schema_states_every_limit_the_server_enforces(client):
+    spec = client.get("/openapi.json").json()
+    request = spec["components"]["schemas"]["ClassifyRequest"]["properties"]
+    threshold = next(b for b in request["entropy_threshold"]["anyOf"] if b.get("type") == "number")
+    assert threshold["maximum"] == pytest.approx(LN2) and threshold["minimum"] == 0
+    texts = next(b for b in request["text"]["anyOf"] if b.get("type") == "array")
+    assert texts["maxItems"] == 4  # the client fixture's max_items
+    classify = spec["paths"]["/classify"]["post"]["responses"]
+    assert {"200", "400", "408", "413", "415", "422", "503"} <= set(classify)
+    assert "Retry-After" in classify["503"]["headers"]
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+
+
+def test_a_body_not_declared_as_json_gets_415(client):
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
+        response = client.post("/classify", content=b'{"text": "fine"}', headers=headers)
+        assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+    assert client.post("/classify", content=b'{"text": "fine"}', headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -164,6 +211,10 @@ BAD_REQUESTS = [
     (b'{"text": "a", "entropy_threshold": NaN}', 422, "invalid_request"),
     (b'{"text": "a", "latency_budget_ms": Infinity}', 422, "invalid_request"),
     (b"not json", 422, "invalid_request"),
+    (b'{"text": "\\ud800"}', 422, "invalid_request"),  # a lone surrogate: valid JSON, not text
+    (b'{"text": ["fine", "x\\udfff"]}', 422, "invalid_request"),
+    (b'{"text": "\xff\xfe"}', 400, "bad_request"),  # not UTF-8
+    (b"[" * 1500, 400, "bad_request"),  # nested too deeply for the JSON parser
     (b'["a", "list"]', 422, "invalid_request"),
     ({"text": ["x"] * 5}, 413, "too_many_items"),  # max_items is 4
     ({"text": "x" * 3000}, 413, "body_too_large"),  # max_body_bytes is 2000
@@ -199,18 +250,18 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
 
 
 class FixedCost:
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: list[float]):
         self.seconds = seconds
 
     def predict(self, layer: int, rows: int, width: int) -> float:
-        return self.seconds
+        return self.seconds[layer]
 
     def observe(self, layer: int, rows: int, width: int, seconds: float) -> None:
         pass
 
 
 def test_a_budget_too_small_for_layer_2_answers_from_exit_1_flagged(tiny_bundle):
-    app = create_app(settings(tiny_bundle), cost_model=FixedCost(1.0), clock=lambda: 50.0)
+    app = create_app(settings(tiny_bundle), cost_model=FixedCost([0.1, 1.0, 1.0]), clock=lambda: 50.0)
     with TestClient(app) as client:
         wait_ready(client)
         tight = client.post("/classify", json={"text": ["great", "awful"], "entropy_threshold": 0.0, "latency_budget_ms": 500}).json()
@@ -248,32 +299,11 @@ def test_metrics_parse_and_the_exit_histogram_mean_is_the_mean_exit_served(tiny_
     assert samples[("romebert_batch_size_count", ())] >= 4
     assert samples[("romebert_inflight_requests", ())] == 0 and samples[("romebert_queue_depth", ())] == 0
     (info,) = [dict(k[1]) for k in samples if k[0] == "romebert_model_info"]
-    assert info.pop("model") and info == {"num_layers": "3", "precision": "fp32", "labels": "negative,positive"}
+    assert info.pop("model") and info == {"num_layers": "3", "precision": "fp32", "labels": "negative,positive",
+                                          "device": "cpu", "providers": "CPUExecutionProvider"}
 
 
 # -- load, readiness and shutdown ------------------------------------------------------------------
-
-
-class Gated:
-    """The real engine, whose layer calls wait while `gate` is closed (cleared) and raise `error`
-    when one is set."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = 0
-        self.error: Exception | None = None
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def layer(self, i, state):
-        self.entered += 1
-        assert self.gate.wait(timeout=20)
-        if self.error:
-            raise self.error
-        return self.engine.layer(i, state)
 
 
 @contextlib.asynccontextmanager
@@ -352,11 +382,15 @@ async def test_a_model_that_fails_to_load_is_reported_by_health_and_readiness(ti
         raise RuntimeError("out of memory")
 
     app = create_app(settings(tiny_bundle), engine_factory=broken)
+    exits = []
+    app.state.runtime.request_exit = exits.append
     async with serving(app, ready=False) as client:
         await until(lambda: app.state.runtime.phase.value == "failed")
         for path in ("/healthz", "/readyz"):
             response = await client.get(path)
             assert response.status_code == 503 and "out of memory" in response.json()["error"]["message"]
+            assert int(response.headers["retry-after"]) >= 1
+    assert exits == [2] and app.state.runtime.exit_code == 2
 
 
 @pytest.mark.asyncio
@@ -395,3 +429,69 @@ async def test_an_engine_failure_is_a_500_in_the_error_shape_and_the_server_goes
         assert (await client.post("/classify", json={"text": "fine"})).status_code == 200
         samples = metric_samples((await client.get("/metrics")).text)
     assert samples[("romebert_requests_total", (("outcome", "error"),))] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_request_past_its_server_deadline_gets_503_and_its_rows_are_dropped(tiny_bundle):
+    app, engines = gated_app(tiny_bundle, request_timeout_s=0.3)
+    async with serving(app) as client:
+        engines[0].gate.clear()
+        engines[0].entered = 0
+        late = await client.post("/classify", json={"text": "slow", "entropy_threshold": 0.0})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "deadline_exceeded"
+        assert int(late.headers["retry-after"]) >= 1
+        engines[0].gate.set()
+        registry = app.state.runtime.metrics.registry
+        await until(lambda: registry.get_sample_value("romebert_shed_rows_total", {"reason": "cancelled"}) == 1)
+        assert engines[0].entered == 1  # its layer 1 was running; the layers after it never ran
+        assert (await client.post("/classify", json={"text": "fine"})).status_code == 200
+
+
+def test_large_inputs_are_tokenized_off_the_event_loop(tiny_bundle):
+    with TestClient(create_app(settings(tiny_bundle, max_body_bytes=100_000))) as client:
+        wait_ready(client)
+        runtime = client.app.state.runtime
+        tokenize, threads = runtime.encoder.tokenize, []
+
+        def spy(*args):
+            threads.append(threading.current_thread().name)
+            return tokenize(*args)
+
+        runtime.encoder.tokenize = spy
+        loop_thread = client.portal.call(lambda: threading.current_thread().name)
+        assert client.post("/classify", json={"text": "short and sweet"}).status_code == 200
+        assert client.post("/classify", json={"text": "long " * 5000}).status_code == 200
+    assert threads[0] == loop_thread and threads[1] != loop_thread
+
+
+# -- nothing a client sends reaches a 500 -----------------------------------------------------------
+
+# Strings with everything JSON can carry, lone surrogates included.
+_text = st.text(st.characters(codec=None, categories=None), max_size=40) | st.sampled_from(["", " ", "\ud800", "ok", "a" * 300])
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | _text,
+                     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(_text, inner, max_size=4), max_leaves=12)
+_fields = st.fixed_dictionaries({}, optional={
+    "text": _text | st.lists(_text, max_size=6) | _json,
+    "text_pair": _text | st.lists(_text, max_size=6),
+    "entropy_threshold": st.floats() | st.integers() | _json,
+    "latency_budget_ms": st.floats() | st.integers() | _json,
+}) | _json
+
+
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=_fields)
+def test_no_request_body_gets_a_500(client, body):
+    import json
+
+    raw = json.dumps(body, allow_nan=True).encode()  # ensure_ascii: lone surrogates travel as \ud800 escapes
+    response = client.post("/classify", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code < 500 or response.status_code == 503, response.text
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"code", "message", "details"}
+
+
+@hypothesis_settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=300))
+def test_no_raw_body_gets_a_500(client, raw):
+    response = client.post("/classify", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 413, 422), response.text

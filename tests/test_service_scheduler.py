@@ -1,4 +1,4 @@
-"""The batching scheduler: per-row exits, latency budgets and the regroup policy.
+"""The serving layer: per-row exits, budgets, policies, admission, gone clients, supervision, drain.
 
 Most tests drive a fake engine whose exit logits are fixed per row, so which row leaves at which
 layer, and which rows the engine ran together, are known exactly. The last tests run the real
@@ -17,10 +17,13 @@ import pytest
 
 from romebert.core.engine import HiddenBatch
 from romebert.core.exits import entropy, exit_layers
+from romebert.core.tokenization import Encoded, TokenRow
+from romebert.service.admission import Admission
+from romebert.service.cost_model import EwmaCostModel
 from romebert.service.metrics import Metrics
-from romebert.service.scheduler import EngineFailure, QueueFull, Scheduler, SchedulerClosed
-from romebert.service.settings import POLICIES
-from romebert.core.tokenization import Encoded
+from romebert.service.policy import POLICIES
+from romebert.service.scheduler import Scheduler
+from romebert.service.tickets import EngineFailure, Rejected
 
 SURE = [6.0, -6.0]  # entropy ~ 0.0001 nats
 MID = [1.0, -1.0]  # entropy ~ 0.36
@@ -87,23 +90,36 @@ class FixedCost:
         pass
 
 
-def rows(codes: list[int], length: int = 5) -> Encoded:
-    ids = np.array([[c] * length for c in codes], dtype=np.int64)
-    n = len(codes)
-    return Encoded(ids, np.ones_like(ids), np.zeros_like(ids), np.zeros(n, dtype=bool), np.full(n, length, dtype=np.int64))
+def rows(codes: list[int], length: int = 5) -> list[TokenRow]:
+    return [TokenRow(np.full(length, c, dtype=np.int64), np.zeros(length, dtype=np.int64), False) for c in codes]
 
 
-def make(engine=None, **kwargs) -> tuple[Scheduler, FakeEngine]:
+def make(engine=None, *, max_queue: int = 64, max_queue_wait_s: float = 60.0, seconds_per_row: float = 0.0,
+         policy: str = "complete", cost_model=None, clock=time.perf_counter, workers: int = 1, **kwargs) -> tuple[Scheduler, FakeEngine]:
     engine = engine or FakeEngine()
-    options = dict(max_batch=8, max_wait_ms=20.0, max_queue=64) | kwargs
-    scheduler = Scheduler(engine, Metrics(engine.num_layers), **options)
+    metrics = Metrics(engine.num_layers)
+    admission = Admission(metrics, max_queue=max_queue, max_queue_wait_s=max_queue_wait_s, workers=workers,
+                          seconds_per_row=seconds_per_row, clock=clock)
+    options = dict(max_batch=8, max_wait_ms=20.0) | kwargs
+    scheduler = Scheduler(engine, admission, metrics, cost_model or EwmaCostModel(engine.num_layers), policy=POLICIES[policy],
+                          workers=workers, clock=clock, **options)
+    scheduler.failures = []
+    scheduler.on_failure = scheduler.failures.append
     scheduler.start()
     return scheduler, engine
 
 
+def submit(scheduler: Scheduler, codes: list[int], threshold: float, budget_s: float | None = None, arrival: float | None = None, length: int = 5):
+    return scheduler.submit(rows(codes, length), threshold, budget_s, scheduler.clock() if arrival is None else arrival)
+
+
+async def done(*tickets) -> list:
+    """Every answer of these tickets, in order."""
+    return [a for answers in await asyncio.gather(*(t.future for t in tickets)) for a in answers]
+
+
 async def answers(scheduler: Scheduler, codes: list[int], threshold: float, budget_s: float | None = None, arrival: float | None = None, length: int = 5):
-    arrival = scheduler.clock() if arrival is None else arrival
-    return await asyncio.gather(*scheduler.submit(rows(codes, length), threshold, budget_s, arrival))
+    return await done(submit(scheduler, codes, threshold, budget_s, arrival, length))
 
 
 async def wait_for(condition, timeout: float = 5.0) -> None:
@@ -147,9 +163,9 @@ async def test_rows_leave_the_batch_and_only_survivors_run_on():
 @pytest.mark.parametrize("policy", POLICIES)
 async def test_rows_with_different_thresholds_in_one_batch_leave_at_their_own_layers(policy):
     scheduler, engine = make(policy=policy)
-    strict = scheduler.submit(rows([2, 4]), 0.01, None, scheduler.clock())
-    loose = scheduler.submit(rows([2, 4]), 0.5, None, scheduler.clock())
-    together = await asyncio.gather(*strict, *loose)
+    strict = submit(scheduler, [2, 4], 0.01)
+    loose = submit(scheduler, [2, 4], 0.5)
+    together = await done(strict, loose)
     assert engine.calls[0] == (0, [2, 4, 2, 4])  # one batch
     assert [a.exit_layer for a in together] == [3, 3, 2, 1]
 
@@ -192,7 +208,7 @@ async def test_queue_time_counts_against_the_budget():
 @pytest.mark.asyncio
 async def test_layer_1_always_runs_however_small_the_budget():
     scheduler, engine = make(cost_model=FixedCost([9.0, 9.0, 9.0]), clock=lambda: 100.0)
-    (a,) = await answers(scheduler, [3], 0.0, budget_s=1e-6, arrival=0.0)
+    (a,) = await answers(scheduler, [3], 0.0, budget_s=1e-6, arrival=99.9)
     assert (a.exit_layer, a.budget_exhausted) == (1, True)
     assert engine.calls == [(0, [3])]
 
@@ -209,12 +225,12 @@ async def test_a_confident_row_is_not_flagged_budget_exhausted():
 async def test_under_complete_a_budgeted_row_that_cannot_wait_for_the_batch_joins_at_the_next_layer():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="complete",
                              cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
-    batch = scheduler.submit(rows([3, 3]), 0.0, None, 100.0)
+    batch = submit(scheduler, [3, 3], 0.0, None, 100.0)
     await wait_for(lambda: len(engine.calls) == 1)  # layer 1 of the batch runs; 2 s of it are left after
-    patient = scheduler.submit(rows([3]), 0.0, 10.0, 100.0)  # can wait for the batch
-    urgent = scheduler.submit(rows([3]), 0.0, 1.5, 100.0)  # cannot
+    patient = submit(scheduler, [3], 0.0, 10.0, 100.0)  # can wait for the batch
+    urgent = submit(scheduler, [3], 0.0, 1.5, 100.0)  # cannot
     engine.step(20)
-    got = await asyncio.gather(*batch, *patient, *urgent)
+    got = await done(batch, patient, urgent)
     # The urgent row runs its layer 1 at the next boundary, then is answered before it would have
     # to wait out the batch's next layer and its own; the patient row waits for the batch.
     assert engine.calls == [(0, [3, 3]), (0, [3]), (1, [3, 3]), (2, [3, 3]), (0, [3]), (1, [3]), (2, [3])]
@@ -225,12 +241,12 @@ async def test_under_complete_a_budgeted_row_that_cannot_wait_for_the_batch_join
 async def test_under_regroup_a_row_that_cannot_wait_gets_in_even_when_max_batch_rows_are_in_flight():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup", max_batch=1,
                              cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
-    first = scheduler.submit(rows([3]), 0.0, None, 100.0)
+    first = submit(scheduler, [3], 0.0, None, 100.0)
     await wait_for(lambda: len(engine.calls) == 1)
-    patient = scheduler.submit(rows([3]), 0.0, None, 100.0)  # no budget: waits for room
-    urgent = scheduler.submit(rows([3]), 0.0, 1.5, 100.0)
+    patient = submit(scheduler, [3], 0.0, None, 100.0)  # no budget: waits for room
+    urgent = submit(scheduler, [3], 0.0, 1.5, 100.0)
     engine.step(20)
-    got = await asyncio.gather(*first, *patient, *urgent)
+    got = await done(first, patient, urgent)
     assert engine.calls == [(0, [3]), (0, [3]), (1, [3]), (2, [3]), (0, [3]), (1, [3]), (2, [3])]
     assert [(a.exit_layer, a.budget_exhausted) for a in got] == [(3, False), (3, False), (1, True)]
 
@@ -239,11 +255,11 @@ async def test_under_regroup_a_row_that_cannot_wait_gets_in_even_when_max_batch_
 async def test_a_row_is_answered_when_waiting_for_another_cohort_would_overrun_its_budget():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup",
                              cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
-    budgeted = scheduler.submit(rows([3]), 0.0, 1.5, 100.0)
+    budgeted = submit(scheduler, [3], 0.0, 1.5, 100.0)
     await wait_for(lambda: len(engine.calls) == 1)
-    newcomer = scheduler.submit(rows([3], length=4), 0.0, None, 100.0)
+    newcomer = submit(scheduler, [3], 0.0, None, 100.0, length=4)
     engine.step(20)
-    (a,), (b,) = await asyncio.gather(*budgeted), await asyncio.gather(*newcomer)
+    (a,), (b,) = await done(budgeted), await done(newcomer)
     # Layer 2 alone (1 s) would fit its 1.5 s, but the newcomer's layer 1 runs first (1 s).
     assert (a.exit_layer, a.budget_exhausted) == (1, True)
     assert engine.calls == [(0, [3]), (0, [3]), (1, [3]), (2, [3])]
@@ -253,11 +269,11 @@ async def test_a_row_is_answered_when_waiting_for_another_cohort_would_overrun_i
 @pytest.mark.asyncio
 async def test_regroup_admits_arrivals_at_a_layer_boundary_and_merges_cohorts_at_the_same_depth():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup")
-    first = scheduler.submit(rows([3, 3]), 0.0, None, scheduler.clock())
+    first = submit(scheduler, [3, 3], 0.0)
     await wait_for(lambda: len(engine.calls) == 1)  # layer 1 of the first batch is running
-    second = scheduler.submit(rows([3], length=4), 0.0, None, scheduler.clock())
+    second = submit(scheduler, [3], 0.0, length=4)
     engine.step(5)
-    await asyncio.gather(*first, *second)
+    await done(first, second)
     # The newcomer runs its layer 1 at the next boundary (fresh first), then both cohorts sit at
     # depth 1 and go on as one batch.
     assert engine.calls == [(0, [3, 3]), (0, [3]), (1, [3, 3, 3]), (2, [3, 3, 3])]
@@ -266,59 +282,59 @@ async def test_regroup_admits_arrivals_at_a_layer_boundary_and_merges_cohorts_at
 @pytest.mark.asyncio
 async def test_complete_policy_runs_a_batch_to_its_end_before_the_next():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="complete")
-    first = scheduler.submit(rows([3, 3]), 0.0, None, scheduler.clock())
+    first = submit(scheduler, [3, 3], 0.0)
     await wait_for(lambda: len(engine.calls) == 1)
-    second = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    second = submit(scheduler, [3], 0.0)
     engine.step(6)
-    await asyncio.gather(*first, *second)
+    await done(first, second)
     assert engine.calls == [(0, [3, 3]), (1, [3, 3]), (2, [3, 3]), (0, [3]), (1, [3]), (2, [3])]
 
 
 @pytest.mark.asyncio
 async def test_rows_of_very_different_lengths_are_not_padded_into_one_batch():
     scheduler, engine = make()
-    short = scheduler.submit(rows([3], length=20), 0.0, None, scheduler.clock())
-    long = scheduler.submit(rows([1], length=200), 0.0, None, scheduler.clock())
-    await asyncio.gather(*short, *long)
+    short = submit(scheduler, [3], 0.0, length=20)
+    long = submit(scheduler, [1], 0.0, length=200)
+    await done(short, long)
     assert all(len(codes) == 1 for _, codes in engine.calls)
 
 
 @pytest.mark.asyncio
 async def test_a_full_queue_refuses_the_whole_request():
     scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_queue=2, max_wait_ms=0.0)
-    running = scheduler.submit(rows([1]), 0.5, None, scheduler.clock())
+    running = submit(scheduler, [1], 0.5)
     await wait_for(lambda: len(engine.calls) == 1)  # taken by the engine: the queue is empty again
-    queued = scheduler.submit(rows([1]), 0.5, None, scheduler.clock())
-    with pytest.raises(QueueFull):
-        scheduler.submit(rows([1, 1]), 0.5, None, scheduler.clock())  # 1 queued + 2 > 2
+    queued = submit(scheduler, [1], 0.5)
+    with pytest.raises(Rejected, match="queue is full"):
+        submit(scheduler, [1, 1], 0.5)  # 1 queued + 2 > 2
     engine.step(2)
-    assert len(await asyncio.gather(*running, *queued)) == 2
+    assert len(await done(running, queued)) == 2
 
 
 @pytest.mark.asyncio
 async def test_close_finishes_every_row_taken_and_refuses_new_ones():
     scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0)
-    in_flight = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
-    queued = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    in_flight = submit(scheduler, [3], 0.0)
+    queued = submit(scheduler, [3], 0.0)
     await wait_for(lambda: len(engine.calls) == 1)
-    scheduler.close()
-    with pytest.raises(SchedulerClosed):
-        scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
+    scheduler.admission.close()
+    with pytest.raises(Rejected, match="shutting down"):
+        submit(scheduler, [3], 0.0)
     engine.step(6)
-    assert [a.exit_layer for a in await asyncio.gather(*in_flight, *queued)] == [3, 3]
+    assert [a.exit_layer for a in await done(in_flight, queued)] == [3, 3]
     assert scheduler.join(timeout=5)
 
 
 @pytest.mark.asyncio
 async def test_two_workers_run_two_batches_at_once_and_each_row_keeps_its_exit():
     scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, workers=2)
-    first = scheduler.submit(rows([3]), 0.0, None, scheduler.clock())
-    second = scheduler.submit(rows([4]), 0.5, None, scheduler.clock())
+    first = submit(scheduler, [3], 0.0)
+    second = submit(scheduler, [4], 0.5)
     await wait_for(lambda: len(engine.calls) == 2)  # one worker alone would be stuck in its first call
     assert sorted(codes for _, codes in engine.calls) == [[3], [4]]
     engine.step(4)  # row 3: three layers; row 4: one
-    assert [a.exit_layer for a in await asyncio.gather(*first, *second)] == [3, 1]
-    scheduler.close()
+    assert [a.exit_layer for a in await done(first, second)] == [3, 1]
+    scheduler.admission.close()
     assert scheduler.join(timeout=5)
 
 
@@ -343,6 +359,131 @@ async def test_metrics_count_every_answer_with_its_exit_layer():
     assert m.registry.get_sample_value("romebert_layers_executed_total") == sum(layers)
     assert m.registry.get_sample_value("romebert_budget_exhausted_total") == 1
     assert m.registry.get_sample_value("romebert_exit_layer_bucket", {"le": "1.0"}) == layers.count(1)
+
+
+# -- admission, gone clients, supervision, drain ---------------------------------------------------
+
+
+class Clock:
+    """A scheduler clock the test moves by hand."""
+
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def shed(scheduler: Scheduler, reason: str) -> float:
+    return scheduler.metrics.registry.get_sample_value("romebert_shed_rows_total", {"reason": reason})
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_predicted_wait_exceeds_the_bound_gets_a_fast_503_with_retry_after():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, max_queue_wait_s=0.5, seconds_per_row=0.3)
+    running = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)  # in flight: half a row ahead of the next one
+    queued = submit(scheduler, [3], 0.0)  # predicted wait (0 + 1/2) x 0.3 s = 0.15 s: fits
+    submit(scheduler, [3], 0.0)  # (1 + 1/2) x 0.3 = 0.45 s: fits
+    with pytest.raises(Rejected) as refused:
+        submit(scheduler, [3], 0.0)  # (2 + 1/2) x 0.3 = 0.75 s > 0.5 s
+    assert refused.value.code == "overloaded" and "predicted queue wait of 750 ms" in str(refused.value)
+    assert refused.value.retry_after == "1"
+    assert scheduler.metrics.registry.get_sample_value("romebert_rejected_requests_total", {"reason": "predicted_wait"}) == 1
+    engine.step(9)
+    assert len(await done(running, queued)) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_budgeted_request_is_refused_when_the_predicted_wait_alone_exceeds_its_budget():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, seconds_per_row=0.3)
+    running = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    with pytest.raises(Rejected, match="exceeds the request's latency budget"):
+        submit(scheduler, [3], 0.0, budget_s=0.1)  # predicted wait 0.15 s
+    patient = submit(scheduler, [3], 0.0, budget_s=0.2)
+    engine.step(6)
+    assert len(await done(running, patient)) == 2
+    assert scheduler.metrics.registry.get_sample_value("romebert_rejected_requests_total", {"reason": "budget"}) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_row_that_waited_past_the_bound_is_answered_503_and_never_run():
+    clock = Clock()
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, max_queue_wait_s=1.0, clock=clock)
+    running = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    late = submit(scheduler, [4], 0.0)
+    clock.now += 1.5  # the running request takes long: the queued one has now waited 1.5 s
+    engine.step(3)
+    (a,) = await done(running)
+    with pytest.raises(Rejected, match="waited 1500 ms in the queue"):
+        await done(late)
+    assert all(codes == [3] for _, codes in engine.calls)
+    assert shed(scheduler, "expired") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_request_leaves_its_batch_before_the_next_layer_and_the_queue_before_it_runs():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=2, max_wait_ms=50.0)
+    stays = submit(scheduler, [3], 0.0)
+    leaves = submit(scheduler, [4], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)  # layer 1 of both, one batch
+    never = submit(scheduler, [2], 0.0)  # queued behind the batch
+    leaves.cancel()
+    never.cancel()
+    engine.step(3)
+    (a,) = await done(stays)
+    await wait_for(lambda: shed(scheduler, "cancelled") == 2)
+    assert engine.calls == [(0, [3, 4]), (1, [3]), (2, [3])]
+    assert a.exit_layer == 3
+    assert leaves.future.cancelled() and never.future.cancelled()
+
+
+class Boom(BaseException):
+    """What kills a worker: raised outside any engine call, and not an Exception."""
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_dies_fails_its_rows_and_the_queue_with_503_and_reports_it():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0)
+    in_flight = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    queued = submit(scheduler, [3], 0.0)
+
+    def broken(*args):
+        raise Boom("worker bug")
+
+    scheduler.admission.take_urgent = broken  # called at the next layer boundary
+    started = time.monotonic()
+    engine.step(1)
+    for ticket in (in_flight, queued):
+        with pytest.raises(Rejected) as failed:
+            await done(ticket)
+        assert failed.value.code == "worker_failed" and failed.value.retry_after == "1"
+    assert time.monotonic() - started < 1.0
+    assert [type(err) for err in scheduler.failures] == [Boom]
+    assert scheduler.join(timeout=5) and not scheduler.alive
+    with pytest.raises(Rejected):
+        submit(scheduler, [3], 0.0)
+    assert shed(scheduler, "worker_failed") == 1  # the queued row; the one in flight was failed by its worker
+
+
+@pytest.mark.asyncio
+async def test_draining_answers_queued_rows_that_cannot_start_in_time_at_once_and_serves_the_rest():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, seconds_per_row=1.0)
+    in_flight = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    fits, late1, late2 = (submit(scheduler, [3], 0.0) for _ in range(3))
+    scheduler.admission.close(drain_s=2.0)  # 2 s at 1 s per row: the row in flight and one more
+    for ticket in (late1, late2):
+        with pytest.raises(Rejected) as refused:
+            await done(ticket)
+        assert refused.value.code == "shutting_down" and refused.value.retry_after == "1"
+    engine.step(6)
+    assert [a.exit_layer for a in await done(in_flight, fits)] == [3, 3]
+    assert shed(scheduler, "draining") == 2
+    assert scheduler.join(timeout=5)
 
 
 # -- the real engine ------------------------------------------------------------------------------
@@ -407,12 +548,10 @@ async def test_the_scheduler_answers_as_the_full_model_does(tiny_engine, workers
     engine, encoder = tiny_engine
     texts = ["great", "a dull, plodding film", "one of the best of the year, funny and warm", "meh"]
     reference = engine.all_exit_logits(encoder.encode(texts))  # (L, B, C)
-    scheduler = Scheduler(engine, Metrics(engine.num_layers), max_batch=8, max_wait_ms=0.0, workers=workers, policy=policy)
-    scheduler.start()
+    scheduler, _ = make(engine, max_batch=8, max_wait_ms=0.0, workers=workers, policy=policy)
     for threshold in (0.0, 0.6931):
         # one request per text, so that with two workers the rows spread over both
-        futures = [f for text in texts for f in scheduler.submit(encoder.encode([text]), threshold, None, scheduler.clock())]
-        got = await asyncio.gather(*futures)
+        got = await done(*(scheduler.submit(encoder.tokenize([text]), threshold, None, scheduler.clock()) for text in texts))
         layers = exit_layers(reference, threshold)
         assert [a.exit_layer for a in got] == layers.tolist()
         for row, a in enumerate(got):

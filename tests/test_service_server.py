@@ -1,8 +1,10 @@
 """`romebert serve`: settings from env and flags, refusing a bad bundle, and the real HTTP path
-with uvicorn, including a graceful SIGTERM that answers the request in flight and exits 0."""
+with uvicorn: slow clients, clients that leave, a dead worker, a bundle that cannot load, and a
+graceful SIGTERM that answers the request in flight and exits 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from romebert.service.cli import main
+from gated_engine import Gated
+from romebert.service.cli import build_server, main
+from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +86,7 @@ def test_real_server_answers_over_http_and_drains_on_sigterm(tiny_bundle):
     base = f"http://127.0.0.1:{port}"
     # A 3 s batching window keeps a lone request queued long enough to be in flight at SIGTERM.
     command = [sys.executable, "-m", "romebert.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
-               "--threads", "1", "--max-wait-ms", "3000", "--log-level", "warning"]
+               "--threads", "1", "--max-wait-ms", "3000", "--max-queue-wait-ms", "10000", "--log-level", "warning"]
     server = subprocess.Popen(command, cwd=REPO, env=os.environ | {"ROMEBERT_BUNDLE": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -117,3 +121,153 @@ def test_real_server_answers_over_http_and_drains_on_sigterm(tiny_bundle):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+# -- an in-process uvicorn, for what needs a real socket and a stubbed engine -----------------------
+
+
+@contextlib.contextmanager
+def uvicorn_serving(bundle, gated: bool = False, **overrides):
+    """(server, base URL, the Gated engine or None), the real uvicorn in a thread."""
+    engines = []
+
+    def factory(b, s):
+        engines.append(Gated(default_engine(b, s)))
+        return engines[0]
+
+    settings = Settings(bundle=str(bundle), host="127.0.0.1", port=free_port(), device="cpu", threads=1, log_level="warning", **overrides)
+    server = build_server(settings, **({"engine_factory": factory} if gated else {}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 30
+    while server.runtime.phase.value != "ready" or not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server never became ready"
+        time.sleep(0.02)
+    try:
+        yield server, base, engines[0] if gated else None
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def sample(base: str, name: str, labels: str = "") -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + labels + " "):
+            return float(line.split()[-1])
+    raise KeyError(name + labels)
+
+
+def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_is_closed(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, header_timeout_s=0.5) as (_, base, _engine):
+        port = int(base.rsplit(":", 1)[1])
+        stalled, idle = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        with stalled, idle:
+            stalled.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+            started = time.monotonic()
+            for sock in (stalled, idle):
+                answer = read_until_closed(sock)  # returns only once the server closed the connection
+                assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
+            assert 0.4 < time.monotonic() - started < 5
+        assert httpx.post(f"{base}/classify", json={"text": "still serving"}).status_code == 200
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, body_timeout_s=0.5) as (_, base, _engine):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\": ")
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
+        assert sample(base, "romebert_requests_total", '{outcome="slow_client"}') == 1
+        assert sample(base, "romebert_inflight_requests") == 0
+
+
+def test_a_client_that_leaves_gets_no_more_work_done_for_it(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, gated=True) as (server, base, engine):
+        engine.gate.clear()
+        engine.entered = 0
+        port = int(base.rsplit(":", 1)[1])
+        body = json.dumps({"text": "nobody will read this", "entropy_threshold": 0.0}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while engine.entered < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        # the client is gone while its layer 1 runs
+        deadline = time.monotonic() + 10
+        while server.runtime.metrics.registry.get_sample_value("romebert_requests_total", {"outcome": "cancelled"}) < 1:
+            assert time.monotonic() < deadline, "the disconnect was never noticed"
+            time.sleep(0.01)
+        engine.gate.set()
+        deadline = time.monotonic() + 10
+        while sample(base, "romebert_shed_rows_total", '{reason="cancelled"}') < 1:
+            assert time.monotonic() < deadline, "the row was never dropped"
+            time.sleep(0.01)
+        assert engine.entered == 1  # layers 2 and 3 never ran for it
+
+
+class Boom(BaseException):
+    pass
+
+
+def test_a_dead_worker_answers_its_requests_503_within_a_second_and_stops_the_server_non_zero(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, gated=True) as (server, base, engine):
+        engine.gate.clear()
+        engine.entered = 0
+        answer: dict = {}
+        request = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{base}/classify", json={"text": "x", "entropy_threshold": 0.0}, timeout=10)))
+        request.start()
+        deadline = time.monotonic() + 10
+        while engine.entered < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        def broken(*args):
+            raise Boom("a bug outside the engine")
+
+        server.runtime.admission.take_urgent = broken  # the worker calls it at the next layer boundary
+        died = time.monotonic()
+        engine.gate.set()
+        request.join(timeout=10)
+        assert answer["r"].status_code == 503 and answer["r"].json()["error"]["code"] == "worker_failed"
+        assert time.monotonic() - died < 1.0
+        assert server.runtime.phase.value == "failed"
+        deadline = time.monotonic() + 30
+        while not server.should_exit:
+            assert time.monotonic() < deadline, "the server was never told to stop"
+            time.sleep(0.01)
+    assert server.exit_status == 1
+
+
+def _resealed(tiny_bundle, tmp_path, damage) -> Path:
+    """A copy of the bundle, damaged by `damage(folder)`, whose manifest vouches for the damage."""
+    from romebert.core.bundle import seal
+
+    folder = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    damage(folder)
+    seal(folder, json.loads((folder / "manifest.json").read_text()))
+    return folder
+
+
+@pytest.mark.parametrize("damage,names", [
+    (lambda f: (f / "segments" / "layer_02.onnx").write_bytes((f / "segments" / "layer_02.onnx").read_bytes()[:500]), "layer_02.onnx"),
+    (lambda f: (f / "tokenizer.json").write_text("{not a tokenizer"), "tokenizer.json"),
+], ids=["truncated-segment", "garbage-tokenizer"])
+def test_a_bundle_whose_files_cannot_load_exits_2_naming_the_file(tiny_bundle, tmp_path, damage, names):
+    bundle = _resealed(tiny_bundle, tmp_path, damage)
+    command = [sys.executable, "-m", "romebert.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", str(free_port()),
+               "--threads", "1", "--log-level", "warning"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert names in done.stderr and "cannot serve" in done.stderr

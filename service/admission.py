@@ -1,0 +1,186 @@
+"""Admission and the queue: who may wait for a worker, and for how long.
+
+A request is let in only when the queue wait predicted for it fits the server's bound
+(`max_queue_wait_ms`) and, when it has one, its own latency budget (a budgeted row that starts
+gets at least exit 1's answer, so only a wait longer than the budget makes it hopeless);
+otherwise it gets a fast 503
+whose Retry-After comes from the predicted wait. The prediction is the work ahead of it, queued
+rows plus half the rows in flight, times the measured engine seconds per answered row (early exits
+included), shared out over the workers. It is an estimate; the bound is kept for certain at the
+other end: a row that has waited past it when a worker would take it is answered 503 instead of
+run. Past capacity the queue therefore holds about one bound's worth of work, the workers stay
+busy, and the rest is turned away at the door, for the price of parsing and tokenizing it.
+
+Rows whose ticket is closed (the client left, the request's deadline passed) are dropped when a
+worker reaches them, so no work is done for clients that have gone.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from romebert.service.cost_model import ServiceRate
+from romebert.service.metrics import Metrics
+from romebert.service.tickets import Rejected, Row
+
+
+class Admission:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_queue: int,
+        max_queue_wait_s: float,
+        workers: int,
+        seconds_per_row: float,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
+        self.workers = workers
+        self.clock = clock
+        self.rate = ServiceRate(seconds_per_row)
+        self._queue: deque[Row] = deque()
+        self._cond = threading.Condition()
+        self._in_flight = 0  # rows taken by workers and not yet answered or dropped
+        self._budgeted = 0  # queued rows with a latency budget (urgent rows are looked for only then)
+        self._closed = False
+        self._drain_deadline = math.inf
+        self._filling_since = 0.0  # time.monotonic() when the queue last became non-empty (the batching window)
+
+    # -- the event loop's side -------------------------------------------------------------
+    def predicted_wait(self) -> float:
+        """Seconds a row arriving now would wait for a worker (call with the lock held)."""
+        return (len(self._queue) + self._in_flight / 2) * self.rate.seconds_per_row / self.workers
+
+    def admit(self, rows: list[Row], budget_s: float | None) -> None:
+        """Queue every row (all or none), or raise Rejected saying why and when to come back."""
+        with self._cond:
+            if self._closed:
+                raise self._refuse("draining", Rejected("shutting_down", "the server is shutting down"))
+            wait = self.predicted_wait()
+            self.metrics.predicted_wait.set(wait)
+            if wait > self.max_queue_wait_s:
+                raise self._refuse("predicted_wait", Rejected(
+                    "overloaded", f"the predicted queue wait of {1000 * wait:.0f} ms exceeds the server's bound of "
+                    f"{1000 * self.max_queue_wait_s:.0f} ms; retry later", wait))
+            if budget_s is not None and wait > budget_s:
+                raise self._refuse("budget", Rejected(
+                    "overloaded", f"the predicted queue wait of {1000 * wait:.0f} ms exceeds the request's latency budget "
+                    f"of {1000 * budget_s:.0f} ms; retry later", wait))
+            if len(self._queue) + len(rows) > self.max_queue:
+                raise self._refuse("queue_full", Rejected(
+                    "overloaded", f"the queue is full ({len(self._queue)} rows, room for {self.max_queue - len(self._queue)})", wait))
+            if not self._queue:
+                self._filling_since = time.monotonic()
+            self._queue.extend(rows)
+            self._budgeted += sum(row.deadline < math.inf for row in rows)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+
+    def _refuse(self, reason: str, error: Rejected) -> Rejected:
+        self.metrics.rejected.labels(reason).inc()
+        return error
+
+    # -- the workers' side -----------------------------------------------------------------
+    def wait_for_rows(self, fill: int, window_s: float) -> bool:
+        """Block until rows are queued; give a batch `window_s` after its first row to reach
+        `fill` rows. False once closed with nothing left: the worker may stop."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return False
+                self._cond.wait()
+            window_end = self._filling_since + window_s
+            while len(self._queue) < fill and not self._closed and (remaining := window_end - time.monotonic()) > 0:
+                self._cond.wait(remaining)
+            return True
+
+    def take(self, n: int) -> list[Row]:
+        """Up to n rows to run, oldest first, skipping (and answering) the ones that must not run."""
+        with self._cond:
+            return self._pop(n, lambda row: True)
+
+    def take_urgent(self, must_start_by: float, n: int) -> list[Row]:
+        """Up to n budgeted rows whose deadline comes before `must_start_by` (scheduler clock)."""
+        with self._cond:
+            if not self._budgeted:
+                return []
+            return self._pop(n, lambda row: row.deadline < must_start_by)
+
+    def _pop(self, n: int, wanted: Callable[[Row], bool]) -> list[Row]:
+        now = self.clock()
+        taken: list[Row] = []
+        kept: deque[Row] = deque()
+        while self._queue and len(taken) < n:
+            row = self._queue.popleft()
+            if not self._runnable(row, now):
+                self._budgeted -= row.deadline < math.inf
+            elif wanted(row):
+                taken.append(row)
+                self._budgeted -= row.deadline < math.inf
+            else:
+                kept.append(row)
+        self._queue.extendleft(reversed(kept))
+        self._in_flight += len(taken)
+        self.metrics.queue_depth.set(len(self._queue))
+        for row in taken:
+            self.metrics.queue_wait.observe(max(now - row.arrival, 0.0))
+        return taken
+
+    def _runnable(self, row: Row, now: float) -> bool:
+        """False for a row that must not run (answered here, or dropped with its closed ticket)."""
+        if row.ticket.closed:
+            self.metrics.shed_rows.labels(row.ticket.closed_because or "cancelled").inc()
+            return False
+        if now - row.arrival > self.max_queue_wait_s:
+            self._fail(row, "expired", Rejected(
+                "overloaded", f"waited {1000 * (now - row.arrival):.0f} ms in the queue, over the server's bound of "
+                f"{1000 * self.max_queue_wait_s:.0f} ms; retry later", self.predicted_wait()))
+            return False
+        if now + self.rate.seconds_per_row > self._drain_deadline:
+            self._fail(row, "draining", Rejected("shutting_down", "the server is shutting down before this request's turn"))
+            return False
+        return True
+
+    def _fail(self, row: Row, reason: str, error: Rejected) -> None:
+        self.metrics.shed_rows.labels(reason).inc()
+        row.ticket.fail(error, reason)
+
+    def done(self, rows: int, seconds: float) -> None:
+        """A worker's step took `seconds`; after it `rows` of its rows left (answered or dropped)."""
+        with self._cond:
+            self._in_flight -= rows
+            self.rate.record(seconds, rows)
+
+    # -- closing ---------------------------------------------------------------------------
+    def close(self, drain_s: float = math.inf) -> None:
+        """Take no new rows. Queued rows predicted not to start within `drain_s` are answered 503
+        now; the workers serve the rest and then stop."""
+        with self._cond:
+            self._closed = True
+            self._drain_deadline = self.clock() + drain_s
+            if drain_s < math.inf:
+                fits = max(int(drain_s * self.workers / max(self.rate.seconds_per_row, 1e-9)) - self._in_flight, 0)
+                error = Rejected("shutting_down", "the server is shutting down before this request's turn")
+                while len(self._queue) > fits:
+                    row = self._queue.pop()
+                    self._budgeted -= row.deadline < math.inf
+                    self._fail(row, "draining", error)
+                self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+
+    def fail_all(self, error: Rejected, reason: str) -> None:
+        """Answer every queued row with `error` (a worker died: nobody will run them)."""
+        with self._cond:
+            self._closed = True
+            while self._queue:
+                self._fail(self._queue.popleft(), reason, error)
+            self._budgeted = 0
+            self.metrics.queue_depth.set(0)
+            self._cond.notify_all()
