@@ -1,17 +1,23 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (see DESIGN.md: the serving image carries onnxruntime and no torch):
-#   docker build --target serve -t romebert-serve .   inference server: CUDA runtime + onnxruntime-gpu
+#   docker build --target serve -t romebert-serve .   inference server: onnxruntime-gpu and its CUDA libraries
 #   docker build --target train -t romebert-train .   `romebert train` and `romebert export`: CUDA torch
-# CPU-only builds swap three build args (docker-compose.cpu.yml does this):
-#   --build-arg SERVE_BASE=ubuntu:24.04 --build-arg ORT_PACKAGE=onnxruntime
-#   --build-arg TORCH_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# CPU-only builds swap two build args (docker-compose.cpu.yml does this):
+#   --build-arg ORT_PACKAGE=onnxruntime --build-arg TORCH_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-# PyPI's onnxruntime-gpu (1.19 and later) is built against CUDA 12.x and cuDNN 9 and loads both from
-# the system, which the cudnn-runtime flavour of a CUDA 12 image provides (any 12.x minor works by
-# CUDA minor-version compatibility; host driver >= 525, >= 570 recommended for 12.8). Ubuntu 24.04
-# for its Python 3.12: current onnxruntime-gpu wheels no longer support 22.04's Python 3.10.
-ARG SERVE_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The serving image is a slim Python with onnxruntime-gpu's own `cuda` and `cudnn` extras (the
+# NVIDIA runtime libraries as pip wheels), not a CUDA base image: it carries only the libraries the
+# CUDA execution provider loads (cuBLAS, cudart, cuRAND, cuFFT, NVRTC, cuDNN) in the versions the
+# wheel declares, which is smaller than a cudnn-runtime base, and their CUDA major cannot drift from
+# the wheel's. The host needs only the NVIDIA driver (>= 580 for CUDA 13) and the container toolkit.
+ARG SERVE_BASE=python:3.12-slim-bookworm
 ARG TRAIN_BASE=python:3.12-slim-bookworm
+# onnxruntime-gpu 1.31.1 is built for CUDA 13: its METADATA's `cuda` extra asks for
+# nvidia-cuda-runtime~=13.0 and `cudnn` for nvidia-cudnn-cu13~=9.0, and its CUDA provider library
+# needs libcublas.so.13 and libcudart.so.13 (readelf -d). ORT_CUDA_MAJOR records that next to the
+# pin; tests/test_deploy.py fails when any CUDA library this file installs has another major.
+ARG ORT_VERSION=1.31.1
+ARG ORT_CUDA_MAJOR=13
 
 # ---------------------------------------------------------------------------------------------
 # source: the project's files, copied once for both images.
@@ -27,55 +33,58 @@ COPY loadtest/ /src/loadtest/
 # serve-build: a virtualenv with the `serve` extra, its CPU onnxruntime replaced by the GPU build.
 FROM ${SERVE_BASE} AS serve-build
 ARG ORT_PACKAGE=onnxruntime-gpu
-ARG ORT_VERSION=1.31.1
-ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_NO_CACHE_DIR=1 \
+ARG ORT_VERSION
+ARG ORT_CUDA_MAJOR
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# Ubuntu's python3 package is pinned by the base image tag; apt version pins would break on every point release.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv
+RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY --from=source /src ./
 # `.[serve]` brings the CPU onnxruntime. The GPU wheel installs the same `onnxruntime` module, so
 # the CPU one is uninstalled first (installing over it would leave a mix of the two builds); the
 # CPU variant goes through the same steps to land on the same pinned version; pip's warning that
-# romebert's onnxruntime requirement is unmet is expected. The checks fail the build when the CUDA
-# provider is missing from a GPU build or torch crept in.
+# romebert's onnxruntime requirement is unmet is expected. cuDNN's wheel asks for an unpinned
+# cuBLAS: the constraint keeps it on the wheel's CUDA major. The checks fail the build when a
+# library the CUDA provider needs does not resolve (only the driver's libcuda.so.1 comes from the
+# host, at run time) or torch crept in.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN pip install --no-cache-dir "./[serve]" \
  && pip uninstall -y onnxruntime \
- && pip install --no-cache-dir "${ORT_PACKAGE}==${ORT_VERSION}" \
+ && if [ "${ORT_PACKAGE}" = "onnxruntime-gpu" ]; then \
+        echo "nvidia-cublas~=${ORT_CUDA_MAJOR}.0" > /tmp/cuda-constraints.txt \
+     && pip install --no-cache-dir -c /tmp/cuda-constraints.txt "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"; \
+    else \
+        pip install --no-cache-dir "onnxruntime==${ORT_VERSION}"; \
+    fi \
  && python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
  && if [ "${ORT_PACKAGE}" = "onnxruntime-gpu" ]; then \
-        python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()"; \
+        provider="$(python -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime_providers_cuda.so"))')" \
+     && libs="$(python -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in ("cu'"${ORT_CUDA_MAJOR}"'", "cudnn")))')" \
+     && missing="$(LD_LIBRARY_PATH="${libs}" ldd "${provider}" | grep 'not found' | grep -v 'libcuda\.so\.1' || true)" \
+     && if [ -n "${missing}" ]; then echo "the CUDA provider cannot load: ${missing}" >&2; exit 1; fi; \
     fi \
  && if python -c "import torch" 2>/dev/null; then echo "torch must not be in the serving image" >&2; exit 1; fi
 
 # ---------------------------------------------------------------------------------------------
-# serve: the runtime image. Only python3 (for the copied virtualenv) on top of the CUDA runtime.
+# serve: the runtime image: the virtualenv on the same slim Python, the CUDA libraries on the path.
 FROM ${SERVE_BASE} AS serve
-ENV DEBIAN_FRONTEND=noninteractive \
-    PATH=/opt/venv/bin:$PATH \
+ARG ORT_CUDA_MAJOR
+ENV PATH=/opt/venv/bin:$PATH \
+    LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/nvidia/cu${ORT_CUDA_MAJOR}/lib:/opt/venv/lib/python3.12/site-packages/nvidia/cudnn/lib \
     PYTHONUNBUFFERED=1 \
     ROMEBERT_HOST=0.0.0.0 \
     ROMEBERT_PORT=8000 \
     ROMEBERT_BUNDLE=/models/bundle
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin romebert
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin romebert
 COPY --from=serve-build /opt/venv /opt/venv
 USER 10001:10001
 EXPOSE 8000
 # Liveness only (/healthz); orchestrators that route traffic should also probe /readyz.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ROMEBERT_PORT', '8000'), timeout=4)"]
-# The bundle folder comes from ROMEBERT_BUNDLE (mount it read-only at /models/bundle), or as an argument.
+# The bundle folder comes from ROMEBERT_BUNDLE (mount it read-only at /models/bundle), or as an
+# argument. ROMEBERT_DEVICE=cuda (compose, k8s) makes a silent fall-back to the CPU an exit 2.
 ENTRYPOINT ["romebert", "serve"]
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,7 @@ test texts, batch 32 over all 853; the onnxruntime candidates take turns on each
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +24,13 @@ from romebert.model_export.export import export_bundle  # noqa: E402
 from romebert.model_export.segments import FullDepthModel  # noqa: E402
 from romebert.core.bundle import BundleError, load_bundle  # noqa: E402
 from romebert.core.engine import Engine, default_threads, open_session, run_early_exit  # noqa: E402
-from romebert.core.tokenization import Encoded, TextEncoder  # noqa: E402
+from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
+from bench.harness import SEQ_LEN, measure_side_by_side, padded  # noqa: E402
 
-SEQ_LEN = 64
 CHECKPOINT = ROOT / "artifacts" / "bench" / "romebert"
-
-
-def padded(encoder: TextEncoder, texts: list[str]) -> Encoded:
-    e = encoder.encode(texts)
-    pad = SEQ_LEN - e.input_ids.shape[1]
-    widen = lambda a: np.pad(a, ((0, 0), (0, pad)))  # noqa: E731
-    return Encoded(widen(e.input_ids), widen(e.attention_mask), widen(e.token_type_ids), e.truncated, e.lengths)
 
 
 def bundle_for(precision: str, attention: str = "classic") -> Path:
@@ -50,33 +41,6 @@ def bundle_for(precision: str, attention: str = "classic") -> Path:
     except BundleError:
         export_bundle(CHECKPOINT, path, precision=precision, force=path.exists(), attention=attention, monolithic=True)
     return path
-
-
-def measure_side_by_side(candidates: dict, batches: list[Encoded], labels: np.ndarray) -> dict[str, dict]:
-    """Each batch goes through every candidate in turn (round-robin), so drift in machine load
-    hits all of them alike; each candidate is warmed up once first. run(batch) -> (preds, layers)."""
-    for run in candidates.values():
-        run(batches[0])
-    times = {name: [] for name in candidates}
-    preds = {name: [] for name in candidates}
-    layers = {name: [] for name in candidates}
-    for b in batches:
-        for name, run in candidates.items():
-            t = time.perf_counter()
-            p, layer = run(b)
-            times[name].append(time.perf_counter() - t)
-            preds[name].append(p)
-            layers[name].append(layer)
-    out = {}
-    for name in candidates:
-        p, layer = np.concatenate(preds[name]), np.concatenate(layers[name])
-        out[name] = {
-            "p50_ms": round(1000 * float(np.median(times[name])), 3),
-            "items_per_s": round(len(p) / sum(times[name]), 1),
-            "test_acc": round(float((p == labels[: len(p)]).mean()), 4),
-            "avg_exit_layer": round(float(layer.mean()), 3),
-        }
-    return out
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -75,21 +76,24 @@ def _onnxruntime_messages() -> Iterator[list[str]]:
             text = capture.read().decode("utf-8", "replace")
             if text:
                 sys.stderr.write(text)  # still shown, as onnxruntime meant it
-            lines += [line.strip() for line in text.splitlines() if line.strip()]
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", text)  # onnxruntime colours its log lines
+            lines += [line.strip() for line in plain.splitlines() if line.strip()]
             lines += [str(w.message) for w in caught]
 
 
 def open_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    """A session configured the way every session of this project is: on the CPU the shared pool,
-    on CUDA the CUDA provider, verified: a session that onnxruntime put on the CPU instead raises
+    """A session configured the way every session of this project is: the process-wide CPU thread
+    pool, and on CUDA the CUDA provider, verified: a session that onnxruntime put on the CPU instead raises
     DeviceError with onnxruntime's own reason, never a silent fall-back. A file onnxruntime cannot
     load raises BundleError naming it."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # Every session, CUDA ones too: once a process has the global pool, onnxruntime refuses any
+    # session with threads of its own (and CUDA sessions run their CPU-placed nodes on it).
+    _use_global_thread_pool(threads or default_threads())
+    options.use_per_session_threads = False
     if device != "cuda":
-        _use_global_thread_pool(threads or default_threads())
-        options.use_per_session_threads = False
         return _load(path, options, ["CPUExecutionProvider"])
     with _onnxruntime_messages() as messages:
         session = _load(path, options, ["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -48,7 +48,3 @@ def series(metric: Metric) -> tuple[str, ...]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",), "info": ("_info",)}
     return tuple(metric.name + s for s in suffixes[metric.kind])
 
-
-def total(metric: Metric) -> str:
-    """The one sample of a counter, or a histogram's _count."""
-    return metric.name + ("_total" if metric.kind == "counter" else "_count")

@@ -2,9 +2,6 @@
 
 Exit status: 0 the run met every SLO given, 1 an SLO was missed (each miss is printed with its
 margin), 2 bad arguments, unusable texts, or a server that cannot be reached or is not ready.
-
-Locust is imported only once the arguments are known to be good: its import monkey-patches the
-standard library for gevent, which `--help` and argument errors do not need.
 """
 
 from __future__ import annotations
@@ -19,14 +16,15 @@ from romebert.loadtest.workload import add_workload_arguments, workload_from_arg
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="romebert loadtest",
-        description="Drive a running romebert server with Locust (headless) and report latency, throughput and exit depth. "
+        description="Drive a running romebert server (asyncio + aiohttp, one process) and report latency, throughput and exit depth. "
         "For more load than one machine makes, run Locust's distributed mode with loadtest/locustfile.py.",
     )
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     load = p.add_argument_group("load (closed loop by default)")
     load.add_argument("--users", type=int, default=None,
                       help="concurrent users (closed loop: each sends its next request when the last one returns; default 4). "
-                      "With --rate: the pool of users that serve the schedule (default: one per request/s)")
+                      "With --rate: the most requests in flight (default: one per request/s, at most 2000); "
+                      "a send that finds them all busy is skipped and counted as unsent")
     load.add_argument("--rate", type=float, default=None, help="open loop: a constant arrival rate of R requests/s, whatever the latency")
     load.add_argument("--duration", type=float, default=30.0, help="stop after S seconds (default 30)")
     load.add_argument("--max-requests", type=int, default=None, help="stop after N requests (whichever of --duration and this comes first)")
@@ -59,7 +57,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _ready(url: str, timeout_s: float) -> str | None:
     """None when GET /readyz answers 200, else why the server cannot be tested."""
-    import urllib.error  # here, not at the top: it imports ssl, which Locust must patch first
+    import urllib.error
     import urllib.request
 
     try:
@@ -76,8 +74,7 @@ def main(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _check(parser, args)
     url = args.url.rstrip("/")
-    # Locust first: it monkey-patches sockets and ssl, which must happen before anything opens one.
-    from romebert.loadtest.runner import pool_size, run_load
+    from romebert.loadtest.driver import pool_size, run_load
 
     try:
         workload = workload_from_args(args)

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from romebert.core import metric_names as names
+
+EXIT_BUCKET, EXIT_SUM, EXIT_COUNT = names.series(names.EXIT_LAYER)
+(REQUESTS_TOTAL,), (LAYERS_TOTAL,), (BUDGET_TOTAL,) = (names.series(m) for m in (names.REQUESTS, names.LAYERS_EXECUTED, names.BUDGET_EXHAUSTED))
+(MODEL_INFO,) = names.series(names.MODEL)
+
 # sample name -> label set (sorted pairs) -> value
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -56,22 +62,22 @@ class ServerDelta:
 
 
 def delta(before: Samples, after: Samples) -> ServerDelta:
-    restarted = _total(after, "romebert_exit_layer_count") < _total(before, "romebert_exit_layer_count")
+    restarted = _total(after, EXIT_COUNT) < _total(before, EXIT_COUNT)
     if restarted:
         before = {}
-    count = _total(after, "romebert_exit_layer_count") - _total(before, "romebert_exit_layer_count")
-    total = _total(after, "romebert_exit_layer_sum") - _total(before, "romebert_exit_layer_sum")
+    count = _total(after, EXIT_COUNT) - _total(before, EXIT_COUNT)
+    total = _total(after, EXIT_SUM) - _total(before, EXIT_SUM)
     outcomes = {
-        dict(labels).get("outcome", ""): value - before.get("romebert_requests_total", {}).get(labels, 0.0)
-        for labels, value in after.get("romebert_requests_total", {}).items()
+        dict(labels).get("outcome", ""): value - before.get(REQUESTS_TOTAL, {}).get(labels, 0.0)
+        for labels, value in after.get(REQUESTS_TOTAL, {}).items()
     }
-    info = next(iter(after.get("romebert_model_info", {})), ())
+    info = next(iter(after.get(MODEL_INFO, {})), ())
     return ServerDelta(
         items=count,
         average_exit_layer=total / count if count > 0 else None,
         exit_layers=_bucket_counts(before, after),
-        layers_executed=_total(after, "romebert_layers_executed_total") - _total(before, "romebert_layers_executed_total"),
-        budget_exhausted=_total(after, "romebert_budget_exhausted_total") - _total(before, "romebert_budget_exhausted_total"),
+        layers_executed=_total(after, LAYERS_TOTAL) - _total(before, LAYERS_TOTAL),
+        budget_exhausted=_total(after, BUDGET_TOTAL) - _total(before, BUDGET_TOTAL),
         requests_by_outcome={k: v for k, v in outcomes.items() if v},
         model=dict(info),
         restarted=restarted,
@@ -91,7 +97,7 @@ def _bucket_counts(before: Samples, after: Samples) -> dict[str, float]:
     """Cumulative `le` buckets (summed over any label sets) -> items per bucket, in layer order."""
     cumulative: dict[float, float] = {}
     for source, sign in ((after, 1.0), (before, -1.0)):
-        for labels, value in source.get("romebert_exit_layer_bucket", {}).items():
+        for labels, value in source.get(EXIT_BUCKET, {}).items():
             le = float(dict(labels)["le"])
             cumulative[le] = cumulative.get(le, 0.0) + sign * value
     counts: dict[str, float] = {}

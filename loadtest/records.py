@@ -1,11 +1,16 @@
 """What a run leaves behind: one record per completed request, and the run's outcome.
 
-Plain data, free of Locust, so that reporting and plotting never import the load generator.
+Plain data, free of the load generators, so that reporting and plotting import neither; both
+generators (driver.py, and Locust's users.py) read answers into records with `record_of`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
+
+from romebert.loadtest.workload import Request
 
 
 @dataclass(frozen=True)
@@ -33,4 +38,37 @@ class RunResult:
     records: list[RequestRecord]
     elapsed_s: float
     stop_reason: str  # "duration" or "max-requests"
-    abandoned: int  # requests claimed but not completed when the duration ran out
+    abandoned: int  # requests sent but not answered when the run ended
+    unsent: int = 0  # open loop: sends skipped because every connection of the pool was busy
+
+
+def record_of(status: int, text: str | None, request: Request, start_s: float, latency_ms: float, lag_ms: float) -> RequestRecord:
+    """Read a /classify answer into a record; a 2xx whose body breaks the contract counts as failed."""
+    base: dict[str, Any] = dict(start_s=start_s, latency_ms=latency_ms, lag_ms=lag_ms, status=status, profile=request.profile,
+                                items=request.items, budget_ms=request.body.get("latency_budget_ms"))
+    if not 200 <= status < 300:
+        return RequestRecord(**base, error=_error_code(status, text))
+    try:
+        answer = json.loads(text or "")
+        results = answer["results"]
+        if len(results) != request.items:
+            raise ValueError(f"{len(results)} results for {request.items} items")
+        return RequestRecord(
+            **base,
+            exit_layers=tuple(int(r["exit_layer"]) for r in results),
+            budget_exhausted=sum(bool(r["budget_exhausted"]) for r in results),
+            truncated=sum(bool(r["truncated"]) for r in results),
+            server_latency_ms=float(answer["latency_ms"]),
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        return RequestRecord(**base, error=f"invalid body: {err}")
+
+
+def _error_code(status: int, text: str | None) -> str:
+    """The contract's error code ({"error": {"code": ...}}) when the body has one, else the status."""
+    if status == 0:
+        return "no response"
+    try:
+        return str(json.loads(text or "")["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}"

@@ -25,7 +25,7 @@ def build_report(config: dict[str, Any], run: RunResult, server: ServerDelta | N
     items_ok = sum(r.items for r in ok)
     report: dict[str, Any] = {
         "config": config,
-        "run": {"elapsed_s": run.elapsed_s, "stop_reason": run.stop_reason, "abandoned": run.abandoned},
+        "run": {"elapsed_s": run.elapsed_s, "stop_reason": run.stop_reason, "abandoned": run.abandoned, "unsent": run.unsent},
         "requests": {
             "completed": len(records),
             "ok": len(ok),
@@ -44,10 +44,16 @@ def build_report(config: dict[str, Any], run: RunResult, server: ServerDelta | N
         "profiles": {name: _profile_summary([r for r in records if r.profile == name]) for name in sorted({r.profile for r in records})},
     }
     if config.get("rate"):
+        achieved = _arrival_rate([r.start_s for r in records])
+        lag = latency_summary([r.lag_ms for r in records])
         report["schedule"] = {
             "target_rate": config["rate"],
-            "achieved_rate": _arrival_rate([r.start_s for r in records]),
-            "lag_ms": latency_summary([r.lag_ms for r in records]),
+            "achieved_rate": achieved,
+            "lag_ms": lag,
+            "unsent": run.unsent,
+            # within 5% of the target, nothing skipped, and sends at most one interval late at p99
+            "rate_reached": bool(achieved is not None and achieved >= 0.95 * config["rate"] and not run.unsent
+                                 and lag is not None and lag["p99"] <= 1000 / config["rate"] + 1.0),
         }
     return report
 
@@ -139,10 +145,10 @@ def format_table(report: dict[str, Any]) -> str:
         sched = report["schedule"]
         lag = sched["lag_ms"] or {}
         lines.append(f"  {'schedule':<13}target {sched['target_rate']:g} req/s, achieved {_num(sched['achieved_rate'])}, "
-                     f"send lag p99 {_num(lag.get('p99'))} ms")
-        if lag.get("p99", 0.0) > 1000 / sched["target_rate"]:
-            lines.append(f"  {'':<13}WARNING: requests left over one interval late: too few idle users (raise --users) "
-                         "or a saturated load generator; latency from the schedule would be higher")
+                     f"send lag p99 {_num(lag.get('p99'))} ms, {sched['unsent']} unsent")
+        if not sched["rate_reached"]:
+            lines.append(f"  {'':<13}WARNING: the target rate was NOT reached: too few connections for the latency (raise --users) "
+                         "or a saturated load generator; the server saw less load than asked for")
     for key, title in (("latency_ms", "latency ms"), ("server_latency_ms", "server ms")):
         lat = report[key]
         if lat:

@@ -58,17 +58,26 @@ class Admission:
         """Seconds a row arriving now would wait for a worker (call with the lock held)."""
         return (len(self._queue) + self._in_flight / 2) * self.rate.seconds_per_row / self.workers
 
+    def door(self) -> Rejected | None:
+        """The part of admission that needs no request: cheap enough (no lock, an estimate) to run
+        before the body is read or parsed, so that past capacity a refusal costs next to nothing."""
+        if self._closed:
+            return self._refuse("draining", Rejected("shutting_down", "the server is shutting down"))
+        wait = self.predicted_wait()
+        if wait > self.max_queue_wait_s:
+            return self._refuse("predicted_wait", Rejected(
+                "overloaded", f"the predicted queue wait of {1000 * wait:.0f} ms exceeds the server's bound of "
+                f"{1000 * self.max_queue_wait_s:.0f} ms; retry later", wait))
+        return None
+
     def admit(self, rows: list[Row], budget_s: float | None) -> None:
         """Queue every row (all or none), or raise Rejected saying why and when to come back."""
         with self._cond:
-            if self._closed:
-                raise self._refuse("draining", Rejected("shutting_down", "the server is shutting down"))
+            refused = self.door()
+            if refused is not None:
+                raise refused
             wait = self.predicted_wait()
             self.metrics.predicted_wait.set(wait)
-            if wait > self.max_queue_wait_s:
-                raise self._refuse("predicted_wait", Rejected(
-                    "overloaded", f"the predicted queue wait of {1000 * wait:.0f} ms exceeds the server's bound of "
-                    f"{1000 * self.max_queue_wait_s:.0f} ms; retry later", wait))
             if budget_s is not None and wait > budget_s:
                 raise self._refuse("budget", Rejected(
                     "overloaded", f"the predicted queue wait of {1000 * wait:.0f} ms exceeds the request's latency budget "

@@ -22,7 +22,7 @@ from romebert.core.bundle import load_bundle
 from romebert.service.cost_model import CostModel
 from romebert.service.errors import install_error_handlers
 from romebert.service.metrics import Metrics
-from romebert.service.middleware import ClassifyMetrics, RequestGuard
+from romebert.service.middleware import AdmissionDoor, ClassifyMetrics, RequestGuard
 from romebert.service.routes import make_router
 from romebert.service.runtime import EngineFactory, Runtime, default_engine
 from romebert.service.schemas import classify_request_model
@@ -58,6 +58,8 @@ def create_app(
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(make_router(classify_request_model(runtime.max_entropy, settings.max_items, bundle.pair_input)))
+    # Added innermost first: a request meets the metrics, then the door, then the guard.
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(ClassifyMetrics, metrics=metrics)  # added last = outermost: it sees the guard's answers too
+    app.add_middleware(AdmissionDoor, runtime=runtime)
+    app.add_middleware(ClassifyMetrics, metrics=metrics)
     return app

@@ -90,8 +90,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, "invalid_request", f"invalid request: {summary}", details)
 
 
-async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
+def rejected_response(exc: Rejected) -> JSONResponse:
     return error_response(503, exc.code, str(exc), headers={"Retry-After": exc.retry_after})
+
+
+async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
+    return rejected_response(exc)
 
 
 async def _engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:

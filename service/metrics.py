@@ -6,9 +6,12 @@ share counts. No metric carries a per-request label.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from romebert.core import metric_names as names
+
+# No *_created samples: nothing reads them, and they would double what every scrape carries.
+disable_created_metrics()
 
 # Request latency from 1 ms to 10 s: the span between a one-layer exit on a GPU and a full-depth
 # batch on a loaded CPU.

