@@ -27,10 +27,12 @@ sys.path.insert(0, str(ROOT))
 from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
-from romebert.training.train import TrainConfig, encode_split, train  # noqa: E402
+from romebert.training.train import TrainConfig, train  # noqa: E402
 from romebert.core.exits import sweep  # noqa: E402
+from romebert.training.intervals import correct_at, fine_grid, paired_difference, threshold_for_speedup  # noqa: E402
+from bench.harness import environment  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
-from romebert.core.data import load_task  # noqa: E402
+from romebert.core.data import encode_examples, load_task  # noqa: E402
 
 BASE = dict(data="rotten_tomatoes", max_length=64, batch_size=32, seed=42, device="cpu", save_every=100)
 # name -> TrainConfig overrides; "@name" in init_from is that run's checkpoint (it runs first).
@@ -51,6 +53,10 @@ RUNS: dict[str, dict] = {
     "rb_nogr": dict(method="romebert", lr=1e-4, epochs=3, gradient_regularization=False),
     "rb_grswap": dict(method="romebert", lr=1e-4, epochs=3, gr_swap=True),
     "rb_warmup0.1": dict(method="romebert", lr=1e-4, epochs=3, warmup_ratio=0.1),
+    # round 2, around the best of round 1 (the reference's KL reduction: half the distillation weight)
+    "rb_klmean_gamma0.5": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", gamma=0.5),
+    "rb_klmean_nogr": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", gradient_regularization=False),
+    "rb_klmean_T2": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", temperature=2.0),
 }
 
 
@@ -65,7 +71,7 @@ def run(name: str, out: Path) -> dict:
         print(f"=== {name}: {cfg}", flush=True)
         ckpt = train(cfg)
         task = load_task(BASE["data"], seed=BASE["seed"])
-        encoded, labels = encode_split(TextEncoder(ckpt / "tokenizer.json", BASE["max_length"]), task.dev)
+        encoded, labels = encode_examples(TextEncoder(ckpt / "tokenizer.json", BASE["max_length"]), task.dev)
         logits = exit_logits(MultiExitBert.from_checkpoint(ckpt), encoded, 256)
         np.savez(logits_file, logits=logits, labels=labels)
     data = np.load(logits_file)
@@ -79,18 +85,103 @@ def run(name: str, out: Path) -> dict:
     }
 
 
+# -- the figure of merit on dev, and the exit rules --------------------------------------------
+
+
+def best_at(curve: list[tuple[float, float]], speedup: float) -> float | None:
+    """Best accuracy among the curve's points (speed-up, accuracy) that reach `speedup`."""
+    reached = [acc for s, acc in curve if s >= speedup - 1e-9]
+    return max(reached) if reached else None
+
+
+def entropy_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
+    points = [correct_at(logits, labels, t) for t in fine_grid(logits.shape[-1])]
+    return [(logits.shape[0] / avg, float(c.mean())) for c, avg in points]
+
+
+def patience_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
+    """PABEE: leave at the first exit where the prediction has stayed the same for `patience`
+    consecutive exits (so never before exit patience + 1); else at the last."""
+    num_layers, n = logits.shape[:2]
+    preds = logits.argmax(-1)
+    curve = []
+    for patience in range(1, num_layers):
+        layers = np.full(n, num_layers)
+        streak = np.zeros(n, dtype=int)
+        for i in range(1, num_layers):
+            streak = np.where(preds[i] == preds[i - 1], streak + 1, 0)
+            leaving = (streak >= patience) & (layers == num_layers)
+            layers[leaving] = i + 1
+        chosen = preds[layers - 1, np.arange(n)]
+        curve.append((num_layers / layers.mean(), float((chosen == labels).mean())))
+    return curve
+
+
+def temperatures(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per exit, the temperature that minimises the negative log-likelihood (grid search)."""
+    grid = np.geomspace(0.05, 20, 200)
+
+    def nll(z: np.ndarray) -> float:
+        z = z - z.max(-1, keepdims=True)
+        return float((np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]).mean())
+
+    return np.array([min(grid, key=lambda t: nll(z / t)) for z in logits])
+
+
+def calibrated_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
+    """The entropy rule on temperature-scaled exits, cross-fitted: temperatures fitted on one half
+    of dev, the curve read on the other, and the two halves' curves averaged point by point."""
+    halves = np.array_split(np.random.default_rng(0).permutation(len(labels)), 2)
+    curves = []
+    for fit, read in (halves, halves[::-1]):
+        scaled = logits[:, read] / temperatures(logits[:, fit], labels[fit])[:, None, None]
+        curves.append(entropy_curve(scaled, labels[read]))
+    return [((s1 + s2) / 2, (a1 + a2) / 2) for (s1, a1), (s2, a2) in zip(*curves)]
+
+
+def report(names: list[str], out: Path) -> dict:
+    """Per run: dev accuracy at full depth and at >= 2x / >= 3x speed-up, and the paired dev
+    difference to DeeBERT at those points; for every run, the three exit rules side by side."""
+    loaded = {n: np.load(out / n / "dev_logits.npz") for n in names if (out / n / "dev_logits.npz").is_file()}
+    rows = {}
+    for name, data in loaded.items():
+        logits, labels = data["logits"], data["labels"]
+        row = {"full_depth": float((logits[-1].argmax(-1) == labels).mean())}
+        for s in (2, 3):
+            row[f"at_{s}x"] = best_at(entropy_curve(logits, labels), s)
+            t, t_ref = threshold_for_speedup(logits, labels, s), threshold_for_speedup(loaded["deebert"]["logits"], labels, s)
+            if name != "deebert" and t is not None and t_ref is not None:
+                row[f"minus_deebert_at_{s}x"] = paired_difference(correct_at(logits, labels, t)[0], correct_at(loaded["deebert"]["logits"], labels, t_ref)[0])
+            for rule, curve in (("patience", patience_curve(logits, labels)), ("calibrated", calibrated_curve(logits, labels))):
+                row[f"{rule}_at_{s}x"] = best_at(curve, s)
+        rows[name] = row
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated names from RUNS")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "search")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; report the runs already there")
     args = parser.parse_args()
     results_file = ROOT / "bench" / "results" / "recipe_search.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"settings": BASE, "runs": {}}
-    for name in args.runs.split(","):
+    names = args.runs.split(",")
+    for name in names if not args.report_only else []:
         results["runs"][name] = run(name, args.out)
         write_json(results_file, results)
         accs = " ".join(f"{100 * a:.1f}" for a in results["runs"][name]["dev_acc_per_exit"])
         print(f"--- {name}: dev acc per exit {accs}", flush=True)
+    results["report"] = report([n for n in RUNS if n in results["runs"]], args.out)
+    results["environment"] = environment()
+    write_json(results_file, results)
+    pct = lambda v: "   -" if v is None else f"{100 * v:5.1f}"  # noqa: E731
+    print(f"{'run':<24}{'full':>6}{'@2x':>6}{'@3x':>6}  {'vs DeeBERT @2x [95%]':<22}{'patience @2x/@3x':>18}{'calibrated @2x/@3x':>20}")
+    for name, r in results["report"].items():
+        d = r.get("minus_deebert_at_2x")
+        vs = "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+        print(f"{name:<24}{pct(r['full_depth'])}{pct(r['at_2x'])}{pct(r['at_3x'])}  {vs:<22}"
+              f"{pct(r['patience_at_2x'])}/{pct(r['patience_at_3x']):<11}{pct(r['calibrated_at_2x'])}/{pct(r['calibrated_at_3x'])}")
 
 
 if __name__ == "__main__":

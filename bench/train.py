@@ -1,10 +1,23 @@
-"""Training benchmark: RomeBERT vs DeeBERT vs plain fine-tuning, all-MiniLM-L6-v2 on rotten_tomatoes.
+"""Training benchmark: fine-tuning vs DeeBERT vs the shipped RomeBERT recipe, several seeds, two datasets.
 
-Same seed, same epochs (per stage), same batch, lr and max length for every method. Each run is
-real training on the real data; the checkpoints land in artifacts/bench/<method> (not committed)
-and feed the engine and serve benchmarks. Writes bench/results/train.json and docs/*.png.
+all-MiniLM-L6-v2; rotten_tomatoes (short snippets) and IMDB (long reviews, where a layer costs
+more and an early exit saves most), settings in DATASETS. Every method runs with every seed in
+SEEDS; seed s fixes the data split and the initialisation alike, so the methods of one seed
+compare on the same examples (paired). Thresholds are chosen on DEV; TEST is read once per run,
+for the report:
 
-    .venv/bin/python bench/train.py            # ~40 min on a 2-core CPU (six runs)
+- accuracy at each exit forced (test), mean and spread over seeds;
+- at >= 2x and >= 3x speed-up: the threshold with the best dev accuracy among those reaching the
+  speed-up on dev, then its test accuracy (and the test speed-up it gave);
+- the largest dev speed-up whose dev accuracy is within 0.5 point of the same seed's fine-tuning
+  at full depth, then its test accuracy and test speed-up;
+- paired test differences (shipped recipe minus DeeBERT) at those points, with 95% intervals.
+
+Each run keeps its dev and test logits (artifacts/bench/train/<dataset>/<method>/seed<s>/), so a
+rerun skips the runs it already has, and a run cut off mid-training resumes from its last saved
+state. Writes bench/results/train.json and docs/{per_exit_accuracy,accuracy_vs_speedup}_<dataset>.png.
+
+    .venv/bin/python bench/train.py        # about two hours on a 2-core CPU, both datasets
 """
 
 from __future__ import annotations
@@ -12,80 +25,165 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import environment  # noqa: E402
 from romebert.core.data import encode_examples, load_task  # noqa: E402
-from romebert.training.evaluate import evaluate_model  # noqa: E402
+from romebert.core.exits import THRESHOLD_GRID  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
+from romebert.core.tokenization import TextEncoder  # noqa: E402
+from romebert.training.evaluate import exit_logits  # noqa: E402
+from romebert.training.intervals import correct_at, fine_grid, interval, paired_difference, threshold_for_speedup  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.plots import plot_per_exit, plot_speedup  # noqa: E402
-from romebert.training.train import TrainConfig, train  # noqa: E402
-from romebert.core.tokenization import TextEncoder  # noqa: E402
+from romebert.training.train import SHIPPED_METHOD, TrainConfig, train  # noqa: E402
 
-# (name in the results, TrainConfig overrides): romebert_sd_only is the ablation without GR.
-# Exits pool as the backbone was trained (mean for all-MiniLM-L6-v2) unless a run says cls.
-RUNS = [
-    ("romebert", {"method": "romebert"}),
-    ("finetune", {"method": "finetune"}),
-    ("deebert", {"method": "deebert"}),
-    ("romebert_sd_only", {"method": "romebert", "gradient_regularization": False}),
-    # The paper's exit head pools [CLS]; on this mean-pooled backbone that is the hard case.
-    ("romebert_cls_exits", {"method": "romebert", "exit_pooling": "cls"}),
-    ("deebert_cls_exits", {"method": "deebert", "exit_pooling": "cls"}),
-]
+SEEDS = (1, 2, 3)
+METHODS = ("finetune", "deebert", SHIPPED_METHOD)
+# Per dataset: what every method trains with. IMDB: 256 tokens (44% of the reviews are longer) and
+# a train subset, so that the whole benchmark fits about two hours on a 2-core CPU.
+DATASETS = {
+    "rotten_tomatoes": dict(max_length=64, epochs=3, batch_size=32),
+    "imdb": dict(max_length=256, epochs=2, batch_size=16, train_limit=2000, dev_limit=1000),
+}
+SPEEDUPS = (2, 3)
+OUT = ROOT / "artifacts" / "bench" / "train"
+
+
+def run(dataset: str, method: str, seed: int) -> dict:
+    """Train (or reuse) one run; its dev and test logits, labels and training time."""
+    folder = OUT / dataset / method / f"seed{seed}"
+    logits_file = folder / "logits.npz"
+    if not logits_file.is_file():
+        settings = DATASETS[dataset]
+        cfg = TrainConfig(method=method, data=dataset, output=str(folder / "checkpoint"), seed=seed, device="cpu", save_every=50,
+                          resume=True, **settings)
+        print(f"=== {dataset} {method} seed {seed}", flush=True)
+        checkpoint = train(cfg)
+        task = load_task(dataset, seed=seed)
+        encoder = TextEncoder(checkpoint / "tokenizer.json", settings["max_length"])
+        model = MultiExitBert.from_checkpoint(checkpoint)
+        arrays = {}
+        for split, examples in (("dev", task.dev[: settings.get("dev_limit")]), ("test", task.test)):
+            encoded, labels = encode_examples(encoder, examples)
+            arrays[f"{split}_logits"], arrays[f"{split}_labels"] = exit_logits(model, encoded, 64), labels
+        np.savez(logits_file, **arrays)
+    data = dict(np.load(logits_file))
+    data["train_seconds"] = json.loads((folder / "checkpoint" / "training_record.json").read_text())["train_seconds"]
+    return data
+
+
+def at_threshold(r: dict, split: str, t: float) -> tuple[np.ndarray, float]:
+    """(correct per example, speed-up) of a run on a split at threshold t."""
+    logits = r[f"{split}_logits"]
+    correct, avg = correct_at(logits, r[f"{split}_labels"], t)
+    return correct, logits.shape[0] / avg
+
+
+def within_half_point(r: dict, finetune_dev_acc: float) -> float:
+    """On dev: the largest-speed-up threshold whose accuracy is within 0.5 point of fine-tuning."""
+    best = 0.0
+    for t in fine_grid(r["dev_logits"].shape[-1]):
+        correct, speedup = at_threshold(r, "dev", t)
+        if correct.mean() >= finetune_dev_acc - 0.005 and speedup >= at_threshold(r, "dev", best)[1]:
+            best = float(t)
+    return best
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
+    methods = {}
+    finetune = runs["finetune"]
+    for method, by_seed in runs.items():
+        per_exit = np.array([[(z.argmax(-1) == r["test_labels"]).mean() for z in r["test_logits"]] for r in by_seed.values()])
+        if method == "finetune":
+            per_exit = per_exit[:, -1:]  # its early exits are never trained
+        entry = {
+            "seeds": list(by_seed), "train_seconds_mean": float(np.mean([r["train_seconds"] for r in by_seed.values()])),
+            "test_acc_per_exit_mean": per_exit.mean(0).tolist(), "test_acc_per_exit_std": per_exit.std(0, ddof=1).tolist(),
+            "test_acc_full_depth_interval_per_seed": [interval(r["test_logits"][-1].argmax(-1) == r["test_labels"]) for r in by_seed.values()],
+        }
+        if method != "finetune":
+            entry["acc_at_speedup"], entry["speedup_at_speedup"], entry["threshold_at_speedup"] = {}, {}, {}
+            for s in SPEEDUPS:
+                points = [(t, *at_threshold(r, "test", t)) for r in by_seed.values() if (t := threshold_for_speedup(r["dev_logits"], r["dev_labels"], s)) is not None]
+                entry["threshold_at_speedup"][str(s)] = [p[0] for p in points]
+                entry["acc_at_speedup"][str(s)] = mean_std([p[1].mean() for p in points]) if points else None
+                entry["speedup_at_speedup"][str(s)] = mean_std([p[2] for p in points]) if points else None
+            half = []
+            for seed, r in by_seed.items():
+                ft_dev = (finetune[seed]["dev_logits"][-1].argmax(-1) == finetune[seed]["dev_labels"]).mean()
+                correct, speedup = at_threshold(r, "test", within_half_point(r, ft_dev))
+                half.append((correct.mean(), speedup))
+            entry["within_half_point_of_finetune"] = {"test_acc": mean_std([h[0] for h in half]), "test_speedup": mean_std([h[1] for h in half])}
+            entry["sweep_mean"] = []
+            for t in THRESHOLD_GRID:
+                points = [at_threshold(r, "test", t) for r in by_seed.values()]
+                layers = by_seed[next(iter(by_seed))]["test_logits"].shape[0]
+                entry["sweep_mean"].append({"threshold": t, "test_acc": float(np.mean([c.mean() for c, _ in points])),
+                                            "test_acc_std": float(np.std([c.mean() for c, _ in points], ddof=1)),
+                                            "avg_exit_layer": float(np.mean([layers / sp for _, sp in points]))})
+        methods[method] = entry
+    paired = {}
+    for s in SPEEDUPS:
+        diffs = []
+        for seed in runs[SHIPPED_METHOD]:
+            a, b = runs[SHIPPED_METHOD][seed], runs["deebert"][seed]
+            ta, tb = threshold_for_speedup(a["dev_logits"], a["dev_labels"], s), threshold_for_speedup(b["dev_logits"], b["dev_labels"], s)
+            if ta is not None and tb is not None:
+                diffs.append({"seed": seed} | paired_difference(at_threshold(a, "test", ta)[0], at_threshold(b, "test", tb)[0], seed))
+        paired[str(s)] = diffs
+    full = [{"seed": seed} | paired_difference(runs[SHIPPED_METHOD][seed]["test_logits"][-1].argmax(-1) == runs[SHIPPED_METHOD][seed]["test_labels"],
+                                               runs["finetune"][seed]["test_logits"][-1].argmax(-1) == runs["finetune"][seed]["test_labels"], seed)
+            for seed in runs[SHIPPED_METHOD]]
+    sizes = {split: int(len(next(iter(runs["finetune"].values()))[f"{split}_labels"])) for split in ("dev", "test")}
+    return {"settings": DATASETS[dataset] | {"lr": TrainConfig().lr, "split_sizes": sizes}, "methods": methods,
+            "paired_test_difference": {f"{SHIPPED_METHOD}_minus_deebert_at_speedup": paired, f"{SHIPPED_METHOD}_minus_finetune_full_depth": full}}
+
+
+def plot(dataset: str, summary: dict) -> None:
+    methods = summary["methods"]
+    curves = {m: {"accuracy": v["test_acc_per_exit_mean"],
+                  "lo": list(np.subtract(v["test_acc_per_exit_mean"], v["test_acc_per_exit_std"])),
+                  "hi": list(np.add(v["test_acc_per_exit_mean"], v["test_acc_per_exit_std"]))} for m, v in methods.items() if m != "finetune"}
+    ft = methods["finetune"]
+    references = {"fine-tuning (final exit)": {"accuracy": ft["test_acc_per_exit_mean"][0], "lo": ft["test_acc_per_exit_mean"][0] - ft["test_acc_per_exit_std"][0],
+                                               "hi": ft["test_acc_per_exit_mean"][0] + ft["test_acc_per_exit_std"][0]}}
+    seeds = len(next(iter(methods.values()))["seeds"])
+    plot_per_exit(curves, ROOT / "docs" / f"per_exit_accuracy_{dataset}.png",
+                  f"{dataset} test: accuracy per exit (mean ± std over {seeds} seeds)", references)
+    sweeps = {m: [{"accuracy": r["test_acc"], "lo": r["test_acc"] - r["test_acc_std"], "hi": r["test_acc"] + r["test_acc_std"],
+                   "avg_exit_layer": r["avg_exit_layer"]} for r in v["sweep_mean"]] for m, v in methods.items() if "sweep_mean" in v}
+    layers = len(next(iter(curves.values()))["accuracy"])
+    plot_speedup(sweeps, layers, ROOT / "docs" / f"accuracy_vs_speedup_{dataset}.png",
+                 f"{dataset} test: accuracy vs speed-up (mean ± std over {seeds} seeds)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--runs", default=",".join(name for name, _ in RUNS))
-    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     args = parser.parse_args()
     results_file = ROOT / "bench" / "results" / "train.json"
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    methods = previous.get("methods", {})
-    task = load_task("rotten_tomatoes")
-    for name, overrides in RUNS:
-        if name not in args.runs.split(","):
-            continue
-        cfg = TrainConfig(
-            data="rotten_tomatoes", output=str(args.out / name), epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, max_length=args.max_length, save_every=100, device="cpu", **overrides,
-        )
-        print(f"=== {name}: {cfg}", flush=True)
-        ckpt = train(cfg)
-        record = json.loads((ckpt / "training_record.json").read_text())
-        model = MultiExitBert.from_checkpoint(ckpt)
-        encoded, labels = encode_examples(TextEncoder(ckpt / "tokenizer.json", args.max_length), task.test)
-        report = evaluate_model(model, encoded, labels)
-        accs = [r["accuracy"] for r in report["per_exit"]]
-        entry = {"train_seconds": round(record["train_seconds"], 1), "test_acc_per_exit": accs}
-        if name == "finetune":
-            entry = {"test_acc_final": accs[-1], "train_seconds": entry["train_seconds"], "test_acc_per_exit_untrained_exits": accs}
-        else:
-            entry["sweep"] = [{"threshold": r["threshold"], "test_acc": r["accuracy"], "avg_exit_layer": r["avg_exit_layer"]} for r in report["sweep"]]
-        entry["dev_history"] = record["history"]
-        methods[name] = entry
-        result = {
-            "dataset": "rotten_tomatoes", "backbone": "all-MiniLM-L6-v2", "num_layers": model.num_layers,
-            "split_sizes": task.sizes(), "settings": {"epochs_per_stage": args.epochs, "max_length": args.max_length,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": 42, "device": "cpu (2 cores)"},
-            "methods": methods,
-        }
+    result = {"backbone": "all-MiniLM-L6-v2", "shipped": SHIPPED_METHOD, "seeds": [int(s) for s in args.seeds.split(",")],
+              "datasets": previous.get("datasets", {}) if "shipped" in previous else {}, "environment": environment()}
+    for dataset in args.datasets.split(","):
+        runs = {m: {int(s): run(dataset, m, int(s)) for s in args.seeds.split(",")} for m in METHODS}
+        result["datasets"][dataset] = summary = summarize(dataset, runs)
         write_json(results_file, result)
-        print(json.dumps({k: v for k, v in entry.items() if k != "dev_history"}, indent=1), flush=True)
-    curves = {k: v["test_acc_per_exit"] for k, v in methods.items() if "test_acc_per_exit" in v}
-    references = {f"{k} (final exit)": v["test_acc_final"] for k, v in methods.items() if "test_acc_final" in v}
-    plot_per_exit(curves, ROOT / "docs" / "per_exit_accuracy.png", "rotten_tomatoes test: accuracy per exit (MiniLM-L6)", references)
-    sweeps = {k: [{"accuracy": r["test_acc"], "avg_exit_layer": r["avg_exit_layer"]} for r in v["sweep"]] for k, v in methods.items() if "sweep" in v}
-    plot_speedup(sweeps, 6, ROOT / "docs" / "accuracy_vs_speedup.png", "rotten_tomatoes test: accuracy vs speed-up")
+        plot(dataset, summary)
+        for m, v in summary["methods"].items():
+            print(f"{dataset} {m}: per exit {[round(100 * a, 1) for a in v['test_acc_per_exit_mean']]} "
+                  f"at speed-up {({k: None if x is None else round(100 * x['mean'], 1) for k, x in v.get('acc_at_speedup', {}).items()})}", flush=True)
 
 
 if __name__ == "__main__":

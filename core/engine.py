@@ -9,6 +9,7 @@ Export's parity check and calibration run through this same class.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -81,6 +82,46 @@ def _onnxruntime_messages() -> Iterator[list[str]]:
             lines += [str(w.message) for w in caught]
 
 
+BACKENDS = ("onnxruntime", "openvino")
+OPENVINO_PRECISIONS = ("bf16", "f32")
+_openvino = None
+
+
+def openvino_device():
+    """The OpenVINO plugin's CPU device, the plugin registered once per process; None when the
+    plugin (PyPI onnxruntime-ep-openvino) is not installed."""
+    global _openvino
+    with _pool_lock:
+        if _openvino is None:
+            try:
+                import onnxruntime_ep_openvino as plugin
+            except ImportError:
+                return None
+            ort.register_execution_provider_library("openvino", plugin.get_library_path())
+            _openvino = next(d for d in ort.get_ep_devices() if d.ep_name == plugin.get_ep_name() and d.ep_metadata.get("ov_device") == "CPU")
+        return _openvino
+
+
+def open_openvino_session(path: str | Path, precision: str, threads: int) -> ort.InferenceSession:
+    """A session on OpenVINO's CPU plugin, computing in `precision` (bf16 runs on AMX/AVX512-BF16;
+    OpenVINO takes the hint through load_config, not the EP's own precision option)."""
+    device = openvino_device()
+    if device is None:
+        raise DeviceError("backend 'openvino' asked for, but onnxruntime-ep-openvino is not installed (pip install onnxruntime-ep-openvino)")
+    if precision not in OPENVINO_PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {OPENVINO_PRECISIONS}, not {precision!r}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    _use_global_thread_pool(threads)  # for the nodes OpenVINO leaves to onnxruntime (see open_session)
+    options.use_per_session_threads = False
+    config = {"CPU": {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}}
+    options.add_provider_for_devices([device], {"load_config": json.dumps(config)})
+    try:
+        return ort.InferenceSession(str(path), sess_options=options)
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types
+        raise BundleError(f"{path}: OpenVINO cannot load it ({type(err).__name__}: {err})") from None
+
+
 def open_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     """A session configured the way every session of this project is: the process-wide CPU thread
     pool, and on CUDA the CUDA provider, verified: a session that onnxruntime put on the CPU instead raises
@@ -133,28 +174,66 @@ def resolve_device(device: str, probe: str | Path | None = None) -> str:
 
 @dataclass
 class HiddenBatch:
-    """Hidden states of the rows still running, and their attention mask (always on the host)."""
+    """Hidden states of the rows still running, and their attention mask (always on the host).
+
+    With shape buckets the arrays may hold more rows than `rows`: copies of the last real row that
+    fill the batch up to its bucket, whose outputs are never read."""
 
     hidden: Any  # np.ndarray, or an ort.OrtValue on the sessions' device with IO binding
     attention_mask: np.ndarray
+    rows: int = -1  # real rows; -1: all of them
+
+    def __post_init__(self) -> None:
+        if self.rows < 0:
+            self.rows = self.attention_mask.shape[0]
 
     def __len__(self) -> int:
-        return self.attention_mask.shape[0]
+        return self.rows
+
+
+def _up_to(n: int, buckets: tuple[int, ...]) -> int:
+    return next((b for b in buckets if b >= n), n)
+
+
+ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+WIDTH_STEP = 16
 
 
 class Engine:
     """`io_binding` (default: on for CUDA only) keeps hidden states as OrtValues on the sessions'
     device between segments. On a CPU it only adds bookkeeping, but it lets the CUDA path's logic
-    (bindings, the on-device row gather, merges) be tested on any machine."""
+    (bindings, the on-device row gather, merges) be tested on any machine.
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, io_binding: bool | None = None):
+    backend "openvino" runs the segments on OpenVINO's CPU plugin in `precision` (bf16 or f32).
+    OpenVINO compiles a graph anew for every input shape it has not seen (tens of milliseconds
+    on this model), so there every batch is padded to a shape bucket, rows to ROW_BUCKETS and
+    width to a multiple of WIDTH_STEP, and `shapes()` lists them all for the warm-up: no first
+    call at a new shape ever lands on a request."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, io_binding: bool | None = None,
+                 backend: str = "onnxruntime", precision: str = "bf16"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.bundle = bundle
         segments = bundle.segments
-        self.device = resolve_device(device, probe=bundle.path(segments[0].file))
+        self.backend = backend
+        self.device = "cpu" if backend == "openvino" else resolve_device(device, probe=bundle.path(segments[0].file))
+        if backend == "openvino" and device == "cuda":
+            raise DeviceError("backend 'openvino' runs on the CPU; device 'cuda' needs backend 'onnxruntime'")
         self.threads = threads or default_threads()
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
-        self._embeddings = open_session(bundle.path(segments[0].file), self.device, self.threads)
-        self._layers = [open_session(bundle.path(s.file), self.device, self.threads) for s in segments[1:]]
+        if backend == "openvino" and self.io_binding:
+            raise ValueError("backend 'openvino' keeps hidden states on the host: no io_binding")
+        self.precision = precision if backend == "openvino" else bundle.precision
+        self.bucketed = backend == "openvino"
+
+        def session(path: Path) -> ort.InferenceSession:
+            if backend == "openvino":
+                return open_openvino_session(path, precision, self.threads)
+            return open_session(path, self.device, self.threads)
+
+        self._embeddings = session(bundle.path(segments[0].file))
+        self._layers = [session(bundle.path(s.file)) for s in segments[1:]]
         self._select = None
         if self.io_binding:
             self._select = open_session(bundle.path(bundle.manifest["extras"]["select_rows"]["file"]), self.device, self.threads)
@@ -168,11 +247,30 @@ class Engine:
     def num_layers(self) -> int:
         return len(self._layers)
 
+    def shapes(self, max_rows: int, max_width: int) -> list[tuple[int, int]] | None:
+        """Every (rows, width) this engine runs for batches up to these sizes, when it pads to
+        buckets; None when it runs any shape as it comes."""
+        if not self.bucketed:
+            return None
+        rows = sorted({self._bucket(n, 1)[0] for n in range(1, max_rows + 1)})
+        widths = range(WIDTH_STEP, self._bucket(1, max_width)[1] + 1, WIDTH_STEP)
+        return [(r, w) for r in rows for w in widths]
+
+    def _bucket(self, rows: int, width: int) -> tuple[int, int]:
+        return _up_to(rows, ROW_BUCKETS), -(-width // WIDTH_STEP) * WIDTH_STEP
+
     def embed(self, batch: Encoded) -> HiddenBatch:
-        feeds = {"input_ids": batch.input_ids, "token_type_ids": batch.token_type_ids}
+        n = len(batch.lengths)
+        ids, types, mask = batch.input_ids, batch.token_type_ids, batch.attention_mask
+        if self.bucketed:  # extra rows repeat the last real one; extra columns are padding (mask 0)
+            rows, width = self._bucket(n, ids.shape[1])
+            index = np.minimum(np.arange(rows), n - 1)
+            widen = lambda a: np.pad(a[index], ((0, 0), (0, width - a.shape[1])))  # noqa: E731
+            ids, types, mask = widen(ids), widen(types), widen(mask)
+        feeds = {"input_ids": ids, "token_type_ids": types}
         if not self.io_binding:
             (hidden,) = self._embeddings.run(None, feeds)
-            return HiddenBatch(hidden, batch.attention_mask)
+            return HiddenBatch(hidden, mask, n)
         binding = self._embeddings.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
@@ -185,7 +283,7 @@ class Engine:
         session = self._layers[i]
         if not self.io_binding:
             hidden, logits = session.run(None, {"hidden_states": state.hidden, "attention_mask": state.attention_mask})
-            return HiddenBatch(hidden, state.attention_mask), logits
+            return HiddenBatch(hidden, state.attention_mask, state.rows), logits[: state.rows]
         binding = session.io_binding()
         binding.bind_ortvalue_input("hidden_states", state.hidden)
         binding.bind_cpu_input("attention_mask", state.attention_mask)
@@ -198,9 +296,12 @@ class Engine:
     def keep(self, state: HiddenBatch, rows: np.ndarray) -> HiddenBatch:
         """Only `rows` go on; with IO binding the gather runs on the device, not through the host."""
         rows = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        if self.bucketed:  # the same one gather pads back to the bucket
+            rows = rows[np.minimum(np.arange(self._bucket(n, 1)[0]), n - 1)]
         mask = state.attention_mask[rows]
         if not self.io_binding:
-            return HiddenBatch(state.hidden[rows], mask)
+            return HiddenBatch(state.hidden[rows], mask, n)
         binding = self._select.io_binding()
         binding.bind_ortvalue_input("hidden_states", state.hidden)
         binding.bind_cpu_input("rows", rows)
@@ -216,9 +317,11 @@ class Engine:
         With IO binding the stacking goes through the host; merges are rare next to layer calls.
         """
         width = max(s.attention_mask.shape[1] for s in states)
-        mask = np.concatenate([np.pad(s.attention_mask, ((0, 0), (0, width - s.attention_mask.shape[1]))) for s in states])
-        hidden = [s.hidden.numpy() if self.io_binding else s.hidden for s in states]
+        mask = np.concatenate([np.pad(s.attention_mask[: s.rows], ((0, 0), (0, width - s.attention_mask.shape[1]))) for s in states])
+        hidden = [(s.hidden.numpy() if self.io_binding else s.hidden)[: s.rows] for s in states]
         stacked = np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1]), (0, 0))) for h in hidden])
+        if self.bucketed:
+            return self.keep(HiddenBatch(stacked, mask), np.arange(len(mask)))
         if not self.io_binding:
             return HiddenBatch(stacked, mask)
         return HiddenBatch(ort.OrtValue.ortvalue_from_numpy(stacked, self.device, 0), mask)

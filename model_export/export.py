@@ -17,6 +17,7 @@ import onnxruntime
 import torch
 from tqdm.auto import tqdm
 
+from romebert.model_export import backends
 from romebert.model_export.calibrate import calibrate, exit_logits_onnx
 from romebert.model_export.optimize import PRECISIONS, optimize_segment
 from romebert.model_export.parity import check_parity
@@ -27,6 +28,7 @@ from romebert.core.tokenization import Encoded, TextEncoder
 from romebert.training.checkpoint import RECORD_NAME
 from romebert.core.data import encode_examples, load_task
 from romebert.core.files import publish_dir
+from romebert.training.evaluate import exit_logits
 from romebert.training.model import MultiExitBert
 
 
@@ -128,6 +130,11 @@ def export_bundle(
         manifest["calibration"] = table
         manifest["default_threshold"] = default["threshold"]
         manifest["threshold_rule"] = default | {"max_accuracy_drop_points": max_drop_points, "split": "dev", "examples": int(len(labels))}
+
+        log("measuring the backends on dev ...")
+        reference = exit_logits(model, dev, 64)  # the fp32 PyTorch model: what every backend is held to
+        manifest["backends"], manifest["backend"] = backends.measure(load_bundle(tmp), batches, order, labels, reference,
+                                                                     default["threshold"], log=log)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         seal(tmp, manifest)
         load_bundle(tmp)  # the published bundle must pass the very check the server makes

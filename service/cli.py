@@ -23,7 +23,7 @@ from romebert.service.settings import POLICIES, Settings, SettingsError, value_t
 if TYPE_CHECKING:
     from romebert.service.runtime import Runtime
 
-_CHOICES = {"device": ("auto", "cpu", "cuda"), "policy": tuple(POLICIES), "log_level": ("critical", "error", "warning", "info", "debug")}
+_CHOICES = {"device": ("auto", "cpu", "cuda"), "backend": ("auto", "onnxruntime", "openvino"), "openvino_precision": ("bf16", "f32"), "policy": tuple(POLICIES), "log_level": ("critical", "error", "warning", "info", "debug")}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -108,7 +108,10 @@ def warm_up(engine, cost_model: CostModel, max_batch: int, max_length: int, min_
     """
     smallest = min(min_width, max_length)
     _layer_seconds(engine, _dummy_batch(1, smallest))
-    grid = [(rows, width) for rows in buckets_up_to(max_batch) for width in buckets_up_to(max_length, start=smallest)]
+    # An engine that pads to shape buckets (OpenVINO) lists every shape it will run: each is
+    # compiled here, at start, and never on a request.
+    grid = getattr(engine, "shapes", lambda *_: None)(max_batch, max_length) or \
+        [(rows, width) for rows in buckets_up_to(max_batch) for width in buckets_up_to(max_length, start=smallest)]
     for rows, width in grid:
         for i, seconds in enumerate(_layer_seconds(engine, _dummy_batch(rows, width))):
             cost_model.observe(i, rows, width, seconds)

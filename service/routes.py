@@ -107,7 +107,8 @@ def make_router(request_model: type[ClassifyRequestBase]) -> APIRouter:
         """Ready: the bundle is verified, loaded on its device and warmed up, and the server is not draining."""
         runtime = _runtime(request)
         runtime.check_ready()
-        return {"status": "ready", "device": runtime.device, "num_layers": runtime.bundle.num_layers, "labels": runtime.labels}
+        return {"status": "ready", "device": runtime.device, "backend": runtime.backend, "num_layers": runtime.bundle.num_layers,
+                "labels": runtime.labels}
 
     @router.get("/metrics", response_class=Response, responses=_PROMETHEUS_TEXT)
     async def metrics(request: Request) -> Response:

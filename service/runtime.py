@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 from romebert.core.bundle import Bundle, load_bundle
-from romebert.core.engine import Engine, default_threads
+from romebert.core.engine import Engine, default_threads, openvino_device
 from romebert.core.tokenization import TextEncoder
 from romebert.service.admission import Admission
 from romebert.service.cohorts import EngineLike
@@ -41,10 +41,28 @@ EXIT_CANNOT_LOAD = 2  # the bundle or the device is unusable: restarting will no
 EXIT_WORKER_DIED = 1
 
 
+def backend_for(bundle: Bundle, settings: Settings) -> tuple[str, str]:
+    """(backend, OpenVINO precision): as asked, or with `auto` what the bundle's export measured
+    best; OpenVINO only on the CPU and where its plugin is installed (else a warning)."""
+    if settings.backend != "auto":
+        return settings.backend, settings.openvino_precision
+    choice = bundle.manifest.get("backend") or {"backend": "onnxruntime"}
+    if choice["backend"] == "openvino":
+        if settings.device == "cuda":
+            return "onnxruntime", settings.openvino_precision
+        if openvino_device() is None:
+            log.warning("the bundle is measured fastest on OpenVINO, whose plugin is not installed here "
+                        "(pip install onnxruntime-ep-openvino): serving with onnxruntime")
+            return "onnxruntime", settings.openvino_precision
+        return "openvino", choice["precision"]
+    return "onnxruntime", settings.openvino_precision
+
+
 def default_engine(bundle: Bundle, settings: Settings) -> EngineLike:
     """One engine for all workers (sessions may run concurrently); see Settings.threads."""
     threads = settings.threads or max(default_threads() // settings.workers, 1)
-    return Engine(bundle, device=settings.device, threads=threads)
+    backend, precision = backend_for(bundle, settings)
+    return Engine(bundle, device=settings.device, threads=threads, backend=backend, precision=precision)
 
 
 class Phase(str, enum.Enum):
@@ -75,6 +93,7 @@ class Runtime:
         self.phase = Phase.STARTING
         self.error: str | None = None
         self.device: str | None = None
+        self.backend: str | None = None  # e.g. "openvino/bf16"
         self.encoder: TextEncoder | None = None
         self.scheduler: Scheduler | None = None
         self.admission: Admission | None = None
@@ -100,12 +119,14 @@ class Runtime:
                 max_wait_ms=self.settings.max_wait_ms, workers=self.settings.workers, clock=self.clock, on_failure=self._worker_died,
             )
             device = getattr(engine, "device", "cpu")
+            backend = f"{getattr(engine, 'backend', 'onnxruntime')}/{getattr(engine, 'precision', bundle.precision)}"
             self.metrics.model_info.info({
                 "model": str(bundle.manifest.get("model_name", bundle.root.name)),
                 "num_layers": str(bundle.num_layers),
                 "precision": bundle.precision,
                 "labels": ",".join(bundle.labels),
                 "device": device,
+                "backend": backend,
                 "providers": ",".join(getattr(engine, "providers", [])),
             })
         except Exception as err:  # noqa: BLE001 - logged, reported by /healthz and /readyz, and the process exits
@@ -115,7 +136,7 @@ class Runtime:
         with self._lock:
             if self.phase is not Phase.STARTING:  # shutdown began while we were loading
                 return
-            self.encoder, self.admission, self.device = encoder, admission, device
+            self.encoder, self.admission, self.device, self.backend = encoder, admission, device, backend
             scheduler.start()
             self.scheduler, self.phase = scheduler, Phase.READY
         log.info("ready on %s in %.1fs", device, time.perf_counter() - started)

@@ -31,6 +31,9 @@ class Settings:
     port: int = _setting(8000, "TCP port")
     device: str = _setting("auto", "cuda: every session on the CUDA provider or exit 2; cpu; auto: CUDA when a probe session really "
                            "runs there, else the CPU with a warning")
+    backend: str = _setting("auto", "auto: the backend the bundle's export measured fastest within its accuracy rule (manifest "
+                            "'backend'); onnxruntime: onnxruntime's own providers; openvino: OpenVINO's CPU plugin (onnxruntime-ep-openvino)")
+    openvino_precision: str = _setting("bf16", "with --backend openvino: bf16 (AMX/AVX512-BF16 CPUs) or f32")
     workers: int = _setting(1, "engine threads, each running its own batches: 1 for the lowest latency of a lone request, "
                             "more for throughput under load on a CPU")
     threads: int | None = _setting(None, "size of onnxruntime's one process-wide CPU thread pool, which every worker's calls share "
@@ -70,6 +73,10 @@ class Settings:
                                 "a batching window as long as the wait bound would expire every row it holds")
         if self.max_items > self.max_queue:
             raise SettingsError(f"max_items ({self.max_items}) cannot exceed max_queue ({self.max_queue}): such a request could never be queued")
+        if self.backend not in ("auto", "onnxruntime", "openvino"):
+            raise SettingsError(f"backend must be auto, onnxruntime or openvino, not {self.backend!r}")
+        if self.openvino_precision not in ("bf16", "f32"):
+            raise SettingsError(f"openvino_precision must be bf16 or f32, not {self.openvino_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.policy not in POLICIES:

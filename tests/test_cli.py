@@ -31,11 +31,21 @@ def test_train_then_evaluate_writes_a_checkpoint_a_report_and_plots(tiny_backbon
                     "--batch-size", "16", "--max-length", "32", "--method", "deebert", "--no-gradient-regularization")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "epoch 1" in done.stdout + done.stderr
-    done = romebert("evaluate", cfg.output, "--limit", "32", "--out", str(tmp_path / "eval"))
+    other = tmp_path / "other"
+    done = romebert("train", "--backbone", cfg.backbone, "--output", str(other), "--limit", "32", "--epochs", "1",
+                    "--batch-size", "16", "--max-length", "32", "--method", "finetune")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "threshold" in done.stdout and "speed-up" in done.stdout
+    done = romebert("evaluate", cfg.output, str(other), "--limit", "32", "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "threshold" in done.stdout and "speed-up" in done.stdout and "95% interval" in done.stdout
+    assert "finetune minus deebert, same examples" in done.stdout
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert len(report["deebert"]["per_exit"]) == 3 and len(report["deebert"]["sweep"]) == 13
+    for row in report["deebert"]["per_exit"] + report["deebert"]["sweep"]:
+        assert row["lo"] <= row["accuracy"] <= row["hi"]
+    paired = report["finetune"]["paired_with_deebert"]
+    assert paired["full_depth"]["lo"] <= paired["full_depth"]["difference"] <= paired["full_depth"]["hi"]
+    assert len(paired["per_exit"]) == 3 and len(paired["sweep"]) == 13
     assert (tmp_path / "eval" / "per_exit_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "eval" / "accuracy_vs_speedup.png").stat().st_size > 1000
 

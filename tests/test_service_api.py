@@ -308,7 +308,7 @@ def test_metrics_parse_and_the_exit_histogram_mean_is_the_mean_exit_served(tiny_
     assert samples[("romebert_inflight_requests", ())] == 0 and samples[("romebert_queue_depth", ())] == 0
     (info,) = [dict(k[1]) for k in samples if k[0] == "romebert_model_info"]
     assert info.pop("model") and info == {"num_layers": "3", "precision": "fp32", "labels": "negative,positive",
-                                          "device": "cpu", "providers": "CPUExecutionProvider"}
+                                          "device": "cpu", "backend": "onnxruntime/fp32", "providers": "CPUExecutionProvider"}
 
 
 # -- load, readiness and shutdown ------------------------------------------------------------------

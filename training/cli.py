@@ -29,6 +29,8 @@ def _train_parser() -> argparse.ArgumentParser:
         "save_every": "optimizer steps between training-state saves (what a crash can lose)",
         "resume": "continue an interrupted run from its saved state",
         "limit": "cap every split at this many examples (quick runs)",
+        "train_limit": "cap the train split only (the first N of its seeded shuffle)",
+        "dev_limit": "cap the dev split only (it is evaluated after every epoch)",
         "gr_swap": "swap the roles of A and B in gradient regularization (reference: MNLI, QQP)",
         "kl_reduction": "batchmean (KL summed over labels, the default) or mean (the reference code's, divided by the number of labels)",
         "init_from": "start from this multi-exit checkpoint (e.g. a fine-tuned one) instead of the backbone with fresh exits",
@@ -39,7 +41,7 @@ def _train_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
-        elif f.name == "limit":
+        elif f.name in ("limit", "train_limit", "dev_limit"):
             parser.add_argument(flag, type=int, default=None, help=helps.get(f.name))
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name))

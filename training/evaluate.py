@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from romebert.core.exits import sweep
+from romebert.core.exits import THRESHOLD_GRID, sweep
 from romebert.core.tokenization import Encoded, TextEncoder
+from romebert.training.intervals import correct_at, interval, paired_difference
 
 
 @torch.no_grad()
@@ -53,19 +54,53 @@ def per_exit_metrics(logits: np.ndarray, labels: np.ndarray) -> list[dict[str, f
     return rows
 
 
+def report_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Per-exit metrics and the threshold sweep, each accuracy with its 95% bootstrap interval."""
+    per_exit = per_exit_metrics(logits, labels)
+    for row, z in zip(per_exit, logits):
+        ci = interval(z.argmax(-1) == labels)
+        row |= {"lo": ci["lo"], "hi": ci["hi"]}
+    rows = sweep(logits, labels)
+    for row in rows:
+        ci = interval(correct_at(logits, labels, row["threshold"])[0])
+        row |= {"lo": ci["lo"], "hi": ci["hi"]}
+    return {"per_exit": per_exit, "sweep": rows, "num_layers": int(logits.shape[0])}
+
+
 def evaluate_model(model, encoded: Encoded, labels: np.ndarray, batch_size: int = 128, device: str = "cpu") -> dict:
     """Per-exit metrics and the threshold sweep of one model on one labelled split."""
-    logits = exit_logits(model, encoded, batch_size, device)
-    return {"per_exit": per_exit_metrics(logits, labels), "sweep": sweep(logits, labels), "num_layers": model.num_layers}
+    return report_from_logits(exit_logits(model, encoded, batch_size, device), labels)
+
+
+def paired_report(logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndarray) -> dict:
+    """a minus b on the same examples: at full depth, at every exit, and at every threshold of the grid."""
+    full = paired_difference(logits_a[-1].argmax(-1) == labels, logits_b[-1].argmax(-1) == labels)
+    exits = [paired_difference(za.argmax(-1) == labels, zb.argmax(-1) == labels) for za, zb in zip(logits_a, logits_b)] \
+        if logits_a.shape[0] == logits_b.shape[0] else []
+    thresholds = [{"threshold": t} | paired_difference(correct_at(logits_a, labels, t)[0], correct_at(logits_b, labels, t)[0])
+                  for t in THRESHOLD_GRID]
+    return {"full_depth": full, "per_exit": exits, "sweep": thresholds}
+
+
+def _ci(row: dict) -> str:
+    return f"{100 * row['accuracy']:5.1f} [{100 * row['lo']:4.1f}, {100 * row['hi']:4.1f}]"
 
 
 def format_report(name: str, report: dict) -> str:
-    per_exit = report["per_exit"]
-    lines = [f"== {name}", "exit      " + " ".join(f"{r['exit']:>6}" for r in per_exit)]
-    lines.append("accuracy  " + " ".join(f"{100 * r['accuracy']:6.2f}" for r in per_exit))
-    lines.append(f"{'threshold':>9} {'accuracy':>9} {'avg layer':>9} {'speed-up':>9}")
+    lines = [f"== {name}", "exit  accuracy [95% interval]"]
+    lines += [f"{r['exit']:>4}  {_ci(r)}" for r in report["per_exit"]]
+    lines.append(f"{'threshold':>9}  {'accuracy [95% interval]':<24} {'avg layer':>9} {'speed-up':>9}")
     for r in report["sweep"]:
-        lines.append(f"{r['threshold']:9.3f} {100 * r['accuracy']:9.2f} {r['avg_exit_layer']:9.2f} {r['speedup']:8.2f}x")
+        lines.append(f"{r['threshold']:9.3f}  {_ci(r):<24} {r['avg_exit_layer']:9.2f} {r['speedup']:8.2f}x")
+    return "\n".join(lines)
+
+
+def format_paired(a: str, b: str, paired: dict) -> str:
+    d = paired["full_depth"]
+    lines = [f"== {a} minus {b}, same examples (paired 95% interval)",
+             f"full depth {100 * d['difference']:+5.1f} [{100 * d['lo']:+4.1f}, {100 * d['hi']:+4.1f}]"]
+    for r in paired["sweep"]:
+        lines.append(f"threshold {r['threshold']:5.3f}  {100 * r['difference']:+5.1f} [{100 * r['lo']:+4.1f}, {100 * r['hi']:+4.1f}]")
     return "\n".join(lines)
 
 
@@ -79,7 +114,8 @@ def evaluate_checkpoints(
     from romebert.training.model import MultiExitBert
     from romebert.training.plots import plot_per_exit, plot_speedup
 
-    results = {}
+    results: dict = {}
+    logits_of: dict = {}
     for ckpt in checkpoints:
         ckpt = Path(ckpt)
         record = json.loads((ckpt / RECORD_NAME).read_text()) if (ckpt / RECORD_NAME).is_file() else {}
@@ -91,15 +127,24 @@ def evaluate_checkpoints(
         model = MultiExitBert.from_checkpoint(ckpt)
         encoder = TextEncoder(ckpt / "tokenizer.json", getattr(model.config, "max_seq_length", 128))
         encoded, labels = encode_examples(encoder, getattr(task, split))
-        report = evaluate_model(model, encoded, labels, batch_size)
+        logits = exit_logits(model, encoded, batch_size)
+        report = report_from_logits(logits, labels)
         report.update({"checkpoint": str(ckpt), "method": record.get("method", ckpt.name), "data": task.name, "split": split, "size": len(labels)})
         name = report["method"] if report["method"] not in results else ckpt.name
         results[name] = report
+        logits_of[name] = (logits, labels, task.name)
         print(format_report(f"{name} ({task.name} {split}, n={len(labels)})", report))
+    names = list(results)
+    for other in names[1:]:  # paired with the first checkpoint, when both were read on the same examples
+        (za, ya, da), (zb, yb, db) = logits_of[other], logits_of[names[0]]
+        if da == db and np.array_equal(ya, yb):
+            results[other]["paired_with_" + names[0]] = paired = paired_report(za, zb, ya)
+            print(format_paired(other, names[0], paired))
     out = Path(out)
     write_json(out / "evaluation.json", results)
     num_layers = next(iter(results.values()))["num_layers"]
-    plot_per_exit({k: [r["accuracy"] for r in v["per_exit"]] for k, v in results.items()}, out / "per_exit_accuracy.png", f"accuracy per exit ({split})")
-    plot_speedup({k: v["sweep"] for k, v in results.items()}, num_layers, out / "accuracy_vs_speedup.png", f"accuracy vs speed-up ({split})")
+    curves = {k: {key: [r[key] for r in v["per_exit"]] for key in ("accuracy", "lo", "hi")} for k, v in results.items()}
+    plot_per_exit(curves, out / "per_exit_accuracy.png", f"accuracy per exit ({split}, 95% intervals)")
+    plot_speedup({k: v["sweep"] for k, v in results.items()}, num_layers, out / "accuracy_vs_speedup.png", f"accuracy vs speed-up ({split}, 95% intervals)")
     print(f"wrote {out / 'evaluation.json'} and plots in {out}")
     return results

@@ -1,4 +1,8 @@
-"""The two pictures people look at: accuracy per exit (like the paper's), and accuracy vs speed-up."""
+"""The two pictures people look at: accuracy per exit (like the paper's), and accuracy vs speed-up.
+
+Each curve may carry a band (`lo`, `hi`): a 95% interval for one run, the spread over seeds for
+several, so that curves inside each other's noise look like it.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +22,19 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_per_exit(results: dict[str, list[float]], path: Path, title: str, references: dict[str, float] | None = None) -> None:
-    """results: method -> accuracy of each exit (fractions); references: name -> one accuracy, dashed."""
+def plot_per_exit(results: dict[str, dict[str, list[float]]], path: Path, title: str, references: dict[str, dict[str, float]] | None = None) -> None:
+    """results: method -> {"accuracy": per exit (fractions), optional "lo"/"hi"}; references:
+    name -> {"accuracy", optional "lo"/"hi"}, one accuracy drawn dashed across (with its band)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, accs in results.items():
-        ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], marker="o", label=method)
-    for name, acc in (references or {}).items():
-        ax.axhline(100 * acc, linestyle="--", color="gray", label=name)
+    for method, curve in results.items():
+        exits = range(1, len(curve["accuracy"]) + 1)
+        (line,) = ax.plot(exits, [100 * a for a in curve["accuracy"]], marker="o", label=method)
+        if "lo" in curve:
+            ax.fill_between(exits, [100 * a for a in curve["lo"]], [100 * a for a in curve["hi"]], color=line.get_color(), alpha=0.2)
+    for name, ref in (references or {}).items():
+        ax.axhline(100 * ref["accuracy"], linestyle="--", color="gray", label=name)
+        if "lo" in ref:
+            ax.axhspan(100 * ref["lo"], 100 * ref["hi"], color="gray", alpha=0.12)
     ax.set_xlabel("exit layer (every sample forced out here)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -34,11 +44,14 @@ def plot_per_exit(results: dict[str, list[float]], path: Path, title: str, refer
 
 
 def plot_speedup(results: dict[str, list[dict[str, Any]]], num_layers: int, path: Path, title: str) -> None:
-    """results: method -> sweep rows (threshold, accuracy, avg_exit_layer)."""
+    """results: method -> sweep rows (accuracy, avg_exit_layer, optional lo/hi)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, rows in results.items():
+        rows = sorted(rows, key=lambda r: -r["avg_exit_layer"])
         speedups = [num_layers / r["avg_exit_layer"] for r in rows]
-        ax.plot(speedups, [100 * r["accuracy"] for r in rows], marker="o", label=method)
+        (line,) = ax.plot(speedups, [100 * r["accuracy"] for r in rows], marker="o", label=method)
+        if all("lo" in r for r in rows):
+            ax.fill_between(speedups, [100 * r["lo"] for r in rows], [100 * r["hi"] for r in rows], color=line.get_color(), alpha=0.2)
     ax.set_xlabel(f"speed-up (L / average exit layer, L = {num_layers})")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

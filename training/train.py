@@ -75,6 +75,8 @@ class TrainConfig:
     save_every: int = 200  # optimizer steps between training-state saves
     resume: bool = False
     limit: int | None = None  # cap every split (quick runs, tests)
+    train_limit: int | None = None  # cap the train split only (a benchmark's subset)
+    dev_limit: int | None = None  # cap the dev split only (what each epoch's evaluation costs)
     device: str = "auto"
     eval_batch_size: int = 128
     crash_after_steps: int | None = field(default=None, repr=False)  # tests: simulate a kill
@@ -169,7 +171,8 @@ class Trainer:
         self.main = self.rank == 0
         _seed_everything(cfg.seed)
         self.backbone = Path(cfg.backbone or default_backbone())
-        self.data: TaskData = load_task(cfg.data, seed=cfg.seed, limit=cfg.limit)
+        data = load_task(cfg.data, seed=cfg.seed, limit=cfg.limit)
+        self.data: TaskData = dataclasses.replace(data, train=data.train[: cfg.train_limit], dev=data.dev[: cfg.dev_limit])
         self.encoder = TextEncoder(self.backbone / "tokenizer.json", cfg.max_length)
         self.model = self._initial_model().to(self.device)
         self.model.gradient_equilibrium = cfg.gradient_equilibrium
