@@ -1,11 +1,12 @@
 """Engine benchmark (in-process, this CPU): PyTorch eager vs one ONNX graph vs the segmented chain.
 
-Real model: the RomeBERT checkpoint from bench/train.py, exported fp32 and int8. Inputs: the
+Real model: the default checkpoint (`make serve`'s), exported fp32 and int8; on onnxruntime's CPU
+provider and on OpenVINO's CPU plugin in bf16 and f32 (the backend rows). Inputs: the
 rotten_tomatoes test split, every row padded to sequence length 64. Batch 1 over the first 300
 test texts, batch 32 over all 853; the onnxruntime candidates take turns on each batch
 (round-robin), PyTorch runs on a pass of its own. Writes bench/results/engine.json and prints a table.
 
-    .venv/bin/python bench/engine.py          # needs artifacts/bench/romebert (bench/train.py)
+    .venv/bin/python bench/engine.py          # needs artifacts/default-checkpoint (make serve)
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import torch  # noqa: E402
 from romebert.model_export.export import export_bundle  # noqa: E402
 from romebert.model_export.segments import FullDepthModel  # noqa: E402
 from romebert.core.bundle import BundleError, load_bundle  # noqa: E402
-from romebert.core.engine import Engine, default_threads, open_session, run_early_exit  # noqa: E402
+from romebert.core.engine import Engine, default_threads, open_openvino_session, open_session, openvino_device, run_early_exit  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
-from bench.harness import SEQ_LEN, measure_side_by_side, padded  # noqa: E402
+from bench.harness import SEQ_LEN, environment, measure_side_by_side, padded  # noqa: E402
 
-CHECKPOINT = ROOT / "artifacts" / "bench" / "romebert"
+CHECKPOINT = ROOT / "artifacts" / "default-checkpoint"
 
 
 def bundle_for(precision: str, attention: str = "classic") -> Path:
@@ -53,8 +54,11 @@ def main() -> None:
     encoder = TextEncoder(bundles["fp32"].tokenizer_file, SEQ_LEN)
     model = MultiExitBert.from_checkpoint(CHECKPOINT, attn_implementation="eager")
     full_torch = FullDepthModel(model).eval()
-    monolithic = open_session(bundles["fp32"].path(bundles["fp32"].manifest["extras"]["full"]["file"]), "cpu", threads)
+    full_graph = bundles["fp32"].path(bundles["fp32"].manifest["extras"]["full"]["file"])
+    monolithic = open_session(full_graph, "cpu", threads)
     engines = {p: Engine(b, device="cpu", threads=threads) for p, b in bundles.items()}
+    openvino = {p: Engine(bundles["fp32"], backend="openvino", precision=p, threads=threads) for p in ("bf16", "f32")} if openvino_device() else {}
+    monolithic_openvino = {p: open_openvino_session(full_graph, p, threads) for p in openvino}
     default_t = bundles["fp32"].default_threshold
 
     @torch.no_grad()
@@ -62,12 +66,14 @@ def main() -> None:
         z = full_torch(*(torch.from_numpy(x) for x in (b.input_ids, b.attention_mask, b.token_type_ids)))
         return z.argmax(-1).numpy(), np.full(len(z), model.num_layers)
 
-    def onnx_full(b):
-        (z,) = monolithic.run(None, {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids})
-        return z.argmax(-1), np.full(len(z), model.num_layers)
+    def full_on(session):
+        def run(b):
+            (z,) = session.run(None, {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids})
+            return z.argmax(-1), np.full(len(z), model.num_layers)
+        return run
 
-    def segmented(precision: str, threshold: float):
-        engine = engines[precision]
+    def segmented(precision: str, threshold: float, engine=None):
+        engine = engine or engines[precision]
         t = bundles[precision].default_threshold if threshold < 0 else threshold
 
         def run(b):
@@ -78,16 +84,23 @@ def main() -> None:
 
     candidates = {
         "pytorch_eager": torch_eager,
-        "onnx_monolithic": onnx_full,
+        "onnx_monolithic": full_on(monolithic),
         "segmented_full": segmented("fp32", 0.0),
         "segmented_default": segmented("fp32", -1),
         "segmented_full_int8": segmented("int8", 0.0),
         "segmented_default_int8": segmented("int8", -1),
         "segmented_full_unfused_attention": segmented("fp32_unfused", 0.0),
     }
+    for p, engine in openvino.items():  # the same fp32 files, OpenVINO computing in p
+        candidates[f"onnx_monolithic_openvino_{p}"] = full_on(monolithic_openvino[p])
+        candidates[f"segmented_full_openvino_{p}"] = segmented("fp32", 0.0, engine)
+        candidates[f"segmented_default_openvino_{p}"] = segmented("fp32", -1, engine)
     rows = []
     for batch_size, count in ((1, 300), (32, len(texts))):
         batches = [padded(encoder, texts[i : i + batch_size]) for i in range(0, count, batch_size)]
+        for name in candidates:  # OpenVINO compiles each new shape once: not in the timings
+            if "openvino" in name:
+                candidates[name](batches[0])
         # PyTorch runs on its own pass: its OpenMP threads keep spinning after each call and would
         # slow whichever onnxruntime call came next. The onnxruntime candidates take turns.
         results = measure_side_by_side({"pytorch_eager": torch_eager}, batches, labels)
@@ -108,10 +121,13 @@ def main() -> None:
         "fused_over_unfused_attention_items_per_s_b1": by["segmented_full", 1]["items_per_s"] / by["segmented_full_unfused_attention", 1]["items_per_s"],
         "fused_over_unfused_attention_items_per_s_b32": by["segmented_full", 32]["items_per_s"] / by["segmented_full_unfused_attention", 32]["items_per_s"],
     }
+    for p in openvino:
+        for b in (1, 32):
+            ratios[f"openvino_{p}_over_onnxruntime_fp32_items_per_s_default_b{b}"] = by[f"segmented_default_openvino_{p}", b]["items_per_s"] / by["segmented_default", b]["items_per_s"]
     for k, v in ratios.items():
         print(f"{k:<42} {v:.3f}")
     write_json(ROOT / "bench" / "results" / "engine.json", {
-        "seq_len": SEQ_LEN, "threads": threads, "default_threshold": default_t,
+        "environment": environment(), "seq_len": SEQ_LEN, "threads": threads, "default_threshold": default_t,
         "int8_default_threshold": bundles["int8"].default_threshold, "rows": rows,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     })

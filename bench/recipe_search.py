@@ -56,7 +56,6 @@ RUNS: dict[str, dict] = {
     # round 2, around the best of round 1 (the reference's KL reduction: half the distillation weight)
     "rb_klmean_gamma0.5": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", gamma=0.5),
     "rb_klmean_nogr": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", gradient_regularization=False),
-    "rb_klmean_T2": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", temperature=2.0),
 }
 
 

@@ -41,8 +41,10 @@ from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.service.cost_model import EwmaCostModel, warm_up  # noqa: E402
 from romebert.core.engine import Engine, default_threads  # noqa: E402
 from romebert.service.metrics import Metrics  # noqa: E402
+from romebert.service.admission import Admission  # noqa: E402
+from romebert.service.policy import POLICIES, Policy  # noqa: E402
 from romebert.service.scheduler import Scheduler  # noqa: E402
-from romebert.core.tokenization import Encoded, TextEncoder  # noqa: E402
+from romebert.core.tokenization import TokenRow, TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 
 KINDS = {"easy": (0.5, 1), "budget": (0.2, 1), "full": (0.2, 1), "batch": (0.1, 8)}  # kind -> (share of requests, texts)
@@ -50,26 +52,26 @@ BUDGET_MS = 15.0  # the "budget" kind's latency budget
 MAX_BATCH, MAX_WAIT_MS = 32, 2.0
 
 
-class DeepestFirst(Scheduler):
+class DeepestFirst(Policy):
     """regroup without the fresh-first rule: always the deepest cohort next (ties: oldest)."""
 
-    def _next(self, cohorts):
+    def next(self, cohorts):
         return min(cohorts, key=lambda c: (-c.depth, c.order))
 
 
-SCHEDULERS = {"complete": (Scheduler, "complete"), "regroup": (Scheduler, "regroup"), "regroup-deepest": (DeepestFirst, "regroup")}
+SCHEDULERS = {"complete": POLICIES["complete"], "regroup": POLICIES["regroup"], "regroup-deepest": DeepestFirst("regroup-deepest", regroup=True)}
 
 
 @dataclass
 class Request:
     at: float  # seconds after the start
     kind: str
-    rows: Encoded
+    rows: list[TokenRow]
     threshold: float
     budget_s: float | None
 
 
-def make_stream(encoded: Encoded, default_threshold: float, items_per_s: float, seconds: float, seed: int) -> list[Request]:
+def make_stream(encoded: list[TokenRow], default_threshold: float, items_per_s: float, seconds: float, seed: int) -> list[Request]:
     rng = np.random.default_rng(seed)
     kinds = list(KINDS)
     shares = np.array([KINDS[k][0] for k in kinds])
@@ -80,14 +82,16 @@ def make_stream(encoded: Encoded, default_threshold: float, items_per_s: float, 
         if t >= seconds:
             return stream
         kind = kinds[rng.choice(len(kinds), p=shares)]
-        rows = encoded.rows(rng.choice(len(encoded.lengths), size=KINDS[kind][1], replace=False))
+        rows = [encoded[i] for i in rng.choice(len(encoded), size=KINDS[kind][1], replace=False)]
         budget_s = BUDGET_MS / 1000 if kind == "budget" else None
         stream.append(Request(t, kind, rows, 0.0 if kind == "full" else default_threshold, budget_s))
 
 
 def new_scheduler(name: str, engine: Engine, cost_model: EwmaCostModel) -> Scheduler:
-    cls, policy = SCHEDULERS[name]
-    scheduler = cls(engine, Metrics(engine.num_layers), max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, max_queue=1 << 20, policy=policy, cost_model=cost_model)
+    """In process, no admission bound: the policies are compared on the same work, none turned away."""
+    metrics = Metrics(engine.num_layers)
+    admission = Admission(metrics, max_queue=1 << 20, max_queue_wait_s=3600.0, workers=1, seconds_per_row=0.0)
+    scheduler = Scheduler(engine, admission, metrics, cost_model, policy=SCHEDULERS[name], max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS)
     scheduler.start()
     return scheduler
 
@@ -97,7 +101,7 @@ async def replay(scheduler: Scheduler, stream: list[Request]) -> list[float]:
 
     async def one(request: Request) -> float:
         arrival = scheduler.clock()
-        await asyncio.gather(*scheduler.submit(request.rows, request.threshold, request.budget_s, arrival))
+        await scheduler.submit(request.rows, request.threshold, request.budget_s, arrival).future
         return scheduler.clock() - arrival
 
     start, tasks = time.perf_counter(), []
@@ -129,9 +133,9 @@ async def run_policy(name: str, engine: Engine, cost_model: EwmaCostModel, strea
     started = time.perf_counter()
     latencies = await replay(scheduler, stream)
     elapsed = time.perf_counter() - started
-    scheduler.close()
+    scheduler.admission.close()
     scheduler.join()
-    out = summary(latencies, scheduler, elapsed, sum(len(r.rows.lengths) for r in stream))
+    out = summary(latencies, scheduler, elapsed, sum(len(r.rows) for r in stream))
     for kind in KINDS:
         ms = 1000 * np.array([lat for lat, r in zip(latencies, stream) if r.kind == kind])
         out[kind] = {"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
@@ -140,17 +144,17 @@ async def run_policy(name: str, engine: Engine, cost_model: EwmaCostModel, strea
     return out
 
 
-async def capacity(name: str, engine: Engine, cost_model: EwmaCostModel, encoded: Encoded, default_threshold: float) -> float:
+async def capacity(name: str, engine: Engine, cost_model: EwmaCostModel, encoded: list[TokenRow], default_threshold: float) -> float:
     """Closed-loop items/s of the stream's mix (budgets left out: queued for long, every budgeted row
     would be cut at exit 1) under one policy: everything submitted at once, best of two."""
     stream = make_stream(encoded, default_threshold, items_per_s=1000.0, seconds=0.8, seed=1)  # ~800 items; times unused
-    items, best = sum(len(r.rows.lengths) for r in stream), 0.0
+    items, best = sum(len(r.rows) for r in stream), 0.0
     for _ in range(2):
         scheduler = new_scheduler(name, engine, cost_model)
         started = time.perf_counter()
-        await asyncio.gather(*(f for r in stream for f in scheduler.submit(r.rows, r.threshold, None, scheduler.clock())))
+        await asyncio.gather(*(scheduler.submit(r.rows, r.threshold, None, scheduler.clock()).future for r in stream))
         best = max(best, items / (time.perf_counter() - started))
-        scheduler.close()
+        scheduler.admission.close()
         scheduler.join()
     return best
 
@@ -168,7 +172,7 @@ async def main() -> None:
     engine = Engine(bundle, device="cpu")
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
     task = load_task(bundle.manifest["source"]["data"])
-    encoded = encoder.encode([e.text for e in task.test], [e.text_pair for e in task.test] if task.is_pair else None)
+    encoded = encoder.tokenize([e.text for e in task.test], [e.text_pair for e in task.test] if task.is_pair else None)
     cost_model = EwmaCostModel(engine.num_layers)
     warm_up(engine, cost_model, MAX_BATCH, bundle.max_length)
     capacities = {name: await capacity(name, engine, cost_model, encoded, bundle.default_threshold) for name in SCHEDULERS}

@@ -1,33 +1,27 @@
-"""Serving benchmark (this CPU): our server vs a plain FastAPI + transformers server, over HTTP.
+"""Serving benchmark (this CPU): our server against the best a user could run instead, over HTTP.
 
-Real bundle (bench/engine.py exports it from the bench/train.py checkpoint), texts from the
-rotten_tomatoes test split, `romebert loadtest` (Locust, closed loop) for 60 s per point:
-our server at concurrency 1 and 32 at the bundle's default threshold, with one engine worker
-(the default) and with two, and at 32 with the regroup scheduler policy; the baseline at 32.
-Our servers run with --log-level warning (no access log line per request). Also the in-process
-engine's batch-1 p50 and best offline throughput at the same threshold (the best of one worker
-with every core and one worker per core, each with length-sorted batches of 32 and with batch 1),
-and each server's test accuracy (all 853 test texts sent once).
+Ours: the default bundle (`make serve`'s), with its defaults (`--backend auto`: what the export
+measured fastest), at concurrency 1 and 32; the same bundle on onnxruntime's CPU provider in fp32
+(the server's previous default) at 32. The strong peers: the fine-tuned model as ONE ONNX graph
+(full depth) behind a small FastAPI server with a plain dynamic batcher (bench/peer_server.py), on
+every CPU backend and precision: onnxruntime fp32 and int8, OpenVINO bf16 and f32, at 32. And the
+FastAPI + transformers pipeline server (bench/baseline_server.py) at 32.
 
-The load generator shares the server's cores, so what HTTP and the load generator cost per request
-bounds how close the server can come to the offline engine. To measure that cost, our server also
-serves a tiny random model (3 layers, 32 wide: its core time per item, measured offline, is
-taken out) at concurrency 32; every point records how many cores the machine kept busy (psutil), and
-the ceiling follows: 1 / (1 + overhead per request x offline items/s / cores).
-Writes bench/results/serve.json.
+Every server runs in a fresh process; the load generator (loadtest/driver.py, closed loop, 60 s
+per point, rotten_tomatoes test texts, one per request) shares the two cores. Each row carries
+the server process's own CPU time per request (psutil on its PID: the load generator does not
+count), its RSS, its test accuracy (all 853 test texts), and its backend and precision. The
+model's own cost per item, offline, is measured in a fresh process for our default configuration,
+so that the server's cost beyond the model follows. Writes bench/results/serve.json.
 
-    .venv/bin/python bench/serve.py [--duration 60]
+    .venv/bin/python bench/serve.py [--duration 60]      # needs artifacts/default-bundle and the peer bundles
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -38,176 +32,118 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import environment, romebert_serve, running  # noqa: E402
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
-from romebert.model_export.export import export_bundle  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
-from romebert.core.engine import Engine, default_threads, run_early_exit  # noqa: E402
-from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
-from tiny_backbone import make_tiny_backbone, tiny_train_config  # noqa: E402
-from romebert.training.train import train  # noqa: E402
+from romebert.loadtest.driver import run_load  # noqa: E402
+from romebert.loadtest.profiles import Profile  # noqa: E402
+from romebert.loadtest.texts import TextItem  # noqa: E402
+from romebert.loadtest.workload import Workload  # noqa: E402
 
-BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
-CHECKPOINT = ROOT / "artifacts" / "bench" / "romebert"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
+BUNDLE = ROOT / "artifacts" / "default-bundle"
+PEER = ROOT / "artifacts" / "bench" / "peer"  # the fine-tuned model: PEER/fp32, PEER/int8 (with --monolithic)
+FINETUNED = ROOT / "artifacts" / "search" / "finetune" / "checkpoint"
 
 
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{url}/classify", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
+    request = urllib.request.Request(f"{url}/classify", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
         return json.loads(r.read())
 
 
-def server_accuracy(url: str, texts: list[str], labels: list[str]) -> tuple[float, float]:
-    """Accuracy and mean exit layer of the server's answers over the whole test split."""
-    answers = []
-    for i in range(0, len(texts), 16):
-        answers += post(url, {"text": texts[i : i + 16]})["results"]
-    acc = float(np.mean([a["label"] == y for a, y in zip(answers, labels)]))
-    return acc, float(np.mean([a["exit_layer"] for a in answers]))
+def accuracy(url: str, texts: list[str], labels: list[str]) -> float:
+    answers = [post(url, {"text": t})["results"][0]["label"] for t in texts]
+    return float(np.mean([a == y for a, y in zip(answers, labels)]))
 
 
-def busy_core_seconds() -> float:
-    """CPU seconds the whole machine has spent not idle, summed over its cores."""
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+def measure(url: str, pid: int, workload: Workload, users: int, seconds: float) -> dict:
+    server = psutil.Process(pid)
+    cpu = server.cpu_times()
+    run = run_load(url, workload, users, None, seconds, None, 30.0)
+    after = server.cpu_times()
+    ok = [r.latency_ms for r in run.records if r.status == 200]
+    cpu_s = (after.user + after.system) - (cpu.user + cpu.system)
+    torch_loaded = any("libtorch" in m.path for m in server.memory_maps())
+    return {"concurrency": users, "requests_per_s": round(len(ok) / run.elapsed_s, 1), "p50_ms": round(float(np.percentile(ok, 50)), 2),
+            "p99_ms": round(float(np.percentile(ok, 99)), 2), "errors": len(run.records) - len(ok),
+            "server_cpu_ms_per_request": round(1000 * cpu_s / len(ok), 3), "server_cores_busy": round(cpu_s / run.elapsed_s, 2),
+            "rss_mb": round(server.memory_info().rss / 2**20, 1), "torch_loaded": torch_loaded}
 
 
-def loadtest(url: str, users: int, duration: float, out: Path) -> tuple[dict, float]:
-    """The load test's report, and how many cores the machine kept busy during its steady part
-    (from 5 s after the start to 5 s before the end: Locust's start-up and report are not counted)."""
-    cmd = [sys.executable, "-m", "romebert.cli", "loadtest", url, "--users", str(users), "--duration", str(duration),
-           "--dataset", "rotten_tomatoes", "--out", str(out)]
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL) as proc:
-        time.sleep(5)
-        busy, started = busy_core_seconds(), time.perf_counter()
-        time.sleep(max(duration - 10, 1))
-        busy_cores = (busy_core_seconds() - busy) / (time.perf_counter() - started)
-    if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return json.loads((out / "report.json").read_text()), busy_cores
+def engine_batch1_p50_ms(bundle_path: Path, backend: str, precision: str, texts: list[str]) -> float:
+    """In-process, one worker with every core, the server's default threshold: batch-1 p50 (ms)."""
+    from romebert.core.engine import Engine, run_early_exit
+    from romebert.core.tokenization import TextEncoder
 
-
-def engine_batch1_p50_ms(texts: list[str], threshold: float) -> float:
-    """In-process, one worker with every core: batch-1 p50 (ms) over 200 texts, the first 10 not counted."""
-    bundle = load_bundle(BUNDLE)
-    engine = Engine(bundle, device="cpu")
+    bundle = load_bundle(bundle_path)
+    engine = Engine(bundle, device="cpu", backend=backend, precision=precision)
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
     times = []
-    for text in texts[:200]:
-        t = time.perf_counter()
-        run_early_exit(engine, encoder.encode([text]), np.array([threshold]))
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times[10:]))
-
-
-def serve(bundle: Path, *flags: str) -> list[str]:
-    """Our server's command line, without an access-log line per request."""
-    return [sys.executable, "-m", "romebert.cli", "serve", str(bundle), "--host", "127.0.0.1", "--log-level", "warning", *flags]
-
-
-def tiny_bundle(folder: Path) -> Path:
-    """A model that costs next to nothing: the tiny random backbone, trained for a moment, exported."""
-    backbone = make_tiny_backbone(folder / "backbone")
-    checkpoint = train(tiny_train_config(backbone, folder / "checkpoint", max_length=64))  # the real bundle's max_length
-    return export_bundle(checkpoint, folder / "bundle", limit=64, log=lambda *_: None)
-
-
-def best_offline(bundle: Path) -> dict[str, float]:
-    """Offline items/s of one worker with every core and one worker per core, each with
-    length-sorted batches of 32 (least padding) and batch 1 (none at all, which on a small CPU
-    can beat batching), each in a fresh process."""
-    return {f"{w}_workers_batch_{b}": in_fresh_process(items_per_s, w, max(default_threads() // w, 1), b, "length", bundle)
-            for w in (1, 2) for b in (32, 1)}
+    for text in texts[:300]:
+        batch = encoder.encode([text])
+        started = time.perf_counter()
+        run_early_exit(engine, batch, np.array([bundle.default_threshold]))
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times[50:]))  # the first 50 pay OpenVINO's compiles
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0)
     args = parser.parse_args()
     task = load_task("rotten_tomatoes")
-    texts = [e.text for e in task.test]
-    labels = [task.labels[e.label] for e in task.test]
-    threshold = load_bundle(BUNDLE).default_threshold
-    engine_p50 = in_fresh_process(engine_batch1_p50_ms, texts, threshold)
-    offline = best_offline(BUNDLE)
-    engine_items_per_s = max(offline.values())
-    print(f"in-process engine at threshold {threshold}: batch-1 p50 {engine_p50:.2f} ms, offline items/s "
-          + ", ".join(f"{k} {v:.1f}" for k, v in offline.items()), flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    tiny = tiny_bundle(tmp / "tiny")
-    # One single-thread worker, whose core time is its wall time; the dearer of batch 1 and 32, so
-    # that the overhead below is not overstated.
-    tiny_core_ms = max(1000 / in_fresh_process(items_per_s, 1, 1, b, "length", tiny) for b in (1, 32))
-    print(f"tiny model: {tiny_core_ms:.3f} core ms per item offline", flush=True)
+    texts, labels = [e.text for e in task.test], [task.labels[e.label] for e in task.test]
+    workload = Workload([TextItem(t) for t in texts], [Profile("default")], batch=1, seed=0)
+    bundle = load_bundle(BUNDLE)
+    chosen = bundle.manifest.get("backend") or {"backend": "onnxruntime", "precision": bundle.precision}
+    backend, precision = chosen["backend"], chosen["precision"]
+    engine_p50 = in_fresh_process(engine_batch1_p50_ms, BUNDLE, backend, precision, texts)
+    # The model's own core time per item, offline: one one-thread worker (its wall time is its
+    # core time), the cheaper of batch 1 and 32, so that the server's cost beyond it is not understated.
+    model_core_ms = min(1000 / in_fresh_process(items_per_s, 1, 1, b, "random", BUNDLE, backend, precision) for b in (1, 32))
+    print(f"default bundle on {backend}/{precision}: engine batch-1 p50 {engine_p50:.2f} ms, model {model_core_ms:.3f} core-ms/item", flush=True)
 
-    rows = []
-    # (name, command, concurrencies): our server with its defaults, with two engine workers, with
-    # the regroup policy, on the tiny model, and the baseline a user would write.
+    peer = ROOT / "bench" / "peer_server.py"
     servers = [
-        ("romebert", serve(BUNDLE), (1, 32)),
-        ("romebert_workers_2", serve(BUNDLE, "--workers", "2"), (1, 32)),
-        ("romebert_policy_regroup", serve(BUNDLE, "--policy", "regroup"), (32,)),
-        ("romebert_tiny_model", serve(tiny), (32,)),
-        ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(CHECKPOINT)], (32,)),
+        ("romebert", romebert_serve(BUNDLE), (1, 32), f"{backend}/{precision}"),
+        ("romebert_onnxruntime_fp32", romebert_serve(BUNDLE, "--backend", "onnxruntime"), (32,), "onnxruntime/fp32"),
+        ("peer_onnxruntime_fp32", [sys.executable, str(peer), str(PEER / "fp32")], (32,), "onnxruntime/fp32"),
+        ("peer_onnxruntime_int8", [sys.executable, str(peer), str(PEER / "int8")], (32,), "onnxruntime/int8"),
+        ("peer_openvino_bf16", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "bf16"], (32,), "openvino/bf16"),
+        ("peer_openvino_f32", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
+        ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(FINETUNED)], (32,), "pytorch/fp32"),
     ]
-    for name, command, concurrencies in servers:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen(command + ["--port", str(port)], env=os.environ | {"PYTHONUNBUFFERED": "1"},
-                                stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "w"))
-        try:
-            wait_ready(url, proc)
-            acc, avg_exit = server_accuracy(url, texts, labels)
+    rows = []
+    logs = ROOT / "artifacts" / "bench"
+    for name, command, concurrencies, runs_on in servers:
+        with running(command, logs / f"serve-{name}.log") as (proc, url):
+            run_load(url, workload, 32, None, 5, None, 30.0)  # warm
+            acc = accuracy(url, texts, labels)
             for users in concurrencies:
-                report, busy_cores = loadtest(url, users, args.duration, tmp / f"{name}-{users}")
-                lat = report["latency_ms"]
-                row = {"server": name, "concurrency": users, "p50_ms": round(lat["p50"], 2), "p99_ms": round(lat["p99"], 2),
-                       "requests_per_s": round(report["throughput"]["requests_per_s"], 1), "test_acc": round(acc, 4),
-                       "avg_exit_layer": round(avg_exit, 3), "errors": report["requests"]["failed"], "busy_cores": round(busy_cores, 2)}
+                b, p = runs_on.split("/")
+                row = {"server": "romebert" if name.startswith("romebert") else "onnx_monolithic_batched" if name.startswith("peer") else "transformers_pipeline",
+                       "name": name, "backend": b, "precision": p, "test_acc": round(acc, 4)} | measure(url, proc.pid, workload, users, args.duration)
                 rows.append(row)
                 print(row, flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    by = {(r["server"], r["concurrency"]): r for r in rows}
-    # Core time per request at concurrency 32 that is not the model's: HTTP, scheduling, the load generator.
-    tiny_row = by["romebert_tiny_model", 32]
-    overhead_ms = 1000 * tiny_row["busy_cores"] / tiny_row["requests_per_s"] - tiny_core_ms
+    by = {(r["name"], r["concurrency"]): r for r in rows}
+    ours = by["romebert", 32]
+    peers = [r for r in rows if r["server"] == "onnx_monolithic_batched"]
+    fastest_peer = max(peers, key=lambda r: r["requests_per_s"])
     ratios = {
-        "romebert_over_baseline_rps_c32": by["romebert", 32]["requests_per_s"] / by["baseline_transformers", 32]["requests_per_s"],
-        "http_overhead_p50_ms_c1": by["romebert", 1]["p50_ms"] - engine_p50,
-        "c32_rps_over_offline_engine": by["romebert", 32]["requests_per_s"] / engine_items_per_s,
-        "c32_rps_over_offline_engine_workers_2": by["romebert_workers_2", 32]["requests_per_s"] / engine_items_per_s,
-        "overhead_core_ms_per_request_c32": overhead_ms,
-        "c32_ceiling_over_offline_engine": 1 / (1 + overhead_ms / 1000 * engine_items_per_s / default_threads()),
+        "ours_over_fastest_peer_rps_c32": ours["requests_per_s"] / fastest_peer["requests_per_s"],
+        "ours_minus_fastest_peer_test_acc": ours["test_acc"] - fastest_peer["test_acc"],
+        "ours_over_previous_default_rps_c32": ours["requests_per_s"] / by["romebert_onnxruntime_fp32", 32]["requests_per_s"],
+        "server_cpu_ms_beyond_model_c32": ours["server_cpu_ms_per_request"] - model_core_ms,
+        "c1_p50_minus_engine_batch1_p50_ms": by["romebert", 1]["p50_ms"] - engine_p50,
     }
     for k, v in ratios.items():
-        print(f"{k:<34} {v:.3f}")
+        print(f"{k:<40} {v:.3f}")
     write_json(ROOT / "bench" / "results" / "serve.json", {
-        "engine_p50_ms_batch1": round(engine_p50, 3), "engine_offline_items_per_s": round(engine_items_per_s, 1),
-        "engine_offline_items_per_s_by_config": {k: round(v, 1) for k, v in offline.items()},
-        "tiny_model_core_ms_per_item": round(tiny_core_ms, 3),
-        "threshold": threshold, "duration_s": args.duration, "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "bundle_backend": chosen, "default_threshold": bundle.default_threshold, "engine_p50_ms_batch1": round(engine_p50, 3),
+        "model_core_ms_per_item": round(model_core_ms, 3), "fastest_peer": fastest_peer["name"], "duration_s": args.duration,
+        "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "environment": environment(),
     })
 
 

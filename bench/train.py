@@ -163,6 +163,8 @@ def plot(dataset: str, summary: dict) -> None:
     sweeps = {m: [{"accuracy": r["test_acc"], "lo": r["test_acc"] - r["test_acc_std"], "hi": r["test_acc"] + r["test_acc_std"],
                    "avg_exit_layer": r["avg_exit_layer"]} for r in v["sweep_mean"]] for m, v in methods.items() if "sweep_mean" in v}
     layers = len(next(iter(curves.values()))["accuracy"])
+    sweeps["fine-tuning (full depth)"] = [{"accuracy": references["fine-tuning (final exit)"]["accuracy"], "avg_exit_layer": layers,
+                                            "lo": references["fine-tuning (final exit)"]["lo"], "hi": references["fine-tuning (final exit)"]["hi"]}]
     plot_speedup(sweeps, layers, ROOT / "docs" / f"accuracy_vs_speedup_{dataset}.png",
                  f"{dataset} test: accuracy vs speed-up (mean ± std over {seeds} seeds)")
 

@@ -41,7 +41,8 @@ def busy(duty: float, stop) -> None:
         time.sleep((1 - duty) / 1000)
 
 
-def items_per_s(workers: int, threads: int, batch: int, order: str = "random", bundle_path: Path = BUNDLE) -> float:
+def items_per_s(workers: int, threads: int, batch: int, order: str = "random", bundle_path: Path = BUNDLE,
+                backend: str = "onnxruntime", precision: str = "bf16") -> float:
     """Offline early exit over the test split: `workers` threads share one engine of `threads` each.
 
     order "random": seeded random order, the order a server sees; "length": sorted by text length,
@@ -54,7 +55,7 @@ def items_per_s(workers: int, threads: int, batch: int, order: str = "random", b
     from romebert.core.data import load_task
 
     bundle = load_bundle(bundle_path)
-    engine = Engine(bundle, device="cpu", threads=threads)
+    engine = Engine(bundle, device="cpu", threads=threads, backend=backend, precision=precision)
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
     texts = [e.text for e in load_task("rotten_tomatoes").test]
     if order == "random":
@@ -68,7 +69,7 @@ def items_per_s(workers: int, threads: int, batch: int, order: str = "random", b
         for b in part:
             run_early_exit(engine, b, np.full(len(b.lengths), threshold))
 
-    run(batches[: max(1, 64 // batch)])  # warm-up: about 64 rows
+    run(batches if engine.shapes(batch, bundle.max_length) else batches[: max(1, 64 // batch)])  # warm-up (OpenVINO: every shape)
     started = time.perf_counter()
     pool = [threading.Thread(target=run, args=(batches[k::workers],)) for k in range(workers)]
     for thread in pool:

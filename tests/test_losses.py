@@ -20,7 +20,7 @@ def test_romebert_loss_matches_hand_computation():
     z = torch.tensor([[[2.0, -1.0], [0.5, 0.5]], [[1.0, 3.0], [-2.0, 1.0]]])  # (L=2, B=2, C=2)
     y = torch.tensor([0, 1])
     gamma, t = 0.9, 3.0
-    exits, final = romebert_losses(z, y, gamma, t)
+    exits, final = romebert_losses(z, y, gamma, t, kl_reduction="batchmean")
 
     final_hand = (ce([1.0, 3.0], 0) + ce([-2.0, 1.0], 1)) / 2
     ce_exit = (ce([2.0, -1.0], 0) + ce([0.5, 0.5], 1)) / 2

@@ -32,7 +32,8 @@ def _train_parser() -> argparse.ArgumentParser:
         "train_limit": "cap the train split only (the first N of its seeded shuffle)",
         "dev_limit": "cap the dev split only (it is evaluated after every epoch)",
         "gr_swap": "swap the roles of A and B in gradient regularization (reference: MNLI, QQP)",
-        "kl_reduction": "batchmean (KL summed over labels, the default) or mean (the reference code's, divided by the number of labels)",
+        "kl_reduction": "mean (the reference code's: the KL divided by the number of labels; the default, it won on dev) "
+        "or batchmean (the KL as defined, summed over labels)",
         "init_from": "start from this multi-exit checkpoint (e.g. a fine-tuned one) instead of the backbone with fresh exits",
     }
     for f in dataclasses.fields(TrainConfig):
