@@ -183,8 +183,15 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print("this server:", flush=True)
     now = measure(romebert_serve(args.bundle), logs / "overload-server.log", workload, None, slow=True)
+    # The serving core against the one it replaced, on the same backend (onnxruntime fp32): the
+    # default bundle now picks OpenVINO, which would flatter the comparison.
+    with running(romebert_serve(args.bundle, "--backend", "onnxruntime"), logs / "overload-server-ort.log") as (_, url):
+        closed_loop(url, workload, 32, 5)
+        same_backend = closed_loop(url, workload, 32, 30)
+    print(f"  capacity on onnxruntime {same_backend}", flush=True)
     result = {
         "capacity_rps": now["capacity"]["requests_per_s"], "rows": now["rows"], "slow_clients": now["slow_clients"],
+        "capacity_c32_onnxruntime": same_backend,
         "capacity_c32": now["capacity"], "bundle": str(args.bundle), "default_threshold": bundle.default_threshold,
         "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S, "environment": environment(),
     }
