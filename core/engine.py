@@ -89,17 +89,20 @@ _openvino = None
 
 def openvino_device():
     """The OpenVINO plugin's CPU device, the plugin registered once per process; None when the
-    plugin (PyPI onnxruntime-ep-openvino) is not installed."""
+    plugin (PyPI onnxruntime-ep-openvino) is not installed or offers no CPU device here (seen on
+    an AMD EPYC: the plugin loads and lists nothing)."""
     global _openvino
     with _pool_lock:
         if _openvino is None:
             try:
                 import onnxruntime_ep_openvino as plugin
             except ImportError:
+                _openvino = False
                 return None
             ort.register_execution_provider_library("openvino", plugin.get_library_path())
-            _openvino = next(d for d in ort.get_ep_devices() if d.ep_name == plugin.get_ep_name() and d.ep_metadata.get("ov_device") == "CPU")
-        return _openvino
+            _openvino = next((d for d in ort.get_ep_devices() if d.ep_name == plugin.get_ep_name() and d.ep_metadata.get("ov_device") == "CPU"),
+                             False)
+        return _openvino or None
 
 
 def open_openvino_session(path: str | Path, precision: str, threads: int) -> ort.InferenceSession:

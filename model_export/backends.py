@@ -1,12 +1,13 @@
 """Which backend serves a bundle fastest without costing accuracy, measured at export on dev.
 
-Candidates: onnxruntime's CPU provider on the bundle's own files, and, when the OpenVINO plugin
-is installed, OpenVINO in bf16 (AMX/AVX512-BF16 CPUs) and f32 on the same files. Each runs the
-dev split through the serving engine; a candidate is eligible when its full-depth dev accuracy is
-within 0.5 point of the fp32 reference (the PyTorch model) and at least 99% of dev rows leave at
-the same exit as the reference's at the default threshold; the eligible one with the most items/s
-at the default threshold (length-sorted batches of 64, the candidates taking turns, see measure)
-is recorded as the bundle's `backend`, which `romebert serve --backend auto` uses.
+Candidates: onnxruntime's CPU provider on each exported bundle's own files (fp32, and int8 with
+`--precision auto`), and, where the OpenVINO plugin offers a CPU device, OpenVINO in bf16
+(AMX/AVX512-BF16 CPUs) and f32 on the fp32 files. Each runs the dev split through the serving
+engine; a candidate is eligible when its full-depth dev accuracy is within 0.5 point of the fp32
+reference (the PyTorch model) and at least 99% of dev rows leave at the same exit as the
+reference's at the bundle's default threshold; the eligible one with the most items/s (length-
+sorted batches of 64, the candidates taking turns, see measure) is recorded as the bundle's
+`backend`, which `romebert serve --backend auto` uses, and its files are the ones published.
 """
 
 from __future__ import annotations
@@ -26,73 +27,80 @@ MAX_ACCURACY_DROP = 0.005
 MIN_EXIT_AGREEMENT = 0.99
 
 
-def candidates(bundle: Bundle) -> list[tuple[str, str]]:
-    found = [("onnxruntime", bundle.precision)]
-    if openvino_device() is not None and bundle.precision in ("fp32", "int8"):
-        found += [("openvino", "bf16"), ("openvino", "f32")]
+def candidates(bundles: list[Bundle]) -> list[tuple[str, str, Bundle]]:
+    """(backend, precision, bundle): onnxruntime on every bundle's own files, OpenVINO (bf16 and
+    f32 compute) on the fp32 files, else on the first bundle's."""
+    found = [("onnxruntime", b.precision, b) for b in bundles]
+    on = next((b for b in bundles if b.precision == "fp32"), bundles[0])
+    if openvino_device() is not None and on.precision in ("fp32", "int8"):
+        found += [("openvino", "bf16", on), ("openvino", "f32", on)]
     return found
 
 
-def measure_in_fresh_process(root: Path, batches: list[Encoded], order: np.ndarray, labels: np.ndarray, reference: np.ndarray,
-                             threshold: float, log=print) -> tuple[list[dict], dict]:
+def measure_in_fresh_process(roots: list[Path], batches: list[Encoded], order: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+                             log=print) -> tuple[list[dict], dict]:
     """`measure` in a new process that never imported torch, as the server runs: in the export's
     own process PyTorch's threads, once the model has run, slowed every backend (OpenVINO bf16
     from 2x onnxruntime's items/s to 1.1x, measured)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        rows, choice = pool.apply(_measure_bundle, (str(root), batches, order, labels, reference, threshold))
+        rows, choice = pool.apply(_measure_bundles, ([str(r) for r in roots], batches, order, labels, reference))
     for row in rows:
-        log(f"  {row['backend']}/{row['precision']}: " + (row.get("error") or
+        log(f"  {row['backend']}/{row['precision']} on the {row['files']} files: " + (row.get("error") or
             f"dev accuracy {100 * row['dev_accuracy']:.2f} (fp32 {100 * choice['reference_dev_accuracy']:.2f}), "
-            f"exits as fp32 {100 * row['exit_agreement']:.1f}%, {row['items_per_s']:.0f} items/s (median of its passes)"))
+            f"exits as fp32 {100 * row['exit_agreement']:.1f}% at threshold {row['threshold']}, "
+            f"{row['items_per_s']:.0f} items/s (median of its passes)"))
+    log(f"  chosen: {choice['backend']}/{choice['precision']} on the {choice['files']} files")
     return rows, choice
 
 
-def _measure_bundle(root: str, *args) -> tuple[list[dict], dict]:
-    return measure(load_bundle(root), *args)
+def _measure_bundles(roots: list[str], *args) -> tuple[list[dict], dict]:
+    return measure([load_bundle(r) for r in roots], *args)
 
 
-def measure(bundle: Bundle, batches: list[Encoded], order: np.ndarray, labels: np.ndarray, reference: np.ndarray,
-            threshold: float, rounds: int = 5) -> tuple[list[dict], dict]:
+def measure(bundles: list[Bundle], batches: list[Encoded], order: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+            rounds: int = 5) -> tuple[list[dict], dict]:
     """(a row per candidate, the chosen one). `reference`: fp32 logits of every exit, (L, N, C), split order.
 
-    Speed: every candidate is warmed (a pass that pays OpenVINO's per-shape compiles), then the
-    candidates take turns for `rounds` passes over dev, so that drift in the machine's load hits
-    them alike; items/s is each one's median pass.
+    Each candidate runs as it would be served: at its bundle's default threshold, its exits
+    compared with the reference's at that threshold. Speed: every candidate is warmed (a pass that
+    pays OpenVINO's per-shape compiles), then the candidates take turns for `rounds` passes over
+    dev, so that drift in the machine's load hits them alike; items/s is each one's median pass.
     """
-    reference_exits = exit_layers(reference, threshold)
     reference_acc = float((reference[-1].argmax(-1) == labels).mean())
     rows, engines = [], {}
-    for backend, precision in candidates(bundle):
+    for backend, precision, bundle in candidates(bundles):
+        key = backend, precision, bundle.precision
         try:
-            engines[backend, precision] = Engine(bundle, device="cpu", backend=backend, precision=precision)
+            engines[key] = Engine(bundle, device="cpu", backend=backend, precision=precision), bundle.default_threshold
         except Exception as err:  # noqa: BLE001 - a backend that cannot load this bundle is recorded, not fatal
-            rows.append({"backend": backend, "precision": precision, "error": f"{type(err).__name__}: {err}"[:300], "eligible": False})
-    thresholds = [np.full(len(b.lengths), threshold) for b in batches]
+            rows.append({"backend": backend, "precision": precision, "files": bundle.precision,
+                         "error": f"{type(err).__name__}: {err}"[:300], "eligible": False})
 
-    def one_pass(engine: Engine) -> float:
+    def one_pass(engine: Engine, threshold: float) -> float:
         started = time.perf_counter()
-        for b, t in zip(batches, thresholds):
-            run_early_exit(engine, b, t)
+        for b in batches:
+            run_early_exit(engine, b, np.full(len(b.lengths), threshold))
         return len(labels) / (time.perf_counter() - started)
 
-    for engine in engines.values():
-        one_pass(engine)
-    passes: dict[tuple[str, str], list[float]] = {key: [] for key in engines}
+    for engine, threshold in engines.values():
+        one_pass(engine, threshold)
+    passes: dict[tuple[str, str, str], list[float]] = {key: [] for key in engines}
     for _ in range(rounds):
-        for key, engine in engines.items():
-            passes[key].append(one_pass(engine))
-    for (backend, precision), engine in engines.items():
+        for key, (engine, threshold) in engines.items():
+            passes[key].append(one_pass(engine, threshold))
+    for (backend, precision, files), (engine, threshold) in engines.items():
         logits = np.empty_like(reference)
         logits[:, order] = np.concatenate([engine.all_exit_logits(b) for b in batches], axis=1)
         accuracy = float((logits[-1].argmax(-1) == labels).mean())
-        agreement = float((exit_layers(logits, threshold) == reference_exits).mean())
-        items_per_s = float(np.median(passes[backend, precision]))
-        row = {"backend": backend, "precision": precision, "dev_accuracy": accuracy, "exit_agreement": agreement,
-               "items_per_s": round(items_per_s, 1), "items_per_s_passes": [round(p, 1) for p in passes[backend, precision]],
-               "eligible": accuracy >= reference_acc - MAX_ACCURACY_DROP and agreement >= MIN_EXIT_AGREEMENT}
-        rows.append(row)
+        agreement = float((exit_layers(logits, threshold) == exit_layers(reference, threshold)).mean())
+        items_per_s = float(np.median(passes[backend, precision, files]))
+        rows.append({"backend": backend, "precision": precision, "files": files, "threshold": threshold, "dev_accuracy": accuracy,
+                     "exit_agreement": agreement, "items_per_s": round(items_per_s, 1),
+                     "items_per_s_passes": [round(p, 1) for p in passes[backend, precision, files]],
+                     "eligible": accuracy >= reference_acc - MAX_ACCURACY_DROP and agreement >= MIN_EXIT_AGREEMENT})
     eligible = [r for r in rows if r["eligible"]]
-    chosen = max(eligible, key=lambda r: r["items_per_s"]) if eligible else rows[0]
-    rule = (f"fastest at the default threshold among those within {100 * MAX_ACCURACY_DROP:g} point of fp32 dev accuracy "
+    chosen = max(eligible, key=lambda r: r["items_per_s"]) if eligible else next(r for r in rows if "error" not in r)
+    rule = (f"fastest at its default threshold among those within {100 * MAX_ACCURACY_DROP:g} point of fp32 dev accuracy "
             f"whose exits match fp32's on >= {100 * MIN_EXIT_AGREEMENT:g}% of dev rows")
-    return rows, {"backend": chosen["backend"], "precision": chosen["precision"], "rule": rule, "reference_dev_accuracy": reference_acc}
+    return rows, {"backend": chosen["backend"], "precision": chosen["precision"], "files": chosen["files"], "rule": rule,
+                  "reference_dev_accuracy": reference_acc}

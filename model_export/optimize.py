@@ -9,6 +9,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
+AUTO = "auto"  # export: fp32 and int8 both built and measured on this CPU (model_export/backends.py), one published
+AUTO_CANDIDATES = ("fp32", "int8")
 
 
 def optimize_segment(src: Path, dst: Path, precision: str, num_heads: int, hidden_size: int) -> dict[str, int]:

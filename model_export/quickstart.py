@@ -25,6 +25,7 @@ DEFAULT_MODEL = dict(data="rotten_tomatoes", epochs=3, max_length=64, batch_size
 
 def build_default_bundle(home: Path) -> Path:
     from romebert.model_export.export import export_bundle
+    from romebert.model_export.optimize import AUTO
     from romebert.training.train import SHIPPED_METHOD, TrainConfig, train
 
     bundle, checkpoint = home / "default-bundle", home / "default-checkpoint"
@@ -38,7 +39,7 @@ def build_default_bundle(home: Path) -> Path:
         print(f"training the default model: {SHIPPED_METHOD} {DEFAULT_MODEL} on all-MiniLM-L6-v2 (the shipped recipe) ...")
         train(TrainConfig(method=SHIPPED_METHOD, output=str(checkpoint), save_every=50, resume=True, **DEFAULT_MODEL))
     print("exporting the default bundle ...")
-    return export_bundle(checkpoint, bundle, force=bundle.exists())
+    return export_bundle(checkpoint, bundle, precision=AUTO, force=bundle.exists())
 
 
 def main(command: str, argv: list[str]) -> int:

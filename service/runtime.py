@@ -51,8 +51,8 @@ def backend_for(bundle: Bundle, settings: Settings) -> tuple[str, str]:
         if settings.device == "cuda":
             return "onnxruntime", settings.openvino_precision
         if openvino_device() is None:
-            log.warning("the bundle is measured fastest on OpenVINO, whose plugin is not installed here "
-                        "(pip install onnxruntime-ep-openvino): serving with onnxruntime")
+            log.warning("the bundle is measured fastest on OpenVINO, which offers no CPU device here "
+                        "(onnxruntime-ep-openvino missing, or this CPU unsupported): serving with onnxruntime")
             return "onnxruntime", settings.openvino_precision
         return "openvino", choice["precision"]
     return "onnxruntime", settings.openvino_precision

@@ -96,6 +96,18 @@ def test_int8_bundle_records_its_accuracy_and_quantized_weights(tiny_checkpoint,
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLinear"}, ops
 
 
+def test_auto_precision_measures_fp32_and_int8_and_publishes_the_chosen_files(tiny_checkpoint, tmp_path):
+    out = export_bundle(tiny_checkpoint, tmp_path / "auto", precision="auto", limit=64, log=lambda *_: None)
+    bundle = load_bundle(out)  # checksums and all: the published folder is a whole bundle
+    m = bundle.manifest
+    onnxruntime_rows = {r["files"] for r in m["backends"] if r["backend"] == "onnxruntime"}
+    assert onnxruntime_rows == {"fp32", "int8"}
+    assert m["precision"] == m["backend"]["files"]
+    chosen = next(r for r in m["backends"] if (r["backend"], r["precision"], r["files"]) == (m["backend"]["backend"], m["backend"]["precision"], m["backend"]["files"]))
+    assert chosen["threshold"] == m["default_threshold"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto"], "the candidate not chosen leaves nothing behind"
+
+
 def test_existing_output_is_refused_without_force_and_left_untouched(tiny_checkpoint, tiny_bundle):
     before = sha256_file(tiny_bundle / "manifest.json")
     with pytest.raises(FileExistsError, match="--force"):
