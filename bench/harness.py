@@ -74,13 +74,16 @@ def romebert_serve(bundle: Path, *flags: str) -> list[str]:
 
 
 @contextmanager
-def running(command: list[str], log: Path, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """(process, base URL) of a server started with `--port` appended, ready; stopped afterwards."""
+def running(command: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """(process, base URL) of a server started with `--port` appended, ready; stopped afterwards.
+
+    `cwd`: where it runs (`python -m` puts it first on sys.path: an older checkout's server must
+    run in that checkout, or it imports this one's packages)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(command + ["--port", str(port)], env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}),
-                                stdout=subprocess.DEVNULL, stderr=log_file)
+                                stdout=subprocess.DEVNULL, stderr=log_file, cwd=cwd)
         try:
             wait_ready(url, proc)
             yield proc, url

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
+import selectors
 import socket
 import subprocess
 import sys
@@ -96,38 +98,48 @@ class HealthProbe(threading.Thread):
             time.sleep(0.02)
 
 
-class SlowClients(threading.Thread):
-    """`n` connections that send headers and a tenth of their body, then stall; reopened when closed."""
+class SlowClients:
+    """`n` connections that send headers and a tenth of their body, then stall; reopened when closed.
+
+    They live in a process of their own, blocked in select() until the server answers or closes
+    one: polling 500 sockets from a thread of this process would take the GIL from the load
+    generator and show up as the server's latency."""
 
     def __init__(self, url: str, n: int):
-        super().__init__(daemon=True)
         self.address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
-        self.n, self.stop, self.opened = n, threading.Event(), 0
+        self.n = n
+        self._stop, self._opened = multiprocessing.Event(), multiprocessing.Value("i", 0)
+        self._process = multiprocessing.Process(target=self._run, daemon=True)
 
-    def _open(self) -> socket.socket:
+    @property
+    def opened(self) -> int:
+        return self._opened.value
+
+    def start(self) -> None:
+        self._process.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._process.join()
+
+    def _open(self, selector: selectors.BaseSelector) -> None:
         sock = socket.create_connection(self.address)
         sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"text": "' + b"x" * 90)
-        sock.setblocking(False)
-        self.opened += 1
-        return sock
+        selector.register(sock, selectors.EVENT_READ)
+        with self._opened.get_lock():
+            self._opened.value += 1
 
-    def run(self) -> None:
-        socks = [self._open() for _ in range(self.n)]
-        while not self.stop.is_set():
-            for i, sock in enumerate(socks):
-                try:
-                    if sock.recv(65536) == b"":
-                        raise ConnectionError
-                    sock.close()  # answered (408): the server is done with it
-                    socks[i] = self._open()
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    sock.close()
-                    socks[i] = self._open()
-            time.sleep(0.05)
-        for sock in socks:
-            sock.close()
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        for _ in range(self.n):
+            self._open(selector)
+        while not self._stop.is_set():
+            for key, _ in selector.select(timeout=0.2):  # the server answered (408) or closed: reconnect
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+                self._open(selector)
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
 
 
 def with_slow_clients(url: str, workload: Workload, seconds: float, slow: int) -> tuple[dict, list[float], int]:
@@ -140,14 +152,13 @@ def with_slow_clients(url: str, workload: Workload, seconds: float, slow: int) -
     probe.stop.set()
     probe.join()
     if clients:
-        clients.stop.set()
-        clients.join()
+        clients.stop()
     return result, probe.latencies, clients.opened if clients else 0
 
 
 def measure(command: list[str], log: Path, workload: Workload, rates: list[float] | None, env: dict | None = None,
-            slow: bool = False) -> dict:
-    with running(command, log, env) as (proc, url):
+            slow: bool = False, cwd: Path | None = None) -> dict:
+    with running(command, log, env, cwd) as (proc, url):
         closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         capacity = closed_loop(url, workload, 32, 30)
         print(f"  capacity {capacity}", flush=True)
@@ -197,9 +208,9 @@ def main() -> None:
     }
     if args.before:
         print(f"the server of {args.before}:", flush=True)
-        command = [sys.executable, "-m", "romebert_cli", "serve", str(args.bundle), "--host", "127.0.0.1", "--log-level", "warning"]
+        command = [sys.executable, "-m", "romebert_cli", "serve", str(args.bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
         rates = [row["offered_rps"] for row in now["rows"]]
-        before = measure(command, logs / "overload-before.log", workload, rates, env={"PYTHONPATH": str(args.before)})
+        before = measure(command, logs / "overload-before.log", workload, rates, env={"PYTHONPATH": str(args.before)}, cwd=args.before)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
         result["before"] = before | {"checkout": str(args.before), "commit": commit}
     write_json(ROOT / "bench" / "results" / "overload.json", result)

@@ -10,7 +10,9 @@ FastAPI + transformers pipeline server (bench/baseline_server.py) at 32.
 Every server runs in a fresh process; the load generator (loadtest/driver.py, closed loop, 60 s
 per point, rotten_tomatoes test texts, one per request) shares the two cores. Each row carries
 the server process's own CPU time per request (psutil on its PID: the load generator does not
-count), its RSS, its test accuracy (all 853 test texts), and its backend and precision. The
+count), its RSS, its test accuracy (all 853 texts of the test split of the seed its model was
+trained with: 42 for the default model, 1 for bench/train.py's fine-tuned one, which saw part of
+seed 42's test split in training), and its backend and precision. The
 model's own cost per item, offline, is measured in a fresh process for our default configuration,
 so that the server's cost beyond the model follows. Writes bench/results/serve.json.
 
@@ -57,6 +59,16 @@ def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(f"{url}/classify", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as r:
         return json.loads(r.read())
+
+
+def split_seed(checkpoint: Path) -> int:
+    """The seed that split the data for this checkpoint (its test split is the one it never saw)."""
+    return json.loads((Path(checkpoint) / "training_record.json").read_text())["config"]["seed"]
+
+
+def test_split(seed: int) -> tuple[list[str], list[str]]:
+    task = load_task("rotten_tomatoes", seed=seed)
+    return [e.text for e in task.test], [task.labels[e.label] for e in task.test]
 
 
 def accuracy(url: str, texts: list[str], labels: list[str]) -> float:
@@ -129,11 +141,14 @@ def main() -> None:
     for name, command, concurrencies, runs_on in servers:
         with running(command, logs / f"serve-{name}.log") as (proc, url):
             run_load(url, workload, 32, None, 5, None, 30.0)  # warm
-            acc = accuracy(url, texts, labels)
+            # Each model on the test split of its own seed: bench/train.py's fine-tuned model (seed 1)
+            # was trained on part of the default model's test split (seed 42), and vice versa.
+            seed = split_seed(FINETUNED if not name.startswith("romebert") else ROOT / load_bundle(BUNDLE).manifest["source"]["checkpoint"])
+            acc = accuracy(url, *test_split(seed))
             for users in concurrencies:
                 b, p = runs_on.split("/")
                 row = {"server": "romebert" if name.startswith("romebert") else "onnx_monolithic_batched" if name.startswith("peer") else "transformers_pipeline",
-                       "name": name, "backend": b, "precision": p, "test_acc": round(acc, 4)} | measure(url, proc.pid, workload, users, args.duration)
+                       "name": name, "backend": b, "precision": p, "test_acc": round(acc, 4), "test_split_seed": seed} | measure(url, proc.pid, workload, users, args.duration)
                 rows.append(row)
                 print(row, flush=True)
     by = {(r["name"], r["concurrency"]): r for r in rows}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 import math
 import threading
@@ -70,6 +71,19 @@ class Phase(str, enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     FAILED = "failed"
+
+
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (Python's default: 700 or 2000)
+
+
+def settle_garbage_collector() -> None:
+    """What is loaded at start lives as long as the process: move it out of the cyclic collector's
+    reach (gc.freeze), and collect young objects less often. Under overload the collector had taken
+    15% of the server's samples (py-spy), every pass walking FastAPI's, pydantic's and numpy's
+    long-lived objects; a request's own garbage is mostly freed by reference counting anyway."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 class Runtime:
@@ -133,6 +147,7 @@ class Runtime:
             log.error("cannot serve %s: %s", self.bundle.root, err, exc_info=not isinstance(err, (RuntimeError, ValueError, OSError)))
             self._fail(f"{type(err).__name__}: {err}", EXIT_CANNOT_LOAD)
             return
+        settle_garbage_collector()
         with self._lock:
             if self.phase is not Phase.STARTING:  # shutdown began while we were loading
                 return
