@@ -84,7 +84,7 @@ def _onnxruntime_messages() -> Iterator[list[str]]:
 
 BACKENDS = ("onnxruntime", "openvino")
 OPENVINO_PRECISIONS = ("bf16", "f32")
-_openvino = None
+_openvino = None  # not looked for yet; False: looked for, none here; else the plugin's CPU device
 
 
 def openvino_device():

@@ -54,9 +54,9 @@ def export_bundle(
     """Export, check parity, calibrate and measure the backends; publish one bundle.
 
     precision "auto" builds an fp32 and an int8 bundle side by side and publishes the one whose
-    backend the measurement chose (see model_export/backends.py): on a CPU without fast bf16, int8
-    on onnxruntime's CPU provider is often the fastest that keeps accuracy; with AMX, OpenVINO in
-    bf16 on the fp32 files.
+    backend the measurement chose (see model_export/backends.py): int8 on onnxruntime's CPU provider
+    where it is the fastest that keeps accuracy and exits, OpenVINO bf16 on the fp32 files on AMX
+    CPUs, fp32 otherwise.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if precision not in (*PRECISIONS, AUTO):
@@ -93,10 +93,10 @@ def export_bundle(
         batches, order = length_batches(dev, 64)
         parity_rows = np.sort(np.random.default_rng(0).permutation(len(labels))[:parity_examples])
         parity_batches, _ = length_batches(dev.rows(parity_rows), 32)
-        built = {}
+        built, manifests = {}, {}
         for p in AUTO_CANDIDATES if precision == AUTO else (precision,):
             built[p] = folder = tmp / p
-            manifest = _write_bundle(folder, raw, segments, p, model, checkpoint, record, task, max_length, attention, monolithic)
+            manifests[p] = manifest = _write_bundle(folder, raw, segments, p, model, checkpoint, record, task, max_length, attention, monolithic)
             log(f"{p}: parity on {len(parity_rows)} dev examples, calibration on {len(labels)} ...")
             engine = Engine(load_bundle(folder), device="cpu")
             manifest["parity"] = check_parity(model, engine, parity_batches, strict=p == "fp32")
@@ -110,8 +110,7 @@ def export_bundle(
         log("measuring the backends on dev ...")
         reference = exit_logits(model, dev, 64)  # the fp32 PyTorch model: what every backend is held to
         rows, choice = backends.measure_in_fresh_process(list(built.values()), batches, order, labels, reference, log=log)
-        chosen = built[choice["files"]]
-        manifest = json.loads((chosen / "manifest.json").read_text())
+        chosen, manifest = built[choice["files"]], manifests[choice["files"]]
         manifest["backends"], manifest["backend"] = rows, choice
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         seal(chosen, manifest)

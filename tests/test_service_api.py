@@ -177,6 +177,15 @@ def test_docs_are_served_with_their_own_assets_and_health_answers(client):
     assert client.get("/readyz").json()["device"] == "cpu"
 
 
+def test_once_ready_the_loaded_objects_are_out_of_the_garbage_collectors_reach(client):
+    import gc
+
+    from romebert.service.runtime import GC_YOUNG_THRESHOLD
+
+    assert client.get("/readyz").status_code == 200
+    assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+
+
 def test_the_openapi_schema_states_every_limit_the_server_enforces(client):
     spec = client.get("/openapi.json").json()
     request = spec["components"]["schemas"]["ClassifyRequest"]["properties"]
