@@ -12,6 +12,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -71,6 +72,20 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
 def romebert_serve(bundle: Path, *flags: str) -> list[str]:
     """Our server's command line (its defaults: no access log line per request)."""
     return [sys.executable, "-m", "romebert.cli", "serve", str(bundle), "--host", "127.0.0.1", "--log-level", "warning", *flags]
+
+
+@contextmanager
+def older_checkout(checkout: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """(the module that is `romebert`'s CLI, the environment that imports the code) of an older
+    checkout, so that its server runs its own code: since the one `romebert` namespace, an
+    editable install maps that name to this checkout, so a folder named romebert that links to the
+    older one goes first on the path; before it (ed35dab and older) the checkout itself."""
+    if (checkout / "romebert_cli.py").exists():
+        yield "romebert_cli", {"PYTHONPATH": str(checkout)}
+        return
+    with tempfile.TemporaryDirectory() as shadow:
+        os.symlink(checkout.resolve(), Path(shadow) / "romebert")
+        yield "romebert.cli", {"PYTHONPATH": shadow}
 
 
 @contextmanager

@@ -40,7 +40,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, romebert_serve, running  # noqa: E402
+from bench.harness import environment, older_checkout, romebert_serve, running  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -208,9 +208,10 @@ def main() -> None:
     }
     if args.before:
         print(f"the server of {args.before}:", flush=True)
-        command = [sys.executable, "-m", "romebert_cli", "serve", str(args.bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
         rates = [row["offered_rps"] for row in now["rows"]]
-        before = measure(command, logs / "overload-before.log", workload, rates, env={"PYTHONPATH": str(args.before)}, cwd=args.before)
+        with older_checkout(args.before) as (cli, env):
+            command = [sys.executable, "-m", cli, "serve", str(args.bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
+            before = measure(command, logs / "overload-before.log", workload, rates, env=env, cwd=args.before)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
         result["before"] = before | {"checkout": str(args.before), "commit": commit}
     write_json(ROOT / "bench" / "results" / "overload.json", result)

@@ -17,7 +17,7 @@ Each run keeps its dev and test logits (artifacts/bench/train/<dataset>/<method>
 rerun skips the runs it already has, and a run cut off mid-training resumes from its last saved
 state. Writes bench/results/train.json and docs/{per_exit_accuracy,accuracy_vs_speedup}_<dataset>.png.
 
-    .venv/bin/python bench/train.py        # about two hours on a 2-core CPU, both datasets
+    .venv/bin/python bench/train.py        # about three hours on a 2-core CPU, both datasets
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ from romebert.training.train import SHIPPED_METHOD, TrainConfig, train  # noqa: 
 
 SEEDS = (1, 2, 3)
 METHODS = ("finetune", "deebert", SHIPPED_METHOD)
-# Per dataset: what every method trains with. IMDB: 256 tokens (44% of the reviews are longer) and
-# a train subset, so that the whole benchmark fits about two hours on a 2-core CPU.
+# Per dataset: what every method trains with. IMDB: 128 tokens (twice rotten_tomatoes'; 89% of the
+# reviews are longer and are cut) and 600 training reviews: on the 2-core AMD EPYC its nine runs
+# take about an hour (256 tokens and 1,000 reviews: about 2.5 hours), rotten_tomatoes' nine about two.
 DATASETS = {
     "rotten_tomatoes": dict(max_length=64, epochs=3, batch_size=32),
-    "imdb": dict(max_length=256, epochs=2, batch_size=16, train_limit=2000, dev_limit=1000),
+    "imdb": dict(max_length=128, epochs=2, batch_size=16, train_limit=600, dev_limit=1000),
 }
 SPEEDUPS = (2, 3)
 OUT = ROOT / "artifacts" / "bench" / "train"
@@ -99,6 +100,16 @@ def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
+def with_pooled(pairs: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Paired differences (a - b) per seed, and pooled: every seed's test examples together, each
+    (seed, example) a pair, so the interval narrows with seeds (it resamples examples, not seeds)."""
+    per_seed = [{"seed": seed} | paired_difference(a, b, seed) for seed, (a, b) in pairs.items()]
+    if not pairs:
+        return {"per_seed": per_seed, "pooled": None}
+    pooled = paired_difference(np.concatenate([a for a, _ in pairs.values()]), np.concatenate([b for _, b in pairs.values()]))
+    return {"per_seed": per_seed, "pooled": pooled}
+
+
 def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
     methods = {}
     finetune = runs["finetune"]
@@ -134,19 +145,57 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
         methods[method] = entry
     paired = {}
     for s in SPEEDUPS:
-        diffs = []
+        pairs = {}
         for seed in runs[SHIPPED_METHOD]:
             a, b = runs[SHIPPED_METHOD][seed], runs["deebert"][seed]
             ta, tb = threshold_for_speedup(a["dev_logits"], a["dev_labels"], s), threshold_for_speedup(b["dev_logits"], b["dev_labels"], s)
             if ta is not None and tb is not None:
-                diffs.append({"seed": seed} | paired_difference(at_threshold(a, "test", ta)[0], at_threshold(b, "test", tb)[0], seed))
-        paired[str(s)] = diffs
-    full = [{"seed": seed} | paired_difference(runs[SHIPPED_METHOD][seed]["test_logits"][-1].argmax(-1) == runs[SHIPPED_METHOD][seed]["test_labels"],
-                                               runs["finetune"][seed]["test_logits"][-1].argmax(-1) == runs["finetune"][seed]["test_labels"], seed)
-            for seed in runs[SHIPPED_METHOD]]
+                pairs[seed] = (at_threshold(a, "test", ta)[0], at_threshold(b, "test", tb)[0])
+        paired[str(s)] = with_pooled(pairs)
+    full = with_pooled({seed: (r["test_logits"][-1].argmax(-1) == r["test_labels"],
+                               runs["finetune"][seed]["test_logits"][-1].argmax(-1) == runs["finetune"][seed]["test_labels"])
+                        for seed, r in runs[SHIPPED_METHOD].items()})
     sizes = {split: int(len(next(iter(runs["finetune"].values()))[f"{split}_labels"])) for split in ("dev", "test")}
     return {"settings": DATASETS[dataset] | {"lr": TrainConfig().lr, "split_sizes": sizes}, "methods": methods,
             "paired_test_difference": {f"{SHIPPED_METHOD}_minus_deebert_at_speedup": paired, f"{SHIPPED_METHOD}_minus_finetune_full_depth": full}}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def signed(d: dict | None) -> str:
+    return "–" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
+def report(dataset: str, summary: dict) -> str:
+    """The dataset's tables in Markdown, as docs/results.md shows them."""
+    methods, seeds = summary["methods"], len(summary["methods"]["finetune"]["seeds"])
+    layers = len(methods[SHIPPED_METHOD]["test_acc_per_exit_mean"])
+    lines = [f"{dataset}, test split ({summary['settings']['split_sizes']['test']} examples), {seeds} seeds: accuracy %, mean ± std over seeds",
+             "", "| | " + " | ".join(f"exit {i + 1}" for i in range(layers)) + " | full depth, 95% interval per seed |",
+             "|---" * (layers + 2) + "|"]
+    for name, m in methods.items():
+        cells = [f"{pct(a)} ± {pct(sd)}" for a, sd in zip(m["test_acc_per_exit_mean"], m["test_acc_per_exit_std"])]
+        cells = ["–"] * (layers - len(cells)) + cells
+        per_seed = ", ".join(f"{pct(i['accuracy'])} [{pct(i['lo'])}, {pct(i['hi'])}]" for i in m["test_acc_full_depth_interval_per_seed"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
+    paired = summary["paired_test_difference"]
+    lines += ["", f"| figure of merit (thresholds chosen on dev) | {SHIPPED_METHOD} | deebert | {SHIPPED_METHOD} − deebert, pooled paired [95%] |",
+              "|---|---|---|---|"]
+    for s in SPEEDUPS:
+        cells = []
+        for name in (SHIPPED_METHOD, "deebert"):
+            acc, speed = methods[name]["acc_at_speedup"][str(s)], methods[name]["speedup_at_speedup"][str(s)]
+            cells.append("–" if acc is None else f"{pct(acc['mean'])} ± {pct(acc['std'])} (test speed-up {speed['mean']:.2f}x)")
+        lines.append(f"| test accuracy at ≥ {s}x dev speed-up | {cells[0]} | {cells[1]} | {signed(paired[f'{SHIPPED_METHOD}_minus_deebert_at_speedup'][str(s)]['pooled'])} |")
+    half = [methods[name]["within_half_point_of_finetune"] for name in (SHIPPED_METHOD, "deebert")]
+    lines.append("| largest dev speed-up within 0.5 point of fine-tuning: test speed-up, test accuracy | "
+                 + " | ".join(f"{h['test_speedup']['mean']:.2f}x ± {h['test_speedup']['std']:.2f}, {pct(h['test_acc']['mean'])}" for h in half) + " | |")
+    ft = methods["finetune"]["test_acc_per_exit_mean"][0]
+    lines.append(f"| fine-tuning at full depth | {pct(ft)} | | {SHIPPED_METHOD} full depth − fine-tuning: "
+                 f"{signed(paired[f'{SHIPPED_METHOD}_minus_finetune_full_depth']['pooled'])} |")
+    return "\n".join(lines)
 
 
 def plot(dataset: str, summary: dict) -> None:
@@ -173,9 +222,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--report", action="store_true", help="only print the tables of bench/results/train.json")
     args = parser.parse_args()
     results_file = ROOT / "bench" / "results" / "train.json"
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.report:
+        for dataset, summary in previous["datasets"].items():
+            print(report(dataset, summary), end="\n\n")
+        return
     result = {"backbone": "all-MiniLM-L6-v2", "shipped": SHIPPED_METHOD, "seeds_planned": [int(s) for s in args.seeds.split(",")],
               "datasets": previous.get("datasets", {}) if "shipped" in previous else {}, "environment": environment()}
     for dataset in args.datasets.split(","):
@@ -186,9 +240,7 @@ def main() -> None:
             result["datasets"][dataset] = summary = summarize(dataset, runs)
             write_json(results_file, result)
             plot(dataset, summary)
-        for m, v in summary["methods"].items():
-            print(f"{dataset} {m}: per exit {[round(100 * a, 1) for a in v['test_acc_per_exit_mean']]} "
-                  f"at speed-up {({k: None if x is None else round(100 * x['mean'], 1) for k, x in v.get('acc_at_speedup', {}).items()})}", flush=True)
+        print(report(dataset, summary), end="\n\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ METRICS: tuple[Metric, ...] = (
 
 # Label values are fixed sets (no cardinality surprises); every one is exported from the start at 0.
 OUTCOMES = ("ok", "invalid", "too_large", "slow_client", "overloaded", "cancelled", "error")
-REJECT_REASONS = ("predicted_wait", "budget", "queue_full", "draining")
+REJECT_REASONS = ("predicted_wait", "loop_lag", "budget", "queue_full", "draining")
 SHED_REASONS = ("expired", "cancelled", "draining", "worker_failed")
 
 

@@ -79,14 +79,18 @@ class TextEncoder:
         self.tokenizer.enable_truncation(max_length=max_length)
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
 
-    def tokenize(self, texts: list[str], text_pairs: list[str] | None = None) -> list[TokenRow]:
+    def tokenize(self, texts: list[str], text_pairs: list[str] | None = None, parallel: bool = True) -> list[TokenRow]:
         """One row per text. The Rust tokenizer releases the GIL, so a thread may call this while
-        the event loop goes on serving."""
-        inputs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
-        return [
-            TokenRow(np.array(e.ids, dtype=np.int64), np.array(e.type_ids, dtype=np.int64), bool(e.overflowing))
-            for e in self.tokenizer.encode_batch(inputs)
-        ]
+        the event loop goes on serving. `parallel=False` for the event loop's own short inputs:
+        encode_batch hands the texts to the tokenizer's thread pool and waits, and on a loaded CPU
+        that wait (for pool threads the scheduler has not run) stalled the event loop for seconds."""
+        if text_pairs is not None:
+            encodings = self.tokenizer.encode_batch(list(zip(texts, text_pairs))) if parallel else [
+                self.tokenizer.encode(text, pair) for text, pair in zip(texts, text_pairs)]
+        else:
+            encodings = self.tokenizer.encode_batch(texts) if parallel else [self.tokenizer.encode(text) for text in texts]
+        return [TokenRow(np.array(e.ids, dtype=np.int64), np.array(e.type_ids, dtype=np.int64), bool(e.overflowing))
+                for e in encodings]
 
     def encode(self, texts: list[str], text_pairs: list[str] | None = None) -> Encoded:
         return pad(self.tokenize(texts, text_pairs), self.pad_id)

@@ -9,6 +9,7 @@ shutdown drains the workers. /docs and /redoc are served with their assets from 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from romebert.core.bundle import load_bundle
 from romebert.service.cost_model import CostModel
 from romebert.service.errors import install_error_handlers
 from romebert.service.metrics import Metrics
-from romebert.service.middleware import AdmissionDoor, ClassifyMetrics, RequestGuard
+from romebert.service.middleware import ClassifyMetrics, RequestGuard
 from romebert.service.routes import make_router
 from romebert.service.runtime import EngineFactory, Runtime, default_engine
 from romebert.service.schemas import classify_request_model
@@ -46,7 +47,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=runtime.load, name="romebert-load", daemon=True).start()
+        lag = asyncio.create_task(runtime.loop_lag.run())
         yield
+        lag.cancel()
         await runtime.drain(settings.graceful_timeout_s)
 
     app = FastAPIOffline(
@@ -61,8 +64,8 @@ def create_app(
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(make_router(classify_request_model(runtime.max_entropy, settings.max_items, bundle.pair_input)))
-    # Added innermost first: a request meets the metrics, then the door, then the guard.
+    # Added innermost first: a request meets the metrics, then the guard. (The admission door is
+    # in front of the app, in the HTTP protocol: connections.py.)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(AdmissionDoor, runtime=runtime)
     app.add_middleware(ClassifyMetrics, metrics=metrics)
     return app

@@ -77,16 +77,16 @@ def serve(settings: Settings) -> int:
 
 
 def build_server(settings: Settings, **app_options: Any) -> Server:
-    """The app behind uvicorn: our protocol (header deadline), keep-alive and drain limits, and the
+    """The app behind uvicorn: our protocol (header deadline, admission door), keep-alive and drain limits, and the
     runtime's failures wired to a shutdown. `app_options` go to create_app (tests stub the engine)."""
     from romebert.service.app import create_app
-    from romebert.service.connections import protocol_with_header_timeout
+    from romebert.service.connections import serving_protocol
 
     app = create_app(settings, **app_options)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.graceful_timeout_s), timeout_keep_alive=int(settings.keep_alive_s), lifespan="on",
-        http=protocol_with_header_timeout(settings.header_timeout_s),
+        http=serving_protocol(settings.header_timeout_s, settings.body_timeout_s, app.state.runtime.door, app.state.runtime.metrics),
     )
     return Server(config, app.state.runtime)
 

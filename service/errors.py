@@ -51,8 +51,13 @@ class ApiError(StarletteHTTPException):
         self.details = details
 
 
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The one shape of every error answer (ErrorResponse), whichever layer sends it."""
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
 def error_response(status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -90,12 +95,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, "invalid_request", f"invalid request: {summary}", details)
 
 
-def rejected_response(exc: Rejected) -> JSONResponse:
-    return error_response(503, exc.code, str(exc), headers={"Retry-After": exc.retry_after})
-
-
 async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
-    return rejected_response(exc)
+    return error_response(503, exc.code, str(exc), headers={"Retry-After": exc.retry_after})
 
 
 async def _engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:

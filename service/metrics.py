@@ -59,6 +59,11 @@ class Metrics:
         self.queue_depth = gauge(names.QUEUE_DEPTH)
         self.model_info = Info(names.MODEL.name, names.MODEL.help, registry=r)
 
+    def responded(self, status: int, seconds: float) -> None:
+        """One POST /classify answered with `status` after `seconds` (whichever layer answered it)."""
+        self.requests.labels(outcome_of(status)).inc()
+        self.request_duration.observe(seconds)
+
     def answered(self, exit_layer: int, budget_exhausted: bool) -> None:
         """One item answered from `exit_layer` after running exactly that many layers."""
         self.exit_layer.observe(exit_layer)

@@ -1,8 +1,9 @@
-"""Pure ASGI middlewares for POST /classify: the metrics, the admission door, the guard on bodies.
+"""Pure ASGI middlewares for POST /classify: the metrics and the guard on bodies.
 
 Pure ASGI (not BaseHTTPMiddleware) because they need the raw message stream: the guard counts the
-bytes actually received and times their arrival, the door answers before the body is read, and
-the metrics need the status of every response, including the ones the others send.
+bytes actually received and times their arrival, and the metrics need the status of every
+response, including the ones the guard sends. (The admission door answers before the app is
+called at all: connections.py.)
 """
 
 from __future__ import annotations
@@ -13,28 +14,8 @@ import time
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from romebert.service.errors import ApiError, error_response, rejected_response
-from romebert.service.metrics import Metrics, outcome_of
-from romebert.service.runtime import Runtime
-
-
-class AdmissionDoor:
-    """Past capacity, a fast 503 before the body is read, parsed or tokenized (Admission.door):
-    turning a request away must cost far less than serving one, or overload eats the capacity."""
-
-    def __init__(self, app: ASGIApp, runtime: Runtime, path: str = "/classify"):
-        self.app = app
-        self.runtime = runtime
-        self.path = path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        admission = self.runtime.admission
-        if admission is not None and scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST":
-            refused = admission.door()
-            if refused is not None:
-                await rejected_response(refused)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+from romebert.service.errors import ApiError, error_response
+from romebert.service.metrics import Metrics
 
 
 def is_json(content_type: str) -> bool:
@@ -121,5 +102,4 @@ class ClassifyMetrics:
             await self.app(scope, receive, send_and_record)
         finally:
             self.metrics.inflight.dec()
-            self.metrics.request_duration.observe(time.perf_counter() - started)
-            self.metrics.requests.labels(outcome_of(status)).inc()
+            self.metrics.responded(status, time.perf_counter() - started)

@@ -3,7 +3,8 @@
 The router is made per app (`make_router`) because the request schema depends on the bundle.
 Work that can take long never runs on the event loop: a request with more text than
 INLINE_TOKENIZE_CHARS is tokenized in a thread (the Rust tokenizer releases the GIL), so health
-and metrics answer in milliseconds whatever clients send.
+and metrics answer in milliseconds whatever clients send; a short one is tokenized inline, text by
+text, without the tokenizer's thread pool (waiting on it stalled the loop under overload).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model itself, not the
@@ -85,7 +86,7 @@ def make_router(request_model: type[ClassifyRequestBase]) -> APIRouter:
         scheduler = runtime.check_ready()
         texts, pairs = body.texts, body.text_pairs
         if sum(map(len, texts)) + sum(map(len, pairs or ())) <= INLINE_TOKENIZE_CHARS:
-            tokens = runtime.encoder.tokenize(texts, pairs)
+            tokens = runtime.encoder.tokenize(texts, pairs, parallel=False)
         else:
             tokens = await run_in_threadpool(runtime.encoder.tokenize, texts, pairs)
         threshold = runtime.bundle.default_threshold if body.entropy_threshold is None else body.entropy_threshold

@@ -28,6 +28,7 @@ from romebert.core.tokenization import TextEncoder
 from romebert.service.admission import Admission
 from romebert.service.cohorts import EngineLike
 from romebert.service.cost_model import CostModel, EwmaCostModel, warm_up
+from romebert.service.loop_lag import LoopLag
 from romebert.service.metrics import Metrics
 from romebert.service.policy import POLICIES
 from romebert.service.scheduler import Scheduler
@@ -111,6 +112,7 @@ class Runtime:
         self.encoder: TextEncoder | None = None
         self.scheduler: Scheduler | None = None
         self.admission: Admission | None = None
+        self.loop_lag = LoopLag()  # measured by a task of the serving loop (the app's lifespan)
         self.exit_code: int | None = None
         self.request_exit: Callable[[int], None] = lambda code: None
         self._lock = threading.Lock()
@@ -177,6 +179,18 @@ class Runtime:
         if self.phase is Phase.FAILED:
             raise Rejected("model_failed", f"this server cannot serve and is exiting: {self.error}")
         raise Rejected("not_ready", "the model is still loading")
+
+    def door(self) -> Rejected | None:
+        """The door (a refusal, or None to go on): the event loop's lag, then admission's
+        predicted wait; open while loading, when the route's check_ready gives the answer instead."""
+        admission = self.admission
+        if admission is None:
+            return None
+        if self.loop_lag.seconds > self.settings.max_loop_lag_ms / 1000:
+            self.metrics.rejected.labels("loop_lag").inc()
+            return Rejected("overloaded", f"the server runs {1000 * self.loop_lag.seconds:.0f} ms behind on its connections, over its "
+                            f"bound of {self.settings.max_loop_lag_ms:g} ms; retry later", 2 * self.loop_lag.seconds)
+        return admission.door()
 
     def begin_drain(self) -> None:
         """Stop taking work: /readyz and new requests get 503; queued rows that cannot start

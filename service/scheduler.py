@@ -144,7 +144,8 @@ class Scheduler:
             return cohorts
         started = time.perf_counter()
         left = sum(self._drop_closed(c) for c in cohorts)
-        chosen = self.policy.next(cohorts) if any(c.rows for c in cohorts) else None
+        cohorts = [c for c in cohorts if c.rows]  # a cohort whose rows all left has nothing to run or cut
+        chosen = self.policy.next(cohorts) if cohorts else None
         if chosen is not None:
             for cohort, mask in budgets.late_rows(cohorts, chosen, self.cost_model, self.clock()):
                 left += self._answer(cohort, mask, budget_exhausted=True)

@@ -43,6 +43,8 @@ class Settings:
                                   "under load, batches fill while the engine runs)")
     max_queue_wait_ms: float = _setting(250.0, "admission bound: a request is let in only when its predicted queue wait fits, "
                                         "and a row that has waited longer gets 503 instead of running")
+    max_loop_lag_ms: float = _setting(50.0, "admission bound on the event loop: while it runs later than this (it parses, validates and "
+                                      "answers every request), new requests get 503 at once, until it has caught up")
     max_queue: int = _setting(1024, "rows waiting for a worker at most, whatever the predicted wait")
     max_items: int = _setting(64, "texts per request before 413")
     max_body_bytes: int = _setting(1_000_000, "request body bytes before 413")
@@ -65,7 +67,7 @@ class Settings:
             raise SettingsError(f"threads must be positive, not {self.threads}")
         if self.max_wait_ms < 0:
             raise SettingsError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
-        for name in ("max_queue_wait_ms", "request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_timeout_s"):
+        for name in ("max_queue_wait_ms", "max_loop_lag_ms", "request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
         if self.max_wait_ms >= self.max_queue_wait_ms:

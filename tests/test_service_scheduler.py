@@ -440,6 +440,19 @@ async def test_a_cancelled_request_leaves_its_batch_before_the_next_layer_and_th
     assert leaves.future.cancelled() and never.future.cancelled()
 
 
+@pytest.mark.asyncio
+async def test_a_batch_whose_rows_all_left_is_dropped_while_another_goes_on():
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup")
+    gone = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)  # its layer 1 runs
+    stays = submit(scheduler, [3], 0.0, length=20)
+    gone.cancel()  # its whole cohort is empty after this layer
+    engine.step(10)
+    (a,) = await done(stays)
+    assert a.exit_layer == 3 and shed(scheduler, "cancelled") == 1
+    assert engine.calls == [(0, [3]), (0, [3]), (1, [3]), (2, [3])]
+
+
 class Boom(BaseException):
     """What kills a worker: raised outside any engine call, and not an Exception."""
 

@@ -4,6 +4,7 @@ graceful SIGTERM that answers the request in flight and exits 0."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,8 +22,10 @@ import pytest
 
 from gated_engine import Gated
 from romebert.service.cli import build_server, main
+from romebert.service.loop_lag import LoopLag
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings, SettingsError
+from romebert.service.tickets import Rejected
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,6 +220,132 @@ def test_a_client_that_leaves_gets_no_more_work_done_for_it(tiny_bundle):
         assert engine.entered == 1  # layers 2 and 3 never ran for it
 
 
+def http_request(body: bytes, *extra: bytes) -> bytes:
+    head = [b"POST /classify HTTP/1.1", b"Host: x", b"Content-Type: application/json", b"Content-Length: %d" % len(body), *extra]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def read_responses(sock: socket.socket, n: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    """The next n HTTP/1.1 responses (each with a Content-Length) off a kept-alive socket."""
+    sock.settimeout(10)
+    data, responses = b"", []
+    while len(responses) < n:
+        if b"\r\n\r\n" in data:
+            head, rest = data.split(b"\r\n\r\n", 1)
+            status_line, *lines = head.decode().split("\r\n")
+            headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+            size = int(headers["content-length"])
+            if len(rest) >= size:
+                responses.append((int(status_line.split()[1]), headers, rest[:size]))
+                data = rest[size:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {len(responses)} responses and {data!r}"
+        data += chunk
+    return responses
+
+
+@contextlib.contextmanager
+def past_capacity(server, engine):
+    """One row held in flight and the rate set as if each row took 10 s: the predicted wait is 5 s."""
+    engine.gate.clear()
+    engine.entered = 0
+    held = threading.Thread(target=httpx.post, args=(f"http://127.0.0.1:{server.config.port}/classify",),
+                            kwargs={"json": {"text": "slow", "entropy_threshold": 0.0}, "timeout": 30})
+    held.start()
+    deadline = time.monotonic() + 10
+    while engine.entered < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    admission = server.runtime.admission
+    measured, admission.rate.seconds_per_row = admission.rate.seconds_per_row, 10.0
+    try:
+        yield
+    finally:
+        admission.rate.seconds_per_row = measured
+        engine.gate.set()
+        held.join(timeout=30)
+
+
+def test_past_capacity_a_request_is_refused_at_the_door_unread_and_its_connection_serves_the_next(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, gated=True) as (server, base, engine):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            with past_capacity(server, engine):
+                sock.sendall(http_request(b"not even json"))  # never parsed: refused on its headers
+                [(status, headers, body)] = read_responses(sock)
+                assert status == 503 and headers["retry-after"] == "5" and "connection" not in headers
+                error = json.loads(body)["error"]
+                assert error["code"] == "overloaded" and "predicted queue wait of 5000 ms" in error["message"]
+            sock.sendall(http_request(json.dumps({"text": "the same connection, now served"}).encode()))
+            [(status, _, body)] = read_responses(sock)
+            assert status == 200 and json.loads(body)["results"][0]["exit_layer"] >= 1
+        assert sample(base, "romebert_rejected_requests_total", '{reason="predicted_wait"}') == 1
+        assert sample(base, "romebert_requests_total", '{outcome="overloaded"}') == 1
+        assert sample(base, "romebert_requests_total", '{outcome="ok"}') == 2
+
+
+def test_a_refusal_waits_for_the_whole_body_so_that_no_client_stops_sending_it_halfway(tiny_bundle):
+    """aiohttp, answered while still sending a body, stops sending and reuses the connection: the
+    server would read its next request as the rest of the body."""
+    with uvicorn_serving(tiny_bundle, gated=True) as (server, base, engine):
+        port = int(base.rsplit(":", 1)[1])
+        body = json.dumps({"text": "sent in two parts"}).encode()
+        with past_capacity(server, engine), socket.create_connection(("127.0.0.1", port)) as sock:
+            request = http_request(body)
+            sock.sendall(request[:-5])
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)  # nothing yet: the body is not all in
+            sock.sendall(request[-5:])
+            [(first, _, _)] = read_responses(sock)
+            sock.sendall(request)  # the same connection, the next request read as a request
+            [(second, _, _)] = read_responses(sock)
+        assert first == second == 503
+
+
+def test_a_refused_request_whose_body_stalls_gets_408_and_its_connection_closed(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, gated=True, body_timeout_s=0.5) as (server, base, engine):
+        port = int(base.rsplit(":", 1)[1])
+        with past_capacity(server, engine), socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(http_request(b'{"text": "never finished"}')[:-5])
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"the request body did not arrive within 0.5 s" in answer
+        assert sample(base, "romebert_requests_total", '{outcome="slow_client"}') == 1
+
+
+def test_a_refused_request_that_expects_100_continue_has_its_connection_closed(tiny_bundle):
+    """Its client waits for a 100 before sending the body, so the body may never come: closing
+    is the only way not to read what follows as a request."""
+    with uvicorn_serving(tiny_bundle, gated=True) as (server, base, engine):
+        port = int(base.rsplit(":", 1)[1])
+        with past_capacity(server, engine), socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(http_request(b"", b"Expect: 100-continue").replace(b"Content-Length: 0", b"Content-Length: 20"))
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"connection: close" in answer
+
+
+def test_a_request_pipelined_behind_an_unfinished_answer_is_answered_after_it(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, gated=True) as (server, base, engine):
+        port = int(base.rsplit(":", 1)[1])
+        engine.gate.clear()
+        engine.entered = 0
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(http_request(json.dumps({"text": "first", "entropy_threshold": 0.0}).encode()))
+            deadline = time.monotonic() + 10
+            while engine.entered < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refusal = Rejected("overloaded", "from now on, every request is refused")
+            server.runtime.admission.door = lambda: refusal  # both the protocol's door and admit() ask it
+            sock.sendall(http_request(json.dumps({"text": "second"}).encode()))
+            time.sleep(0.2)
+            engine.gate.set()
+            first, second = read_responses(sock, 2)
+        assert first[0] == 200 and json.loads(first[2])["results"][0]["exit_layer"] == server.runtime.bundle.num_layers
+        assert second[0] == 503 and json.loads(second[2])["error"]["code"] == "overloaded"
+
+
 class Boom(BaseException):
     pass
 
@@ -271,3 +400,28 @@ def test_a_bundle_whose_files_cannot_load_exits_2_naming_the_file(tiny_bundle, t
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert names in done.stderr and "cannot serve" in done.stderr
+
+
+@pytest.mark.asyncio
+async def test_the_loop_lag_is_how_late_its_timer_fires():
+    lag = LoopLag(interval_s=0.01)
+    task = asyncio.create_task(lag.run())
+    await asyncio.sleep(0.05)
+    assert lag.seconds < 0.05
+    time.sleep(0.3)  # the loop blocked, as a loop with more work than core
+    for _ in range(3):  # the overdue tick fires at the loop's next turn
+        await asyncio.sleep(0)
+    assert lag.seconds > 0.2
+    await asyncio.sleep(0.05)  # caught up
+    assert lag.seconds < 0.05
+    task.cancel()
+
+
+def test_while_the_event_loop_runs_late_the_door_refuses_and_says_so(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, max_loop_lag_ms=50) as (server, base, _engine):
+        server.runtime.loop_lag.seconds = 0.4  # as measured by a loop 400 ms behind
+        refused = server.runtime.door()
+        assert refused.code == "overloaded" and "400 ms behind" in str(refused) and refused.retry_after == "1"
+        assert sample(base, "romebert_rejected_requests_total", '{reason="loop_lag"}') == 1
+        server.runtime.loop_lag.seconds = 0.0
+        assert server.runtime.door() is None
