@@ -164,6 +164,11 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def pm(mean: float, std: float) -> str:
+    """mean ± std in percent; the mean alone from one seed (no spread to show)."""
+    return pct(mean) if np.isnan(std) else f"{pct(mean)} ± {pct(std)}"
+
+
 def signed(d: dict | None) -> str:
     return "–" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
@@ -176,7 +181,7 @@ def report(dataset: str, summary: dict) -> str:
              "", "| | " + " | ".join(f"exit {i + 1}" for i in range(layers)) + " | full depth, 95% interval per seed |",
              "|---" * (layers + 2) + "|"]
     for name, m in methods.items():
-        cells = [f"{pct(a)} ± {pct(sd)}" for a, sd in zip(m["test_acc_per_exit_mean"], m["test_acc_per_exit_std"])]
+        cells = [pm(a, sd) for a, sd in zip(m["test_acc_per_exit_mean"], m["test_acc_per_exit_std"])]
         cells = ["–"] * (layers - len(cells)) + cells
         per_seed = ", ".join(f"{pct(i['accuracy'])} [{pct(i['lo'])}, {pct(i['hi'])}]" for i in m["test_acc_full_depth_interval_per_seed"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
@@ -187,7 +192,7 @@ def report(dataset: str, summary: dict) -> str:
         cells = []
         for name in (SHIPPED_METHOD, "deebert"):
             acc, speed = methods[name]["acc_at_speedup"][str(s)], methods[name]["speedup_at_speedup"][str(s)]
-            cells.append("–" if acc is None else f"{pct(acc['mean'])} ± {pct(acc['std'])} (test speed-up {speed['mean']:.2f}x)")
+            cells.append("–" if acc is None else f"{pm(acc['mean'], np.nan if seeds == 1 else acc['std'])} (test speed-up {speed['mean']:.2f}x)")
         lines.append(f"| test accuracy at ≥ {s}x dev speed-up | {cells[0]} | {cells[1]} | {signed(paired[f'{SHIPPED_METHOD}_minus_deebert_at_speedup'][str(s)]['pooled'])} |")
     half = [methods[name]["within_half_point_of_finetune"] for name in (SHIPPED_METHOD, "deebert")]
     lines.append("| largest dev speed-up within 0.5 point of fine-tuning: test speed-up, test accuracy | "
