@@ -84,11 +84,11 @@ class TextEncoder:
         the event loop goes on serving. `parallel=False` for the event loop's own short inputs:
         encode_batch hands the texts to the tokenizer's thread pool and waits, and on a loaded CPU
         that wait (for pool threads the scheduler has not run) stalled the event loop for seconds."""
-        if text_pairs is not None:
-            encodings = self.tokenizer.encode_batch(list(zip(texts, text_pairs))) if parallel else [
-                self.tokenizer.encode(text, pair) for text, pair in zip(texts, text_pairs)]
+        inputs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
+        if parallel:
+            encodings = self.tokenizer.encode_batch(inputs)
         else:
-            encodings = self.tokenizer.encode_batch(texts) if parallel else [self.tokenizer.encode(text) for text in texts]
+            encodings = [self.tokenizer.encode(text, pair) for text, pair in zip(texts, text_pairs or [None] * len(texts))]
         return [TokenRow(np.array(e.ids, dtype=np.int64), np.array(e.type_ids, dtype=np.int64), bool(e.overflowing))
                 for e in encodings]
 

@@ -15,8 +15,8 @@ once it is in, the 503 is written to the socket from here: no ASGI task, no midd
 before the body is in: a client still sending it when the answer comes may stop halfway and
 reuse the connection (aiohttp does), and the next request would be read as the rest of the body.
 The connection then serves the client's next request. A body that stalls gets 408 and a closed
-connection after `body_timeout_s`, as in the body guard; a client waiting for 100 Continue gets the 503 at once and the
-connection closed. A request pipelined behind one still being answered goes the normal way (its
+connection after `body_timeout_s`, as in the body guard; a client waiting for 100 Continue gets
+the 503 at once and the connection closed. A request pipelined behind one still being answered goes the normal way (its
 answer must not overtake the earlier one); Admission.admit asks the same door again there.
 """
 
