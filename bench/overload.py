@@ -12,11 +12,13 @@ in this process: it shares the server's two cores, as it would on a small host).
    the server closes it), during a closed loop of 16 users for 30 s; against the same loop
    without them, and /healthz polled every 20 ms in both.
 
+With --also FLAGS, the same server started with those flags runs steps 1 and 2 too, at 2x and 4x
+its own capacity (how another configuration, such as docker-compose.cpu.yml's two workers, holds).
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
 its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
 Writes bench/results/overload.json.
 
-    .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--before /tmp/before]
+    .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--also "--workers 2 --threads 1"] [--before /tmp/before]
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=ROOT / "artifacts" / "default-bundle")
     parser.add_argument("--before", type=Path, default=None, help="a checkout of an older commit whose server to measure too")
+    parser.add_argument("--also", default=None, metavar="FLAGS",
+                        help='this server with other flags too (e.g. "--workers 2 --threads 1"), at 2x and 4x its own capacity')
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     task = load_task("rotten_tomatoes")
@@ -206,6 +210,10 @@ def main() -> None:
         "capacity_c32": now["capacity"], "bundle": str(args.bundle), "default_threshold": bundle.default_threshold,
         "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S, "environment": environment(),
     }
+    if args.also:
+        print(f"this server with {args.also}:", flush=True)
+        also = measure(romebert_serve(args.bundle, *args.also.split()), logs / "overload-also.log", workload, None)
+        result["also"] = {"flags": args.also, "capacity_rps": also["capacity"]["requests_per_s"], "rows": also["rows"], "capacity_c32": also["capacity"]}
     if args.before:
         print(f"the server of {args.before}:", flush=True)
         rates = [row["offered_rps"] for row in now["rows"]]

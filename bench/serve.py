@@ -31,6 +31,7 @@ import json
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -76,17 +77,28 @@ def accuracy(url: str, texts: list[str], labels: list[str]) -> float:
     return float(np.mean([a == y for a, y in zip(answers, labels)]))
 
 
+def loop_cpu_s(server: psutil.Process) -> float:
+    """CPU seconds of the server's main thread: the event loop (HTTP, validation, tokenizing short
+    texts, rendering); the engine's workers and onnxruntime's pool are the other threads."""
+    return next(t.user_time + t.system_time for t in server.threads() if t.id == server.pid)
+
+
 def measure(url: str, pid: int, workload: Workload, users: int, seconds: float) -> dict:
     server = psutil.Process(pid)
-    cpu = server.cpu_times()
+    cpu, loop = server.cpu_times(), loop_cpu_s(server)
     run = run_load(url, workload, users, None, seconds, None, 30.0)
-    after = server.cpu_times()
+    after, loop = server.cpu_times(), loop_cpu_s(server) - loop
     ok = [r.latency_ms for r in run.records if r.status == 200]
+    # our server reports its own time per request (arrival at the route to the answer); a peer does not
+    reported = [r.server_latency_ms for r in run.records if r.status == 200 and r.server_latency_ms is not None]
     cpu_s = (after.user + after.system) - (cpu.user + cpu.system)
     torch_loaded = any("libtorch" in m.path for m in server.memory_maps())
     return {"concurrency": users, "requests_per_s": round(len(ok) / run.elapsed_s, 1), "p50_ms": round(float(np.percentile(ok, 50)), 2),
             "p99_ms": round(float(np.percentile(ok, 99)), 2), "errors": len(run.records) - len(ok),
+            "statuses": {str(code): n for code, n in sorted(Counter(r.status for r in run.records).items())},
+            "server_reported_p50_ms": round(float(np.percentile(reported, 50)), 2) if reported else None,
             "server_cpu_ms_per_request": round(1000 * cpu_s / len(ok), 3), "server_cores_busy": round(cpu_s / run.elapsed_s, 2),
+            "loop_cpu_ms_per_request": round(1000 * loop / len(ok), 3), "other_threads_cpu_ms_per_request": round(1000 * (cpu_s - loop) / len(ok), 3),
             "rss_mb": round(server.memory_info().rss / 2**20, 1), "torch_loaded": torch_loaded}
 
 

@@ -96,8 +96,16 @@ def within_half_point(r: dict, finetune_dev_acc: float) -> float:
     return best
 
 
+def spread(values, axis: int | None = None):
+    """Sample standard deviation over seeds; NaN from one seed (no spread to show), without numpy's warning."""
+    values = np.asarray(values)
+    if values.shape[axis or 0] < 2:
+        return np.full(np.delete(values.shape, axis or 0), np.nan) if axis is not None else np.nan
+    return values.std(axis=axis, ddof=1)
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    return {"mean": float(np.mean(values)), "std": float(spread(values))}
 
 
 def with_pooled(pairs: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
@@ -119,7 +127,7 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
             per_exit = per_exit[:, -1:]  # its early exits are never trained
         entry = {
             "seeds": list(by_seed), "train_seconds_mean": float(np.mean([r["train_seconds"] for r in by_seed.values()])),
-            "test_acc_per_exit_mean": per_exit.mean(0).tolist(), "test_acc_per_exit_std": per_exit.std(0, ddof=1).tolist(),
+            "test_acc_per_exit_mean": per_exit.mean(0).tolist(), "test_acc_per_exit_std": spread(per_exit, axis=0).tolist(),
             "test_acc_full_depth_interval_per_seed": [interval(r["test_logits"][-1].argmax(-1) == r["test_labels"]) for r in by_seed.values()],
         }
         if method != "finetune":
@@ -140,7 +148,7 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
                 points = [at_threshold(r, "test", t) for r in by_seed.values()]
                 layers = by_seed[next(iter(by_seed))]["test_logits"].shape[0]
                 entry["sweep_mean"].append({"threshold": t, "test_acc": float(np.mean([c.mean() for c, _ in points])),
-                                            "test_acc_std": float(np.std([c.mean() for c, _ in points], ddof=1)),
+                                            "test_acc_std": float(spread([c.mean() for c, _ in points])),
                                             "avg_exit_layer": float(np.mean([layers / sp for _, sp in points]))})
         methods[method] = entry
     paired = {}
@@ -164,9 +172,9 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def pm(mean: float, std: float) -> str:
-    """mean ± std in percent; the mean alone from one seed (no spread to show)."""
-    return pct(mean) if np.isnan(std) else f"{pct(mean)} ± {pct(std)}"
+def pm(mean: float, std: float, show=pct) -> str:
+    """mean ± std (in percent by default); the mean alone from one seed (no spread to show)."""
+    return show(mean) if np.isnan(std) else f"{show(mean)} ± {show(std)}"
 
 
 def signed(d: dict | None) -> str:
@@ -192,11 +200,11 @@ def report(dataset: str, summary: dict) -> str:
         cells = []
         for name in (SHIPPED_METHOD, "deebert"):
             acc, speed = methods[name]["acc_at_speedup"][str(s)], methods[name]["speedup_at_speedup"][str(s)]
-            cells.append("–" if acc is None else f"{pm(acc['mean'], np.nan if seeds == 1 else acc['std'])} (test speed-up {speed['mean']:.2f}x)")
+            cells.append("–" if acc is None else f"{pm(acc['mean'], acc['std'])} (test speed-up {speed['mean']:.2f}x)")
         lines.append(f"| test accuracy at ≥ {s}x dev speed-up | {cells[0]} | {cells[1]} | {signed(paired[f'{SHIPPED_METHOD}_minus_deebert_at_speedup'][str(s)]['pooled'])} |")
     half = [methods[name]["within_half_point_of_finetune"] for name in (SHIPPED_METHOD, "deebert")]
     lines.append("| largest dev speed-up within 0.5 point of fine-tuning: test speed-up, test accuracy | "
-                 + " | ".join(f"{h['test_speedup']['mean']:.2f}x ± {h['test_speedup']['std']:.2f}, {pct(h['test_acc']['mean'])}" for h in half) + " | |")
+                 + " | ".join(f"{pm(h['test_speedup']['mean'], h['test_speedup']['std'], '{:.2f}x'.format)}, {pct(h['test_acc']['mean'])}" for h in half) + " | |")
     ft = methods["finetune"]["test_acc_per_exit_mean"][0]
     lines.append(f"| fine-tuning at full depth | {pct(ft)} | | {SHIPPED_METHOD} full depth − fine-tuning: "
                  f"{signed(paired[f'{SHIPPED_METHOD}_minus_finetune_full_depth']['pooled'])} |")

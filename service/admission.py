@@ -37,9 +37,13 @@ class Admission:
         max_queue_wait_s: float,
         workers: int,
         seconds_per_row: float,
+        loop_lag_s: Callable[[], float] = lambda: 0.0,
+        max_loop_lag_s: float = math.inf,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self.metrics = metrics
+        self.loop_lag_s = loop_lag_s  # how late the event loop runs now (the HTTP layer measures it)
+        self.max_loop_lag_s = max_loop_lag_s
         self.max_queue = max_queue
         self.max_queue_wait_s = max_queue_wait_s
         self.workers = workers
@@ -60,9 +64,15 @@ class Admission:
 
     def door(self) -> Rejected | None:
         """The part of admission that needs no request: cheap enough (no lock, an estimate) to run
-        before the body is read or parsed, so that past capacity a refusal costs next to nothing."""
+        before the body is read or parsed, so that past capacity a refusal costs next to nothing.
+        The event loop's lag first: while the loop is behind, a queue that looks short says nothing."""
         if self._closed:
             return self._refuse("draining", Rejected("shutting_down", "the server is shutting down"))
+        lag = self.loop_lag_s()
+        if lag > self.max_loop_lag_s:
+            return self._refuse("loop_lag", Rejected(
+                "overloaded", f"the server runs {1000 * lag:.0f} ms behind on its connections, over its bound of "
+                f"{1000 * self.max_loop_lag_s:.0f} ms; retry later", 2 * lag))
         wait = self.predicted_wait()
         if wait > self.max_queue_wait_s:
             return self._refuse("predicted_wait", Rejected(

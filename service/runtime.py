@@ -128,7 +128,8 @@ class Runtime:
             seconds_per_row = warm_up(engine, cost_model, self.settings.max_batch, bundle.max_length)
             admission = Admission(
                 self.metrics, max_queue=self.settings.max_queue, max_queue_wait_s=self.settings.max_queue_wait_ms / 1000,
-                workers=self.settings.workers, seconds_per_row=seconds_per_row, clock=self.clock,
+                workers=self.settings.workers, seconds_per_row=seconds_per_row, loop_lag_s=lambda: self.loop_lag.seconds,
+                max_loop_lag_s=self.settings.max_loop_lag_ms / 1000, clock=self.clock,
             )
             scheduler = Scheduler(
                 engine, admission, self.metrics, cost_model, policy=POLICIES[self.settings.policy], max_batch=self.settings.max_batch,
@@ -181,16 +182,10 @@ class Runtime:
         raise Rejected("not_ready", "the model is still loading")
 
     def door(self) -> Rejected | None:
-        """The door (a refusal, or None to go on): the event loop's lag, then admission's
-        predicted wait; open while loading, when the route's check_ready gives the answer instead."""
+        """The door (a refusal, or None to go on): admission's; open while loading, when the
+        route's check_ready gives the answer instead."""
         admission = self.admission
-        if admission is None:
-            return None
-        if self.loop_lag.seconds > self.settings.max_loop_lag_ms / 1000:
-            self.metrics.rejected.labels("loop_lag").inc()
-            return Rejected("overloaded", f"the server runs {1000 * self.loop_lag.seconds:.0f} ms behind on its connections, over its "
-                            f"bound of {self.settings.max_loop_lag_ms:g} ms; retry later", 2 * self.loop_lag.seconds)
-        return admission.door()
+        return None if admission is None else admission.door()
 
     def begin_drain(self) -> None:
         """Stop taking work: /readyz and new requests get 503; queued rows that cannot start

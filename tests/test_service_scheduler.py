@@ -394,6 +394,18 @@ async def test_a_request_whose_predicted_wait_exceeds_the_bound_gets_a_fast_503_
     assert len(await done(running, queued)) == 2
 
 
+def test_while_the_event_loop_runs_late_the_door_refuses_though_the_queue_is_empty():
+    lag_s = 0.3
+    metrics = Metrics(6)
+    admission = Admission(metrics, max_queue=8, max_queue_wait_s=60.0, workers=1, seconds_per_row=0.0,
+                          loop_lag_s=lambda: lag_s, max_loop_lag_s=0.05)
+    refused = admission.door()
+    assert refused.code == "overloaded" and "300 ms behind" in str(refused) and refused.retry_after == "1"
+    assert metrics.registry.get_sample_value("romebert_rejected_requests_total", {"reason": "loop_lag"}) == 1
+    lag_s = 0.01  # caught up
+    assert admission.door() is None
+
+
 @pytest.mark.asyncio
 async def test_a_budgeted_request_is_refused_when_the_predicted_wait_alone_exceeds_its_budget():
     scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, seconds_per_row=0.3)
