@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,8 @@ def serve_rows(bundle: Path, device: str, texts: list[str], out: Path) -> list[d
             run = run_load(url, workload, users, None, 20, None, 10)
             ok = [r.latency_ms for r in run.records if r.status == 200]
             rows.append({"concurrency": users, "p50_ms": round(float(np.percentile(ok, 50)), 2), "p99_ms": round(float(np.percentile(ok, 99)), 2),
-                         "requests_per_s": round(len(ok) / run.elapsed_s, 1), "errors": len(run.records) - len(ok)})
+                         "requests_per_s": round(len(ok) / run.elapsed_s, 1), "errors": len(run.records) - len(ok),
+                         "statuses": {str(code): n for code, n in sorted(Counter(r.status for r in run.records).items())}})
             print(rows[-1], flush=True)
     return rows
 
