@@ -94,7 +94,7 @@ def best_at(curve: list[tuple[float, float]], speedup: float) -> float | None:
 
 
 def entropy_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
-    points = [correct_at(logits, labels, t) for t in fine_grid(logits.shape[-1])]
+    points = [correct_at(logits, labels, t) for t in fine_grid(logits)]
     return [(logits.shape[0] / avg, float(c.mean())) for c, avg in points]
 
 

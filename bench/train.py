@@ -53,6 +53,9 @@ DATASETS = {
     "imdb": dict(max_length=128, epochs=2, batch_size=16, train_limit=600, dev_limit=1000),
 }
 SPEEDUPS = (2, 3)
+# Which thresholds the operating points are read at (training/intervals.fine_grid); a summary
+# without this name in its settings was read on the even grid alone.
+THRESHOLD_GRID_NAME = "paper + 200 even + 1,000 dev-entropy quantiles"
 OUT = ROOT / "artifacts" / "bench" / "train"
 
 
@@ -89,7 +92,7 @@ def at_threshold(r: dict, split: str, t: float) -> tuple[np.ndarray, float]:
 def within_half_point(r: dict, finetune_dev_acc: float) -> float:
     """On dev: the largest-speed-up threshold whose accuracy is within 0.5 point of fine-tuning."""
     best = 0.0
-    for t in fine_grid(r["dev_logits"].shape[-1]):
+    for t in fine_grid(r["dev_logits"]):
         correct, speedup = at_threshold(r, "dev", t)
         if correct.mean() >= finetune_dev_acc - 0.005 and speedup >= at_threshold(r, "dev", best)[1]:
             best = float(t)
@@ -164,7 +167,8 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
                                runs["finetune"][seed]["test_logits"][-1].argmax(-1) == runs["finetune"][seed]["test_labels"])
                         for seed, r in runs[SHIPPED_METHOD].items()})
     sizes = {split: int(len(next(iter(runs["finetune"].values()))[f"{split}_labels"])) for split in ("dev", "test")}
-    return {"settings": DATASETS[dataset] | {"lr": TrainConfig().lr, "split_sizes": sizes}, "methods": methods,
+    settings = DATASETS[dataset] | {"lr": TrainConfig().lr, "split_sizes": sizes, "threshold_grid": THRESHOLD_GRID_NAME}
+    return {"settings": settings, "methods": methods,
             "paired_test_difference": {f"{SHIPPED_METHOD}_minus_deebert_at_speedup": paired, f"{SHIPPED_METHOD}_minus_finetune_full_depth": full}}
 
 

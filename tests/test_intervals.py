@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from romebert.training.intervals import interval, paired_difference, threshold_for_speedup
+from romebert.training.intervals import correct_at, interval, paired_difference, threshold_for_speedup
 
 
 def test_an_accuracy_on_853_examples_carries_about_plus_minus_two_and_a_half_points():
@@ -36,3 +36,18 @@ def test_the_threshold_for_a_speedup_is_the_most_accurate_that_reaches_it_on_dev
     assert t is not None and 0 < t <= 0.69
     assert threshold_for_speedup(logits, labels, 2.0) is not None  # everyone at exit 1 (threshold near ln 2)
     assert threshold_for_speedup(logits, labels, 2.5) is None  # L / 1 = 2 at most
+
+
+
+def test_where_the_first_exit_is_barely_sure_the_threshold_still_finds_the_speedup_asked_for():
+    # Exit 1's entropies all lie within 0.001 of ln 2, as IMDB's do; its surer half is right, the
+    # other half wrong; exit 2 is right for all. An even grid over [0, ln 2] has no threshold
+    # between those entropies, so 4/3x would be met only by every row leaving at exit 1 (50%).
+    gaps = np.linspace(0.004, 0.006, 8)  # rows 4-7: the wider logit gaps, so the lower entropies
+    sign = np.where(np.arange(8) >= 4, 1.0, -1.0)
+    first = np.stack([sign * gaps / 2, -sign * gaps / 2], -1)
+    second = np.tile([8.0, -8.0], (8, 1))
+    logits, labels = np.stack([first, second]), np.zeros(8, dtype=int)
+    t = threshold_for_speedup(logits, labels, 4 / 3)
+    correct, avg_exit = correct_at(logits, labels, t)
+    assert avg_exit == 1.5 and correct.all()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from romebert.core.exits import THRESHOLD_GRID, exit_layers
+from romebert.core.exits import THRESHOLD_GRID, entropy, exit_layers
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -43,17 +43,23 @@ def correct_at(per_exit_logits: np.ndarray, labels: np.ndarray, threshold: float
     return predictions == labels, float(layers.mean())
 
 
-def fine_grid(num_labels: int) -> np.ndarray:
-    """The paper's thresholds and 200 more, evenly up to ln(num_labels): fine enough to pick a
-    point of the curve at a given speed-up."""
-    return np.unique(np.concatenate([THRESHOLD_GRID, np.linspace(0.0, np.log(num_labels), 201)]))
+def fine_grid(dev_logits: np.ndarray) -> np.ndarray:
+    """The thresholds a curve is read at: the paper's, 200 more evenly up to ln(labels), and one
+    just above each of 1,000 quantiles of the early exits' entropies on these logits. The last
+    matter where the entropies crowd together, as on IMDB, whose first exits sit within 0.01 of
+    ln 2: an even grid there jumps from nobody leaving to everybody, and the speed-up asked for is
+    met only by sending every row out at exit 1."""
+    early = entropy(dev_logits[:-1]).ravel()
+    crowded = np.nextafter(np.quantile(early, np.linspace(0.0, 1.0, 1001)), np.inf) if early.size else []
+    even = np.linspace(0.0, np.log(dev_logits.shape[-1]), 201)
+    return np.unique(np.concatenate([THRESHOLD_GRID, even, crowded]))
 
 
 def threshold_for_speedup(dev_logits: np.ndarray, dev_labels: np.ndarray, speedup: float) -> float | None:
     """On DEV: the threshold with the best accuracy among those reaching `speedup` (L / avg exit
     layer); None when none does. Test is then read at this threshold."""
     num_layers = dev_logits.shape[0]
-    grid = fine_grid(dev_logits.shape[-1])
+    grid = fine_grid(dev_logits)
     best = None
     for t in grid:
         correct, avg = correct_at(dev_logits, dev_labels, t)
