@@ -99,7 +99,7 @@ def within_half_point(r: dict, finetune_dev_acc: float) -> float:
     return best
 
 
-def spread(values, axis: int | None = None):
+def spread(values: np.ndarray | list[float], axis: int | None = None) -> np.ndarray | float:
     """Sample standard deviation over seeds; NaN from one seed (no spread to show), without numpy's warning."""
     values = np.asarray(values)
     if values.shape[axis or 0] < 2:

@@ -10,8 +10,8 @@ has caught up.
 
 The lag is the least lateness of the last few ticks: a loop that is behind is late at every tick,
 while one stall (a garbage collection, the host taking the core for a moment) makes one tick late
-and is over; counting it would refuse requests to a loop that is keeping up (it did, in the test
-suite on a busy host).
+and is over; counting it would refuse requests to a loop that is keeping up (the likeliest cause
+of a 503 seen once in the test suite on a busy host).
 """
 
 from __future__ import annotations
