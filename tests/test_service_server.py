@@ -422,6 +422,16 @@ async def test_the_loop_lag_is_how_late_its_timer_fires_tick_after_tick():
     task.cancel()
 
 
+def test_one_tick_out_of_line_does_not_move_the_loop_lag():
+    lag = LoopLag()
+    for late_s in (0.0, 0.0, 0.3):  # a stall
+        lag.observe(late_s)
+    assert lag.seconds == 0.0
+    for late_s in (0.2, 0.2, 0.0):  # behind, and one moment caught up
+        lag.observe(late_s)
+    assert lag.seconds == 0.2
+
+
 def test_while_the_event_loop_runs_late_the_door_refuses_and_says_so(tiny_bundle):
     with uvicorn_serving(tiny_bundle, max_loop_lag_ms=50) as (server, base, _engine):
         for _ in range(3):  # as measured by a loop 400 ms behind
