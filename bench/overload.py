@@ -7,7 +7,8 @@ in this process: it shares the server's two cores, as it would on a small host).
 1. Capacity: closed loop, 32 concurrent users, 30 s.
 2. Open loop at 2x and 4x that capacity, 60 s each (arrivals on a fixed schedule whatever the
    latency): goodput (answers with status 200 per second), latency of the admitted requests,
-   every status, the server's RSS before and after, and whether the generator held the rate.
+   every status, the server's RSS before and after, whether the generator held the rate, and from
+   the server's /metrics why it refused and how many rows its engine calls carried.
 3. 500 connections that send their headers and part of a body, then stall (each reconnects when
    the server closes it), during a closed loop of 16 users for 30 s; against the same loop
    without them, and /healthz polled every 20 ms in both.
@@ -47,6 +48,7 @@ from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
+from romebert.loadtest.metrics_scrape import MetricsWatch  # noqa: E402
 from romebert.loadtest.profiles import Profile  # noqa: E402
 from romebert.loadtest.texts import TextItem  # noqa: E402
 from romebert.loadtest.workload import Workload  # noqa: E402
@@ -59,16 +61,27 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
 
+def server_side(watch: MetricsWatch) -> dict:
+    """What the server's /metrics say of a step: why it refused, how full its engine calls were."""
+    delta, note = watch.finish()
+    if delta is None:
+        return {"note": note}
+    return {"rejected_by_reason": delta.rejected_by_reason, "shed_rows_by_reason": delta.shed_rows_by_reason, "mean_batch_size": delta.mean_batch_size and round(delta.mean_batch_size, 2),
+            "average_exit_layer": delta.average_exit_layer and round(delta.average_exit_layer, 3)}
+
+
 def closed_loop(url: str, workload: Workload, users: int, seconds: float) -> dict:
+    watch = MetricsWatch(url + "/metrics")
     run = run_load(url, workload, users, None, seconds, None, TIMEOUT_S)
     ok = [r.latency_ms for r in run.records if r.status == 200]
     return {"users": users, "requests_per_s": round(len(ok) / run.elapsed_s, 1), "p50_ms": percentile(ok, 50), "p99_ms": percentile(ok, 99),
-            "status_counts": dict(Counter(str(r.status) for r in run.records))}
+            "status_counts": dict(Counter(str(r.status) for r in run.records)), "server": server_side(watch)}
 
 
 def open_loop(url: str, pid: int, workload: Workload, rate: float, seconds: float) -> dict:
     server = psutil.Process(pid)
     rss_before = server.memory_info().rss / 2**20
+    watch = MetricsWatch(url + "/metrics")
     run = run_load(url, workload, 4000, rate, seconds, None, TIMEOUT_S)
     ok = [r.latency_ms for r in run.records if r.status == 200]
     starts = sorted(r.start_s for r in run.records)
@@ -79,6 +92,7 @@ def open_loop(url: str, pid: int, workload: Workload, rate: float, seconds: floa
         "status_counts": dict(sorted(Counter(str(r.status) if r.status else "no_response" for r in run.records).items())),
         "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(server.memory_info().rss / 2**20, 1),
         "generator": {"achieved_rps": round(achieved, 1), "unsent": run.unsent, "abandoned": run.abandoned},
+        "server": server_side(watch),
     }
 
 

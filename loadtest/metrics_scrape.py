@@ -1,9 +1,10 @@
 """Server-side exit depth over a run: GET /metrics before and after, and the difference.
 
 The server's own counters are the ground truth for how deep requests went (the client only sees
-the answers it got back), and the before/after delta confines them to this run. Other traffic
-hitting the same server during the run is counted too; behind a load balancer, point
---metrics-url at one replica and compare with that replica's share of the traffic.
+the answers it got back), why it turned requests away and how full its engine calls were; the
+before/after delta confines them to this run. Other traffic hitting the same server during the
+run is counted too; behind a load balancer, point --metrics-url at one replica and compare with
+that replica's share of the traffic.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from romebert.core import metric_names as names
 
 EXIT_BUCKET, EXIT_SUM, EXIT_COUNT = names.series(names.EXIT_LAYER)
-(REQUESTS_TOTAL,), (LAYERS_TOTAL,), (BUDGET_TOTAL,) = (names.series(m) for m in (names.REQUESTS, names.LAYERS_EXECUTED, names.BUDGET_EXHAUSTED))
+_, BATCH_SUM, BATCH_COUNT = names.series(names.BATCH_SIZE)
+(REQUESTS_TOTAL,), (LAYERS_TOTAL,), (BUDGET_TOTAL,), (REJECTED_TOTAL,), (SHED_TOTAL,) = (
+    names.series(m) for m in (names.REQUESTS, names.LAYERS_EXECUTED, names.BUDGET_EXHAUSTED, names.REJECTED, names.SHED_ROWS))
 (MODEL_INFO,) = names.series(names.MODEL)
 
 # sample name -> label set (sorted pairs) -> value
@@ -57,6 +60,9 @@ class ServerDelta:
     layers_executed: float
     budget_exhausted: float
     requests_by_outcome: dict[str, float]
+    rejected_by_reason: dict[str, float]  # requests turned away at the door, before any work
+    shed_rows_by_reason: dict[str, float]  # rows admitted, then dropped unanswered (the other 503s)
+    mean_batch_size: float | None  # rows per engine layer call: how well the server batched under this load
     model: dict[str, str] = field(default_factory=dict)  # romebert_model_info labels
     restarted: bool = False  # a counter went down: the server restarted, the delta covers only its new life
 
@@ -65,12 +71,8 @@ def delta(before: Samples, after: Samples) -> ServerDelta:
     restarted = _total(after, EXIT_COUNT) < _total(before, EXIT_COUNT)
     if restarted:
         before = {}
-    count = _total(after, EXIT_COUNT) - _total(before, EXIT_COUNT)
-    total = _total(after, EXIT_SUM) - _total(before, EXIT_SUM)
-    outcomes = {
-        dict(labels).get("outcome", ""): value - before.get(REQUESTS_TOTAL, {}).get(labels, 0.0)
-        for labels, value in after.get(REQUESTS_TOTAL, {}).items()
-    }
+    count, total = (_total(after, name) - _total(before, name) for name in (EXIT_COUNT, EXIT_SUM))
+    calls, rows = (_total(after, name) - _total(before, name) for name in (BATCH_COUNT, BATCH_SUM))
     info = next(iter(after.get(MODEL_INFO, {})), ())
     return ServerDelta(
         items=count,
@@ -78,10 +80,19 @@ def delta(before: Samples, after: Samples) -> ServerDelta:
         exit_layers=_bucket_counts(before, after),
         layers_executed=_total(after, LAYERS_TOTAL) - _total(before, LAYERS_TOTAL),
         budget_exhausted=_total(after, BUDGET_TOTAL) - _total(before, BUDGET_TOTAL),
-        requests_by_outcome={k: v for k, v in outcomes.items() if v},
+        requests_by_outcome=_by_label(before, after, REQUESTS_TOTAL, "outcome"),
+        rejected_by_reason=_by_label(before, after, REJECTED_TOTAL, "reason"),
+        shed_rows_by_reason=_by_label(before, after, SHED_TOTAL, "reason"),
+        mean_batch_size=rows / calls if calls > 0 else None,
         model=dict(info),
         restarted=restarted,
     )
+
+
+def _by_label(before: Samples, after: Samples, name: str, label: str) -> dict[str, float]:
+    """A labelled counter's growth per value of `label`, the values that grew only."""
+    grown = {dict(labels).get(label, ""): value - before.get(name, {}).get(labels, 0.0) for labels, value in after.get(name, {}).items()}
+    return {k: _whole(v) for k, v in grown.items() if v}
 
 
 def _total(samples: Samples, name: str) -> float:

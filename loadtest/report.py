@@ -172,6 +172,12 @@ def _exit_lines(exit_depth: dict[str, Any]) -> list[str]:
     lines.append(f"  {'exit depth':<13}average layer {exit_depth['average_exit_layer']:.3f} "
                  f"over {exit_depth['items']:g} items ({exit_depth['source']})")
     lines.append(f"  {'exit layers':<13}" + "  ".join(f"L{k}: {100 * v / total:.1f}%" for k, v in exit_depth["exit_layers"].items()))
+    server = exit_depth["server"] or {}
+    if server.get("mean_batch_size") is not None:
+        lines.append(f"  {'engine':<13}{server['mean_batch_size']:.1f} rows per layer call on average")
+    for key, label, unit in (("rejected_by_reason", "refused", "requests"), ("shed_rows_by_reason", "shed", "rows")):
+        if server.get(key):
+            lines.append(f"  {label:<13}" + ", ".join(f"{k}: {v:g}" for k, v in server[key].items()) + f" {unit} (server /metrics)")
     return lines
 
 

@@ -6,7 +6,9 @@ genuine exposition format. It remembers every exit layer it served, for the test
 against the report. Not the service: see service/ for that.
 
 Rules (three layers):
-  * a text containing "overload" -> 503 with Retry-After and the contract's error body;
+  * a text containing "overload" -> 503 with Retry-After and the contract's error body, refused at
+    the door (rejected, reason predicted_wait);
+  * a text containing "too late" -> the same 503, its rows shed after waiting (reason expired);
   * entropy_threshold >= 0.5 -> exit 1; a smaller threshold -> exit 3;
   * latency_budget_ms set -> exit 2 with budget_exhausted (the budget "ran out" after layer 2);
   * neither -> exit 1 + len(text) % 3.
@@ -38,19 +40,22 @@ class ClassifyBody(BaseModel):
 
 
 class StandIn:
-    """The app plus what it served: `exit_layers` (per item) and `rejected` (503s sent)."""
+    """The app plus what it served: `exit_layers` (per item), `rejected` (503s sent) and `shed_rows`."""
 
     def __init__(self) -> None:
         self.url = ""  # set by serve()
         self.exit_layers: list[int] = []
         self.rejected = 0
+        self.shed_rows = 0
         self.bodies: list[ClassifyBody] = []
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("romebert_requests_total", "requests by outcome", ["outcome"], registry=r)
         self.duration = Histogram("romebert_request_duration_seconds", "request latency", registry=r)
         Histogram("romebert_queue_wait_seconds", "queue wait", registry=r)
-        Histogram("romebert_batch_size", "batch size", buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.batch_size = Histogram("romebert_batch_size", "batch size", buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.refused = Counter("romebert_rejected_requests_total", "requests turned away", ["reason"], registry=r)
+        self.shed = Counter("romebert_shed_rows_total", "rows dropped without an answer", ["reason"], registry=r)
         self.exit_layer = Histogram("romebert_exit_layer", "exit layer per item", buckets=tuple(range(1, NUM_LAYERS + 1)), registry=r)
         self.layers = Counter("romebert_layers_executed_total", "layers executed", registry=r)
         self.budget = Counter("romebert_budget_exhausted_total", "items cut by their budget", registry=r)
@@ -71,12 +76,18 @@ class StandIn:
         started = time.perf_counter()
         self.bodies.append(body)
         texts = [body.text] if isinstance(body.text, str) else body.text
-        if any("overload" in t for t in texts):
+        if any("overload" in t or "too late" in t for t in texts):
             self.rejected += 1
             self.requests.labels(outcome="rejected").inc()
+            if any("overload" in t for t in texts):
+                self.refused.labels(reason="predicted_wait").inc()
+            else:
+                self.shed_rows += len(texts)
+                self.shed.labels(reason="expired").inc(len(texts))
             error = {"error": {"code": "overloaded", "message": "queue full"}}
             return JSONResponse(error, status_code=503, headers={"Retry-After": "1"})
         results = [self._item(text, body) for text in texts]
+        self.batch_size.observe(len(texts))  # one engine call per request, as if nothing were batched across requests
         self.requests.labels(outcome="ok").inc()
         self.duration.observe(time.perf_counter() - started)
         return {"results": results, "latency_ms": 1000 * (time.perf_counter() - started)}

@@ -20,7 +20,8 @@ import pytest
 from stand_in_server import StandIn, serve
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["a gripping, beautifully shot film", "dull", "the plot goes nowhere at all", "please overload the server", "fine"]
+TEXTS = ["a gripping, beautifully shot film", "dull", "the plot goes nowhere at all", "please overload the server", "fine",
+         "arrived too late to matter"]
 
 
 def loadtest(*args: str) -> subprocess.CompletedProcess:
@@ -63,8 +64,12 @@ def test_closed_loop_report_matches_what_the_server_served(stand_in, texts, tmp_
     assert depth["average_exit_layer"] == pytest.approx(sum(served) / len(served))
     assert depth["exit_layers"] == {str(layer): Counter(served)[layer] for layer in (1, 2, 3)}
     assert depth["responses"]["average_exit_layer"] == pytest.approx(sum(served) / len(served))
-    budget_items = 2 * sum(1 for b in stand_in.bodies if b.latency_budget_ms is not None and "overload" not in " ".join(b.text))
-    assert depth["server"]["budget_exhausted"] == budget_items
+    refused_at_door = sum(1 for b in stand_in.bodies if "overload" in " ".join(b.text))
+    answered = [b for b in stand_in.bodies if not any(word in " ".join(b.text) for word in ("overload", "too late"))]
+    assert depth["server"]["budget_exhausted"] == 2 * sum(1 for b in answered if b.latency_budget_ms is not None)
+    assert depth["server"]["rejected_by_reason"] == ({"predicted_wait": refused_at_door} if refused_at_door else {})
+    assert depth["server"]["shed_rows_by_reason"] == ({"expired": stand_in.shed_rows} if stand_in.shed_rows else {})
+    assert depth["server"]["mean_batch_size"] == pytest.approx(2.0)  # --batch 2, one call per request in the stand-in
     profiles = report["profiles"]
     assert set(profiles) == {"threshold=0.1", "budget=20", "default"}
     assert profiles["threshold=0.1"]["average_exit_layer"] in (None, 3.0)

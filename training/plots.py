@@ -43,15 +43,25 @@ def plot_per_exit(results: dict[str, dict[str, list[float]]], path: Path, title:
     _save(fig, path)
 
 
-def plot_speedup(results: dict[str, list[dict[str, Any]]], num_layers: int, path: Path, title: str) -> None:
-    """results: method -> sweep rows (accuracy, avg_exit_layer, optional lo/hi)."""
+def plot_speedup(results: dict[str, list[dict[str, Any]]], num_layers: int, path: Path, title: str,
+                 points: dict[str, list[dict[str, float]]] | None = None) -> None:
+    """results: method -> sweep rows (accuracy, avg_exit_layer, optional lo/hi). points: method ->
+    operating points (speedup, accuracy, and their spreads speedup_err, accuracy_err), drawn as
+    error bars in the method's colour: where a sweep's shared thresholds jump over a region (exit
+    entropies crowded together), the curve alone would draw a straight line through it."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {}
     for method, rows in results.items():
         rows = sorted(rows, key=lambda r: -r["avg_exit_layer"])
         speedups = [num_layers / r["avg_exit_layer"] for r in rows]
         (line,) = ax.plot(speedups, [100 * r["accuracy"] for r in rows], marker="o", label=method)
+        colours[method] = line.get_color()
         if all("lo" in r for r in rows):
             ax.fill_between(speedups, [100 * r["lo"] for r in rows], [100 * r["hi"] for r in rows], color=line.get_color(), alpha=0.2)
+    for method, marks in (points or {}).items():
+        ax.errorbar([m["speedup"] for m in marks], [100 * m["accuracy"] for m in marks], xerr=[m["speedup_err"] for m in marks],
+                    yerr=[100 * m["accuracy_err"] for m in marks], fmt="D", color=colours.get(method), markeredgecolor="black", capsize=3,
+                    label=f"{method}, threshold chosen on dev")
     ax.set_xlabel(f"speed-up (L / average exit layer, L = {num_layers})")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
