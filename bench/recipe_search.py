@@ -9,7 +9,7 @@ search resumes where it stopped.
 
     .venv/bin/python bench/recipe_search.py                  # rotten_tomatoes, every run (about 3 h on 2 cores)
     .venv/bin/python bench/recipe_search.py --runs rb_base   # some of them
-    .venv/bin/python bench/recipe_search.py --data imdb      # IMDB's runs (about 75 min)
+    .venv/bin/python bench/recipe_search.py --data imdb      # IMDB's runs (about 85 min)
 
 Writes bench/results/recipe_search.json (rotten_tomatoes) or recipe_search_imdb.json (dev
 numbers of every run) and keeps each run's dev logits in artifacts/search[_imdb]/<run>/dev_logits.npz
@@ -76,6 +76,7 @@ IMDB_RUNS: dict[str, dict] = {
     "rb": dict(method="romebert"),
     "rb_3ep": dict(method="romebert", epochs=3),
     "rb_4ep": dict(method="romebert", epochs=4),
+    "rb_6ep": dict(method="romebert", epochs=6),
     "rb_lr2e-4": dict(method="romebert", lr=2e-4),
     "rb_lr5e-5_4ep": dict(method="romebert", lr=5e-5, epochs=4),
     "rb_gamma0.5": dict(method="romebert", gamma=0.5),

@@ -54,8 +54,8 @@ DATASETS = {
 }
 # Per (dataset, method): what that method's recipe search on dev changed from DATASETS
 # (bench/results/recipe_search_imdb.json, docs/training.md). IMDB's 600 reviews: RomeBERT's one
-# stage needs 4 epochs (the same number of passes as DeeBERT's 2 + 2) to lift its early exits.
-METHOD_SETTINGS: dict[tuple[str, str], dict] = {("imdb", SHIPPED_METHOD): dict(epochs=4)}
+# stage needs more passes than DeeBERT's 2 + 2 to lift its early exits; 6 epochs won on dev.
+METHOD_SETTINGS: dict[tuple[str, str], dict] = {("imdb", SHIPPED_METHOD): dict(epochs=6)}
 SPEEDUPS = (2, 3)
 # Which thresholds the operating points are read at (training/intervals.fine_grid); a summary
 # without this name in its settings was read on the even grid alone.
