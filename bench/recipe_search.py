@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
-from romebert.training.train import TrainConfig, train  # noqa: E402
+from romebert.training.train import TrainConfig, task_data, train  # noqa: E402
 from romebert.core.exits import sweep  # noqa: E402
 from romebert.training.intervals import correct_at, fine_grid, paired_difference, threshold_for_speedup  # noqa: E402
 from bench.harness import environment  # noqa: E402
 from bench.train import DATASETS  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
-from romebert.core.data import encode_examples, load_task  # noqa: E402
+from romebert.core.data import encode_examples  # noqa: E402
 
 BASE = dict(data="rotten_tomatoes", max_length=64, batch_size=32, seed=42, device="cpu", save_every=100)
 # name -> TrainConfig overrides; "@name" in init_from is that run's checkpoint (it runs first).
@@ -100,8 +100,7 @@ def run(name: str, out: Path, base: dict, runs: dict[str, dict]) -> dict:
         cfg = TrainConfig(output=str(folder / "checkpoint"), resume=True, **(base | overrides))
         print(f"=== {name}: {cfg}", flush=True)
         ckpt = train(cfg)
-        dev = load_task(cfg.data, seed=cfg.seed).dev[: base.get("dev_limit")]
-        encoded, labels = encode_examples(TextEncoder(ckpt / "tokenizer.json", cfg.max_length), dev)
+        encoded, labels = encode_examples(TextEncoder(ckpt / "tokenizer.json", cfg.max_length), task_data(cfg).dev)
         logits = exit_logits(MultiExitBert.from_checkpoint(ckpt), encoded, 256)
         np.savez(logits_file, logits=logits, labels=labels)
     data = np.load(logits_file)
@@ -209,8 +208,8 @@ def main() -> None:
         accs = " ".join(f"{100 * a:.1f}" for a in results["runs"][name]["dev_acc_per_exit"])
         print(f"--- {name}: dev acc per exit {accs}", flush=True)
     # Rows of runs whose logits are gone (another machine) stay as they were reported.
-    fresh = report([n for n in runs if n in results["runs"]], out)
-    results["report"] = {n: fresh.get(n, results.get("report", {}).get(n)) for n in runs if n in fresh or n in results.get("report", {})}
+    fresh, old = report([n for n in runs if n in results["runs"]], out), results.get("report", {})
+    results["report"] = {n: fresh.get(n, old.get(n)) for n in runs if n in fresh or n in old}
     results["environment"] = environment()
     write_json(results_file, results)
     pct = lambda v: "   -" if v is None else f"{100 * v:5.1f}"  # noqa: E731

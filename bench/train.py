@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import environment  # noqa: E402
-from romebert.core.data import encode_examples, load_task  # noqa: E402
+from romebert.core.data import encode_examples  # noqa: E402
 from romebert.core.exits import THRESHOLD_GRID  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
@@ -41,7 +41,7 @@ from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.training.intervals import correct_at, fine_grid, interval, paired_difference, threshold_for_speedup  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.plots import plot_per_exit, plot_speedup  # noqa: E402
-from romebert.training.train import SHIPPED_METHOD, TrainConfig, train  # noqa: E402
+from romebert.training.train import SHIPPED_METHOD, TrainConfig, task_data, train  # noqa: E402
 
 SEEDS = (1, 2, 3)
 METHODS = ("finetune", "deebert", SHIPPED_METHOD)
@@ -68,16 +68,15 @@ def run(dataset: str, method: str, seed: int) -> dict:
     folder = OUT / dataset / method / f"seed{seed}"
     logits_file = folder / "logits.npz"
     if not logits_file.is_file():
-        settings = settings_of(dataset, method)
         cfg = TrainConfig(method=method, data=dataset, output=str(folder / "checkpoint"), seed=seed, device="cpu", save_every=50,
-                          resume=True, **settings)
+                          resume=True, **settings_of(dataset, method))
         print(f"=== {dataset} {method} seed {seed}", flush=True)
         checkpoint = train(cfg)
-        task = load_task(dataset, seed=seed)
-        encoder = TextEncoder(checkpoint / "tokenizer.json", settings["max_length"])
+        task = task_data(cfg)
+        encoder = TextEncoder(checkpoint / "tokenizer.json", cfg.max_length)
         model = MultiExitBert.from_checkpoint(checkpoint)
         arrays = {}
-        for split, examples in (("dev", task.dev[: settings.get("dev_limit")]), ("test", task.test)):
+        for split, examples in (("dev", task.dev), ("test", task.test)):
             encoded, labels = encode_examples(encoder, examples)
             arrays[f"{split}_logits"], arrays[f"{split}_labels"] = exit_logits(model, encoded, 64), labels
         np.savez(logits_file, **arrays)

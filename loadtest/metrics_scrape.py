@@ -71,15 +71,14 @@ def delta(before: Samples, after: Samples) -> ServerDelta:
     restarted = _total(after, EXIT_COUNT) < _total(before, EXIT_COUNT)
     if restarted:
         before = {}
-    count, total = (_total(after, name) - _total(before, name) for name in (EXIT_COUNT, EXIT_SUM))
-    calls, rows = (_total(after, name) - _total(before, name) for name in (BATCH_COUNT, BATCH_SUM))
+    count, total, calls, rows = (_grown(before, after, name) for name in (EXIT_COUNT, EXIT_SUM, BATCH_COUNT, BATCH_SUM))
     info = next(iter(after.get(MODEL_INFO, {})), ())
     return ServerDelta(
         items=count,
         average_exit_layer=total / count if count > 0 else None,
         exit_layers=_bucket_counts(before, after),
-        layers_executed=_total(after, LAYERS_TOTAL) - _total(before, LAYERS_TOTAL),
-        budget_exhausted=_total(after, BUDGET_TOTAL) - _total(before, BUDGET_TOTAL),
+        layers_executed=_grown(before, after, LAYERS_TOTAL),
+        budget_exhausted=_grown(before, after, BUDGET_TOTAL),
         requests_by_outcome=_by_label(before, after, REQUESTS_TOTAL, "outcome"),
         rejected_by_reason=_by_label(before, after, REJECTED_TOTAL, "reason"),
         shed_rows_by_reason=_by_label(before, after, SHED_TOTAL, "reason"),
@@ -93,6 +92,11 @@ def _by_label(before: Samples, after: Samples, name: str, label: str) -> dict[st
     """A labelled counter's growth per value of `label`, the values that grew only."""
     grown = {dict(labels).get(label, ""): value - before.get(name, {}).get(labels, 0.0) for labels, value in after.get(name, {}).items()}
     return {k: _whole(v) for k, v in grown.items() if v}
+
+
+def _grown(before: Samples, after: Samples, name: str) -> float:
+    """A series' growth over the run, summed over its label sets."""
+    return _total(after, name) - _total(before, name)
 
 
 def _total(samples: Samples, name: str) -> float:

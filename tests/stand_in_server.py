@@ -76,10 +76,11 @@ class StandIn:
         started = time.perf_counter()
         self.bodies.append(body)
         texts = [body.text] if isinstance(body.text, str) else body.text
-        if any("overload" in t or "too late" in t for t in texts):
+        refused, late = (any(word in t for t in texts) for word in ("overload", "too late"))
+        if refused or late:
             self.rejected += 1
             self.requests.labels(outcome="rejected").inc()
-            if any("overload" in t for t in texts):
+            if refused:
                 self.refused.labels(reason="predicted_wait").inc()
             else:
                 self.shed_rows += len(texts)

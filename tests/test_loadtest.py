@@ -85,6 +85,9 @@ def test_closed_loop_report_matches_what_the_server_served(stand_in, texts, tmp_
     assert len(rows) == 30 and Counter(r["status"] for r in rows)["503"] == stand_in.rejected
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "exit depth" in run.stdout and "p99" in run.stdout
+    assert "2.0 rows per layer call" in run.stdout
+    assert not refused_at_door or f"predicted_wait: {refused_at_door} requests" in run.stdout
+    assert not stand_in.shed_rows or f"expired: {stand_in.shed_rows} rows" in run.stdout
 
 
 def test_a_profile_reports_the_share_of_budgeted_requests_answered_after_their_budget():

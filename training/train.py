@@ -111,6 +111,13 @@ def phases_for(cfg: TrainConfig, num_layers: int) -> list[Phase]:
     raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
 
 
+def task_data(cfg: TrainConfig) -> TaskData:
+    """The splits as training with `cfg` sees them (its seed's split, its limits), so that whoever
+    evaluates a checkpoint afterwards reads the same dev rows the run chose its epochs on."""
+    data = load_task(cfg.data, seed=cfg.seed, limit=cfg.limit)
+    return dataclasses.replace(data, train=data.train[: cfg.train_limit], dev=data.dev[: cfg.dev_limit])
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,8 +179,7 @@ class Trainer:
         self.main = self.rank == 0
         _seed_everything(cfg.seed)
         self.backbone = Path(cfg.backbone or default_backbone())
-        data = load_task(cfg.data, seed=cfg.seed, limit=cfg.limit)
-        self.data: TaskData = dataclasses.replace(data, train=data.train[: cfg.train_limit], dev=data.dev[: cfg.dev_limit])
+        self.data: TaskData = task_data(cfg)
         self.encoder = TextEncoder(self.backbone / "tokenizer.json", cfg.max_length)
         self.model = self._initial_model().to(self.device)
         self.model.gradient_equilibrium = cfg.gradient_equilibrium
