@@ -8,18 +8,21 @@ in this process: it shares the server's two cores, as it would on a small host).
 2. Open loop at 2x and 4x that capacity, 60 s each (arrivals on a fixed schedule whatever the
    latency): goodput (answers with status 200 per second), latency of the admitted requests,
    every status, the server's RSS before and after, whether the generator held the rate, and from
-   the server's /metrics why it refused and how many rows its engine calls carried.
+   the server's /metrics why it refused and how many rows its engine calls carried. Every step
+   records the cores the server process and the generator (this process) used, and the server's
+   CPU per answer: on two shared cores, where the capacity lost past capacity goes.
 3. 500 connections that send their headers and part of a body, then stall (each reconnects when
    the server closes it), during a closed loop of 16 users for 30 s; against the same loop
    without them, and /healthz polled every 20 ms in both.
 
-With --also FLAGS, the same server started with those flags runs steps 1 and 2 too, at 2x and 4x
-its own capacity (how another configuration, such as docker-compose.cpu.yml's two workers, holds).
+With --also FLAGS (repeatable), the same server started with those flags runs steps 1 and 2 too,
+at 2x and 4x its own capacity (how another configuration, such as docker-compose.cpu.yml's two
+workers or `--spin off`, holds).
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
 its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
 Writes bench/results/overload.json.
 
-    .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--also "--workers 2 --threads 1"] [--before /tmp/before]
+    .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--also "--workers 2 --threads 1" --also "--spin off"] [--before /tmp/before]
 """
 
 from __future__ import annotations
@@ -70,29 +73,52 @@ def server_side(watch: MetricsWatch) -> dict:
             "average_exit_layer": delta.average_exit_layer and round(delta.average_exit_layer, 3)}
 
 
-def closed_loop(url: str, workload: Workload, users: int, seconds: float) -> dict:
-    watch = MetricsWatch(url + "/metrics")
+class CpuWatch:
+    """Cores the server process and this process (the load generator) used over a step: on two
+    shared cores, where the capacity lost past it goes."""
+
+    def __init__(self, pid: int | None):
+        self.server = psutil.Process(pid) if pid else None
+        self.started = time.perf_counter(), time.process_time(), self._server_cpu()
+
+    def _server_cpu(self) -> float:
+        return sum(self.server.cpu_times()[:2]) if self.server else 0.0
+
+    def finish(self, answers: int) -> dict:
+        wall, generator, server = time.perf_counter() - self.started[0], time.process_time() - self.started[1], self._server_cpu() - self.started[2]
+        out = {"generator_cores": round(generator / wall, 2)}
+        if self.server:
+            out |= {"server_cores": round(server / wall, 2), "server_cpu_ms_per_answer": round(1000 * server / answers, 2) if answers else None}
+        return out
+
+
+def closed_loop(url: str, workload: Workload, users: int, seconds: float, pid: int | None = None) -> dict:
+    watch, cpu = MetricsWatch(url + "/metrics"), CpuWatch(pid)
     run = run_load(url, workload, users, None, seconds, None, TIMEOUT_S)
     ok = [r.latency_ms for r in run.records if r.status == 200]
     return {"users": users, "requests_per_s": round(len(ok) / run.elapsed_s, 1), "p50_ms": percentile(ok, 50), "p99_ms": percentile(ok, 99),
-            "status_counts": dict(Counter(str(r.status) for r in run.records)), "server": server_side(watch)}
+            "status_counts": dict(Counter(str(r.status) for r in run.records)), "server": server_side(watch), "cpu": cpu.finish(len(ok))}
 
 
 def open_loop(url: str, pid: int, workload: Workload, rate: float, seconds: float) -> dict:
     server = psutil.Process(pid)
     rss_before = server.memory_info().rss / 2**20
-    watch = MetricsWatch(url + "/metrics")
+    watch, cpu = MetricsWatch(url + "/metrics"), CpuWatch(pid)
     run = run_load(url, workload, 4000, rate, seconds, None, TIMEOUT_S)
     ok = [r.latency_ms for r in run.records if r.status == 200]
+    # The server's own account (arrival at the route to the answer): the client's latency adds
+    # the generator's own lateness on these shared cores.
+    ok_server = [r.server_latency_ms for r in run.records if r.status == 200 and r.server_latency_ms is not None]
     starts = sorted(r.start_s for r in run.records)
     achieved = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else 0.0
     return {
         "offered_rps": round(rate, 1), "goodput_rps": round(len(ok) / seconds, 1),
-        "admitted_p50_ms": percentile(ok, 50), "admitted_p99_ms": percentile(ok, 99),
+        "admitted_p50_ms": percentile(ok, 50), "admitted_p99_ms": percentile(ok, 99), "admitted_server_p99_ms": percentile(ok_server, 99),
         "status_counts": dict(sorted(Counter(str(r.status) if r.status else "no_response" for r in run.records).items())),
         "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(server.memory_info().rss / 2**20, 1),
         "generator": {"achieved_rps": round(achieved, 1), "unsent": run.unsent, "abandoned": run.abandoned},
-        "server": server_side(watch),
+        "server": server_side(watch), "cpu": cpu.finish(len(ok)),
+        "generator_lag_p99_ms": percentile([r.lag_ms for r in run.records], 99),
     }
 
 
@@ -176,7 +202,7 @@ def measure(command: list[str], log: Path, workload: Workload, rates: list[float
             slow: bool = False, cwd: Path | None = None) -> dict:
     with running(command, log, env, cwd) as (proc, url):
         closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
-        capacity = closed_loop(url, workload, 32, 30)
+        capacity = closed_loop(url, workload, 32, 30, proc.pid)
         print(f"  capacity {capacity}", flush=True)
         rates = rates or [2 * capacity["requests_per_s"], 4 * capacity["requests_per_s"]]
         rows = []
@@ -202,8 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=ROOT / "artifacts" / "default-bundle")
     parser.add_argument("--before", type=Path, default=None, help="a checkout of an older commit whose server to measure too")
-    parser.add_argument("--also", default=None, metavar="FLAGS",
-                        help='this server with other flags too (e.g. "--workers 2 --threads 1"), at 2x and 4x its own capacity')
+    parser.add_argument("--also", action="append", default=[], metavar="FLAGS",
+                        help='this server with other flags too (e.g. "--workers 2 --threads 1"), at 2x and 4x its own capacity; repeatable')
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     task = load_task("rotten_tomatoes")
@@ -224,10 +250,11 @@ def main() -> None:
         "capacity_c32": now["capacity"], "bundle": str(args.bundle), "default_threshold": bundle.default_threshold,
         "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S, "environment": environment(),
     }
-    if args.also:
-        print(f"this server with {args.also}:", flush=True)
-        also = measure(romebert_serve(args.bundle, *args.also.split()), logs / "overload-also.log", workload, None)
-        result["also"] = {"flags": args.also, "capacity_rps": also["capacity"]["requests_per_s"], "rows": also["rows"], "capacity_c32": also["capacity"]}
+    result["also"] = []
+    for flags in args.also:
+        print(f"this server with {flags}:", flush=True)
+        also = measure(romebert_serve(args.bundle, *flags.split()), logs / "overload-also.log", workload, None)
+        result["also"].append({"flags": flags, "capacity_rps": also["capacity"]["requests_per_s"], "rows": also["rows"], "capacity_c32": also["capacity"]})
     if args.before:
         print(f"the server of {args.before}:", flush=True)
         rates = [row["offered_rps"] for row in now["rows"]]

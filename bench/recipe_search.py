@@ -33,9 +33,10 @@ from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.train import TrainConfig, task_data, train  # noqa: E402
 from romebert.core.exits import sweep  # noqa: E402
-from romebert.training.intervals import correct_at, fine_grid, paired_difference, threshold_for_speedup  # noqa: E402
+from romebert.training.intervals import correct_at, paired_difference, threshold_for_speedup  # noqa: E402
 from bench.harness import environment  # noqa: E402
 from bench.train import DATASETS  # noqa: E402
+from bench.exit_rules import best_at, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import encode_examples  # noqa: E402
 
@@ -112,60 +113,6 @@ def run(name: str, out: Path, base: dict, runs: dict[str, dict]) -> dict:
         "dev_acc_per_exit": [float((z.argmax(-1) == labels).mean()) for z in logits],
         "dev_sweep": sweep(logits, labels),
     }
-
-
-# -- the figure of merit on dev, and the exit rules --------------------------------------------
-
-
-def best_at(curve: list[tuple[float, float]], speedup: float) -> float | None:
-    """Best accuracy among the curve's points (speed-up, accuracy) that reach `speedup`."""
-    reached = [acc for s, acc in curve if s >= speedup - 1e-9]
-    return max(reached) if reached else None
-
-
-def entropy_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
-    points = [correct_at(logits, labels, t) for t in fine_grid(logits)]
-    return [(logits.shape[0] / avg, float(c.mean())) for c, avg in points]
-
-
-def patience_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
-    """PABEE: leave at the first exit where the prediction has stayed the same for `patience`
-    consecutive exits (so never before exit patience + 1); else at the last."""
-    num_layers, n = logits.shape[:2]
-    preds = logits.argmax(-1)
-    curve = []
-    for patience in range(1, num_layers):
-        layers = np.full(n, num_layers)
-        streak = np.zeros(n, dtype=int)
-        for i in range(1, num_layers):
-            streak = np.where(preds[i] == preds[i - 1], streak + 1, 0)
-            leaving = (streak >= patience) & (layers == num_layers)
-            layers[leaving] = i + 1
-        chosen = preds[layers - 1, np.arange(n)]
-        curve.append((num_layers / layers.mean(), float((chosen == labels).mean())))
-    return curve
-
-
-def temperatures(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per exit, the temperature that minimises the negative log-likelihood (grid search)."""
-    grid = np.geomspace(0.05, 20, 200)
-
-    def nll(z: np.ndarray) -> float:
-        z = z - z.max(-1, keepdims=True)
-        return float((np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]).mean())
-
-    return np.array([min(grid, key=lambda t: nll(z / t)) for z in logits])
-
-
-def calibrated_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
-    """The entropy rule on temperature-scaled exits, cross-fitted: temperatures fitted on one half
-    of dev, the curve read on the other, and the two halves' curves averaged point by point."""
-    halves = np.array_split(np.random.default_rng(0).permutation(len(labels)), 2)
-    curves = []
-    for fit, read in (halves, halves[::-1]):
-        scaled = logits[:, read] / temperatures(logits[:, fit], labels[fit])[:, None, None]
-        curves.append(entropy_curve(scaled, labels[read]))
-    return [((s1 + s2) / 2, (a1 + a2) / 2) for (s1, a1), (s2, a2) in zip(*curves)]
 
 
 def report(names: list[str], out: Path) -> dict:

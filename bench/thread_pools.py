@@ -45,9 +45,8 @@ from romebert.core.files import write_json  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "default-bundle"
 MODES = ("global", "session_nospin", "session_stop", "one")
-SESSION_CONFIG = {"session_nospin": ("session.intra_op.allow_spinning", "0"), "session_stop": ("session.force_spinning_stop", "1")}
+SESSION_CONFIG = {"session_stop": ("session.force_spinning_stop", "1")}  # what the engine does not offer itself
 RIVAL = 0.4
-SERVE_WITH_SESSION_POOLS = "--serve-with-session-pools"
 
 
 def use_session_pools(mode: str) -> None:
@@ -72,10 +71,12 @@ def in_process(mode: str, batch: int) -> dict:
     """One candidate at one batch size, in this (fresh) process."""
     from romebert.core.bundle import load_bundle
     from romebert.core.data import load_task
-    from romebert.core.engine import Engine, run_early_exit
+    from romebert.core.engine import Engine, run_early_exit, set_pool_spinning
     from romebert.core.tokenization import TextEncoder
 
-    if mode in SESSION_CONFIG:
+    if mode == "session_nospin":
+        set_pool_spinning(False)  # the server's --spin off
+    elif mode in SESSION_CONFIG:
         use_session_pools(mode)
     bundle = load_bundle(BUNDLE)
     engine = Engine(bundle, device="cpu", threads=1 if mode == "one" else 2)
@@ -111,7 +112,7 @@ def over_http(seconds: float) -> list[dict]:
     serve = romebert_serve(BUNDLE)
     servers = {
         "defaults (global pool, 1 worker x 2 threads)": serve,
-        "per-session pools, no spinning (1 x 2)": [sys.executable, __file__, SERVE_WITH_SESSION_POOLS, *serve[3:]],
+        "per-session pools, no spinning (1 x 2)": [*serve, "--spin", "off"],
         "--workers 2 --threads 1": [*serve, "--workers", "2", "--threads", "1"],
         "--threads 1": [*serve, "--threads", "1"],
     }
@@ -153,9 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == [SERVE_WITH_SESSION_POOLS]:  # the server of the "per-session pools" row
-        use_session_pools("session_nospin")
-        from romebert.cli import main as romebert_main
-
-        sys.exit(romebert_main(sys.argv[2:]))
     main()

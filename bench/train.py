@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.exit_rules import best_at, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
 from bench.harness import environment  # noqa: E402
 from romebert.core.data import encode_examples  # noqa: E402
 from romebert.core.exits import THRESHOLD_GRID  # noqa: E402
@@ -128,6 +129,16 @@ def with_pooled(pairs: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
     return {"per_seed": per_seed, "pooled": pooled}
 
 
+def exit_rules_on_dev(by_seed: dict[int, dict]) -> dict:
+    """The shipped recipe's dev accuracy at >= 2x and >= 3x under each exit rule (bench/exit_rules.py),
+    per seed: the server's rule is chosen here, on every seed, not on the recipe search's one."""
+    rules = {"entropy": entropy_curve, "calibrated": calibrated_curve, "patience": patience_curve}
+    per_seed = {str(seed): {rule: {str(s): best_at(curve(r["dev_logits"], r["dev_labels"]), s) for s in SPEEDUPS}
+                            for rule, curve in rules.items()} for seed, r in by_seed.items()}
+    return {"per_seed": per_seed, "mean": {rule: {str(s): None if None in (v := [p[rule][str(s)] for p in per_seed.values()]) else float(np.mean(v))
+                                                  for s in SPEEDUPS} for rule in rules}}
+
+
 def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
     methods = {}
     finetune = runs["finetune"]
@@ -176,7 +187,7 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
     sizes = {split: int(len(next(iter(runs["finetune"].values()))[f"{split}_labels"])) for split in ("dev", "test")}
     settings = DATASETS[dataset] | {"lr": TrainConfig().lr, "split_sizes": sizes, "threshold_grid": THRESHOLD_GRID_NAME,
                                     "method_overrides": {m: o for (d, m), o in METHOD_SETTINGS.items() if d == dataset}}
-    return {"settings": settings, "methods": methods,
+    return {"settings": settings, "methods": methods, "exit_rules_on_dev": exit_rules_on_dev(runs[SHIPPED_METHOD]),
             "paired_test_difference": {f"{SHIPPED_METHOD}_minus_deebert_at_speedup": paired, f"{SHIPPED_METHOD}_minus_finetune_full_depth": full}}
 
 
@@ -220,6 +231,12 @@ def report(dataset: str, summary: dict) -> str:
     ft = methods["finetune"]["test_acc_per_exit_mean"][0]
     lines.append(f"| fine-tuning at full depth | {pct(ft)} | | {SHIPPED_METHOD} full depth − fine-tuning: "
                  f"{signed(paired[f'{SHIPPED_METHOD}_minus_finetune_full_depth']['pooled'])} |")
+    if rules := summary.get("exit_rules_on_dev"):
+        show = lambda v: "–" if v is None else pct(v)  # noqa: E731
+        lines += ["", f"| {SHIPPED_METHOD}, dev accuracy by exit rule, mean of the seeds (per seed) | ≥ 2x | ≥ 3x |", "|---|---|---|"]
+        for rule, mean in rules["mean"].items():
+            lines.append(f"| {rule} | " + " | ".join(f"{show(mean[str(s)])} ({', '.join(show(p[rule][str(s)]) for p in rules['per_seed'].values())})"
+                                                     for s in SPEEDUPS) + " |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """The engine: one onnxruntime session per bundle segment, run one layer at a time.
 
 The scheduler decides which rows go on after each layer; the engine only runs segments and keeps
-hidden states where they live. On CPU every session shares one global thread pool (chained
-per-session pools that spin ran 8x slower than one graph at batch 1). On CUDA the hidden states
+hidden states where they live. On CPU every session shares one global thread pool by default
+(chained per-session pools that spin ran 8x slower than one graph at batch 1); per-session pools
+that sleep between calls are the other choice (set_pool_spinning). On CUDA the hidden states
 stay on the device between segments through IO binding; only each exit's small logits come back.
 Export's parity check and calibration run through this same class.
 """
@@ -32,25 +33,43 @@ from romebert.core.tokenization import Encoded
 log = logging.getLogger("romebert.engine")
 
 _pool_lock = threading.Lock()
-_global_pool_threads: int | None = None
+_pool: dict = {"spin": True, "threads": None}  # how this process's sessions get CPU threads; fixed by the first
 
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _use_global_thread_pool(threads: int) -> int:
-    """Size the process-wide onnxruntime pool once, before the first session exists.
+def set_pool_spinning(spin: bool) -> None:
+    """Choose, before the process's first session, how its sessions' CPU threads wait between calls.
 
-    The pool belongs to onnxruntime's environment, which is created with the first session; later
-    sizes are ignored, so the first engine of a process decides and the rest share it.
-    """
-    global _global_pool_threads
+    spin (the default): every session shares onnxruntime's process-wide pool, whose threads
+    spin-wait between calls; the quickest lone call, but the spinning takes cores that the event
+    loop needs under load. Not spin: each session has a pool of its own whose threads sleep
+    between calls (onnxruntime has no switch for the shared pool's spinning). onnxruntime cannot
+    mix the two in one process, so once a session exists the choice is fixed."""
     with _pool_lock:
-        if _global_pool_threads is None:
-            ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
-            _global_pool_threads = threads
-        return _global_pool_threads
+        if _pool["threads"] is not None and _pool["spin"] != spin:
+            raise RuntimeError(f"this process's onnxruntime sessions already {'spin' if _pool['spin'] else 'sleep'} between calls; "
+                               "the choice is made once, before the first session")
+        _pool["spin"] = spin
+
+
+def _give_threads(options: ort.SessionOptions, threads: int) -> None:
+    """Set a session's CPU threads the one way this process uses (set_pool_spinning). The shared
+    pool belongs to onnxruntime's environment, created with the first session: it is sized then,
+    and later sizes are ignored, so the first engine of a process decides and the rest share it."""
+    with _pool_lock:
+        if _pool["threads"] is None:
+            if _pool["spin"]:
+                ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+            _pool["threads"] = threads
+        spin = _pool["spin"]
+    if spin:
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
 
 class DeviceError(RuntimeError):
@@ -115,8 +134,7 @@ def open_openvino_session(path: str | Path, precision: str, threads: int) -> ort
         raise ValueError(f"OpenVINO precision must be one of {OPENVINO_PRECISIONS}, not {precision!r}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    _use_global_thread_pool(threads)  # for the nodes OpenVINO leaves to onnxruntime (see open_session)
-    options.use_per_session_threads = False
+    _give_threads(options, threads)  # for the nodes OpenVINO leaves to onnxruntime
     config = {"CPU": {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}}
     options.add_provider_for_devices([device], {"load_config": json.dumps(config)})
     try:
@@ -126,17 +144,16 @@ def open_openvino_session(path: str | Path, precision: str, threads: int) -> ort
 
 
 def open_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    """A session configured the way every session of this project is: the process-wide CPU thread
-    pool, and on CUDA the CUDA provider, verified: a session that onnxruntime put on the CPU instead raises
+    """A session configured the way every session of this project is: CPU threads as the process
+    chose (set_pool_spinning), and on CUDA the CUDA provider, verified: a session that onnxruntime put on the CPU instead raises
     DeviceError with onnxruntime's own reason, never a silent fall-back. A file onnxruntime cannot
     load raises BundleError naming it."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    # Every session, CUDA ones too: once a process has the global pool, onnxruntime refuses any
+    # Every session, CUDA ones too: once a process has the shared pool, onnxruntime refuses any
     # session with threads of its own (and CUDA sessions run their CPU-placed nodes on it).
-    _use_global_thread_pool(threads or default_threads())
-    options.use_per_session_threads = False
+    _give_threads(options, threads or default_threads())
     if device != "cuda":
         return _load(path, options, ["CPUExecutionProvider"])
     with _onnxruntime_messages() as messages:

@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 from romebert.core.bundle import Bundle, load_bundle
-from romebert.core.engine import Engine, default_threads, openvino_device
+from romebert.core.engine import Engine, default_threads, openvino_device, set_pool_spinning
 from romebert.core.tokenization import TextEncoder
 from romebert.service.admission import Admission
 from romebert.service.cohorts import EngineLike
@@ -64,6 +64,7 @@ def default_engine(bundle: Bundle, settings: Settings) -> EngineLike:
     """One engine for all workers (sessions may run concurrently); see Settings.threads."""
     threads = settings.threads or max(default_threads() // settings.workers, 1)
     backend, precision = backend_for(bundle, settings)
+    set_pool_spinning(settings.spin)
     return Engine(bundle, device=settings.device, threads=threads, backend=backend, precision=precision)
 
 

@@ -36,8 +36,11 @@ class Settings:
     openvino_precision: str = _setting("bf16", "with --backend openvino: bf16 (AMX/AVX512-BF16 CPUs) or f32")
     workers: int = _setting(1, "engine threads, each running its own batches: 1 for the lowest latency of a lone request, "
                             "more for throughput under load on a CPU")
-    threads: int | None = _setting(None, "size of onnxruntime's one process-wide CPU thread pool, which every worker's calls share "
+    threads: int | None = _setting(None, "onnxruntime's CPU threads: the shared pool every worker's calls use (with --spin off, each session's own pool) "
                                    "(default: the cores this process may use divided by workers, so that workers x threads = cores)")
+    spin: bool = _setting(True, "onnxruntime's CPU threads spin-wait between calls in one shared pool (the quickest lone request); "
+                           "off: each session's own pool, whose threads sleep (less CPU per request, more left for the HTTP "
+                           "side under load)")
     max_batch: int = _setting(32, "rows the engine runs together at most")
     max_wait_ms: float = _setting(0.0, "how long an idle worker waits for a batch to fill (0: a lone request starts at once; "
                                   "under load, batches fill while the engine runs)")
@@ -89,10 +92,10 @@ class Settings:
         """Defaults, then ROMEBERT_<NAME> variables, then `overrides` that are not None (CLI flags)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = environ.get(f"ROMEBERT_{field.name.upper()}")
+        for setting in dataclasses.fields(cls):
+            raw = environ.get(f"ROMEBERT_{setting.name.upper()}")
             if raw is not None and raw != "":
-                values[field.name] = _parse(field, raw)
+                values[setting.name] = _parse(setting, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -55,6 +55,45 @@ def test_workers_share_the_cores_unless_threads_are_given(tiny_bundle):
     assert default_engine(bundle, Settings(device="cpu", workers=2, threads=3)).threads == 3
 
 
+SPIN_OFF_ENGINE = """
+import sys, numpy as np
+from romebert.core.bundle import load_bundle
+from romebert.core.engine import set_pool_spinning
+from romebert.core.tokenization import TextEncoder
+from romebert.service.runtime import default_engine
+from romebert.service.settings import Settings
+bundle = load_bundle(sys.argv[1])
+engine = default_engine(bundle, Settings(device="cpu", threads=2, spin=False))
+options = engine._embeddings.get_session_options()
+print(options.get_session_config_entry("session.intra_op.allow_spinning"), options.use_per_session_threads, options.intra_op_num_threads)
+try:
+    set_pool_spinning(True)
+except RuntimeError as err:
+    print("refused:", err)
+encoded = TextEncoder(bundle.tokenizer_file, bundle.max_length).encode(["a fine film", "dull"])
+np.save(sys.argv[2], engine.all_exit_logits(encoded))
+"""
+
+
+def test_spin_off_gives_each_session_its_own_sleeping_pool_and_the_same_answers(tiny_bundle, tmp_path):
+    # A fresh process: onnxruntime fixes how threads wait with the process's first session.
+    import numpy as np
+
+    from romebert.core.bundle import load_bundle
+    from romebert.core.tokenization import TextEncoder
+
+    done = subprocess.run([sys.executable, "-c", SPIN_OFF_ENGINE, str(tiny_bundle), str(tmp_path / "logits.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first, refused = done.stdout.splitlines()[:2]
+    assert first == "0 True 2"  # no spinning, a pool of its own, the threads asked for
+    assert refused.startswith("refused:") and "once, before the first session" in refused
+    bundle = load_bundle(tiny_bundle)
+    shared = default_engine(bundle, Settings(device="cpu", threads=1))  # this process: the shared pool
+    encoded = TextEncoder(bundle.tokenizer_file, bundle.max_length).encode(["a fine film", "dull"])
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), shared.all_exit_logits(encoded), atol=1e-5)
+
+
 def test_serve_without_a_bundle_stops_with_exit_code_2(capsys, monkeypatch):
     monkeypatch.delenv("ROMEBERT_BUNDLE", raising=False)
     assert main("serve", []) == 2
