@@ -79,13 +79,14 @@ class CpuWatch:
 
     def __init__(self, pid: int | None):
         self.server = psutil.Process(pid) if pid else None
-        self.started = time.perf_counter(), time.process_time(), self._server_cpu()
+        self.wall_started, self.generator_started, self.server_started = time.perf_counter(), time.process_time(), self._server_cpu()
 
     def _server_cpu(self) -> float:
         return sum(self.server.cpu_times()[:2]) if self.server else 0.0
 
     def finish(self, answers: int) -> dict:
-        wall, generator, server = time.perf_counter() - self.started[0], time.process_time() - self.started[1], self._server_cpu() - self.started[2]
+        wall = time.perf_counter() - self.wall_started
+        generator, server = time.process_time() - self.generator_started, self._server_cpu() - self.server_started
         out = {"generator_cores": round(generator / wall, 2)}
         if self.server:
             out |= {"server_cores": round(server / wall, 2), "server_cpu_ms_per_answer": round(1000 * server / answers, 2) if answers else None}
