@@ -1,13 +1,13 @@
 """Engine workers benchmark (in-process, this CPU): one worker with every core vs one worker per core.
 
-Why `romebert serve --workers` exists. Real fp32 bundle (bench/engine.py exports it), the
+Why `romebert serve --workers` exists. The default bundle (`make serve`'s, fp32), the
 rotten_tomatoes test split in a seeded random order (the order a server sees), batch 1 and
 batches of 8, the bundle's default threshold. Each configuration runs in a fresh process (the
 onnxruntime thread pool is sized once per process), once with the machine to itself and once
 next to a process that keeps 0.3 of a core busy, as HTTP handling does in a server.
 Writes bench/results/workers.json and prints a table.
 
-    .venv/bin/python bench/workers.py          # about 2 minutes; needs artifacts/bench/bundle-fp32
+    .venv/bin/python bench/workers.py          # about 3 minutes; needs artifacts/default-bundle
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import environment  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 
-BUNDLE = ROOT / "artifacts" / "bench" / "bundle-fp32"
-CONFIGS = [(1, 2), (2, 1), (1, 1)]  # (workers, onnxruntime threads per worker), on 2 cores
+BUNDLE = ROOT / "artifacts" / "default-bundle"
+# (workers, onnxruntime threads), on 2 cores; the last: two workers sharing the one two-thread pool
+# (a lone call would get both threads, two calls at once contend for them).
+CONFIGS = [(1, 2), (2, 1), (1, 1), (2, 2)]
 DUTY = 0.3  # the competing process's share of one core
 
 
@@ -106,14 +109,14 @@ def main() -> None:
     rows = []
     for batch in (1, 8):
         for workers, threads in CONFIGS:
-            row = {"workers": workers, "threads_per_worker": threads, "batch": batch}
+            row = {"workers": workers, "threads": threads, "batch": batch}
             for name, duty in (("items_per_s_alone", 0.0), ("items_per_s_with_rival", DUTY)):
                 with rival(duty):
                     row[name] = round(in_fresh_process(items_per_s, workers, threads, batch), 1)
             rows.append(row)
             print(f"batch {batch}, {workers} worker(s) x {threads} thread(s): {row['items_per_s_alone']:7.1f} items/s alone, "
                   f"{row['items_per_s_with_rival']:7.1f} next to a {DUTY:.1f}-core rival", flush=True)
-    by = {(r["batch"], r["workers"], r["threads_per_worker"]): r for r in rows}
+    by = {(r["batch"], r["workers"], r["threads"]): r for r in rows}
     ratios = {
         f"two_workers_over_one_b{b}_{cond}": by[b, 2, 1][f"items_per_s_{cond}"] / by[b, 1, 2][f"items_per_s_{cond}"]
         for b in (1, 8) for cond in ("alone", "with_rival")
@@ -122,6 +125,7 @@ def main() -> None:
         print(f"{k:<40} {v:.3f}")
     write_json(ROOT / "bench" / "results" / "workers.json", {
         "rival_core_share": DUTY, "threshold": "bundle default", "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "environment": environment(),
     })
 
 
