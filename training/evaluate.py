@@ -67,11 +67,6 @@ def report_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict:
     return {"per_exit": per_exit, "sweep": rows, "num_layers": int(logits.shape[0])}
 
 
-def evaluate_model(model, encoded: Encoded, labels: np.ndarray, batch_size: int = 128, device: str = "cpu") -> dict:
-    """Per-exit metrics and the threshold sweep of one model on one labelled split."""
-    return report_from_logits(exit_logits(model, encoded, batch_size, device), labels)
-
-
 def paired_report(logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndarray) -> dict:
     """a minus b on the same examples: at full depth, at every exit, and at every threshold of the grid."""
     full = paired_difference(logits_a[-1].argmax(-1) == labels, logits_b[-1].argmax(-1) == labels)
