@@ -256,6 +256,24 @@ async def test_a_row_is_answered_when_waiting_for_another_cohort_would_overrun_i
 
 
 @pytest.mark.asyncio
+async def test_a_budgeted_row_waiting_for_its_first_layer_behind_another_is_never_cut_before_it():
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup",
+                             cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
+    blocker = submit(scheduler, [3], 0.0, None, 100.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    # Two fresh cohorts (lengths too far apart to share one): the shorter runs first, and the
+    # other's 1.8 s will not cover that step and its own layer 1, yet layer 1 always runs.
+    first = submit(scheduler, [3], 0.0, 1.5, 100.0, length=5)
+    second = submit(scheduler, [3], 0.0, 1.8, 100.0, length=40)
+    engine.step(20)
+    got = await done(blocker, first, second)
+    assert [(a.exit_layer, a.budget_exhausted) for a in got] == [(3, False), (1, True), (1, True)]
+    # the first is cut from the cohort it merged into at depth 1: its answer carries its exit's logits
+    assert [a.logits.tolist() for a in got] == [UNSURE] * 3
+    assert [layer for layer, _ in engine.calls].count(0) == 3
+
+
+@pytest.mark.asyncio
 async def test_regroup_admits_arrivals_at_a_layer_boundary_and_merges_cohorts_at_the_same_depth():
     scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, policy="regroup")
     first = submit(scheduler, [3, 3], 0.0)
