@@ -267,7 +267,6 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
 # -- budgets --------------------------------------------------------------------------------------
 
 
-
 def test_a_budget_too_small_for_layer_2_answers_from_exit_1_flagged(tiny_bundle):
     app = create_app(settings(tiny_bundle), cost_model=FixedCost([0.1, 1.0, 1.0]), clock=lambda: 50.0)
     with TestClient(app) as client:

@@ -78,7 +78,6 @@ class FakeEngine:
         )
 
 
-
 def rows(codes: list[int], length: int = 5) -> list[TokenRow]:
     return [TokenRow(np.full(length, c, dtype=np.int64), np.zeros(length, dtype=np.int64), False) for c in codes]
 
