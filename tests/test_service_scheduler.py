@@ -14,17 +14,19 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import example, given, strategies as st
 
 from fixed_cost import FixedCost
 from romebert.core.engine import HiddenBatch
 from romebert.core.exits import entropy, exit_layers
 from romebert.core.tokenization import Encoded, TokenRow
 from romebert.service.admission import Admission
+from romebert.service.cohorts import PAD_SLACK, SMALL_WIDTH, length_groups
 from romebert.service.cost_model import EwmaCostModel
 from romebert.service.metrics import Metrics
 from romebert.service.policy import POLICIES
 from romebert.service.scheduler import Scheduler
-from romebert.service.tickets import EngineFailure, Rejected
+from romebert.service.tickets import EngineFailure, Rejected, Row
 
 SURE = [6.0, -6.0]  # entropy ~ 0.0001 nats
 MID = [1.0, -1.0]  # entropy ~ 0.36
@@ -202,11 +204,13 @@ async def test_layer_1_always_runs_however_small_the_budget():
 
 
 @pytest.mark.asyncio
-async def test_a_confident_row_is_not_flagged_budget_exhausted():
+async def test_a_confident_row_is_not_flagged_budget_exhausted_and_each_answer_keeps_its_own_logits():
     scheduler, _ = make(cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
     sure, unsure = await answers(scheduler, [1, 3], 0.1, budget_s=0.5)
     assert (sure.exit_layer, sure.budget_exhausted) == (1, False)
     assert (unsure.exit_layer, unsure.budget_exhausted) == (1, True)
+    # the unsure row is cut after its confident neighbour left the batch: its own exit's logits
+    assert (sure.logits.tolist(), unsure.logits.tolist()) == (SURE, UNSURE)
 
 
 @pytest.mark.asyncio
@@ -303,6 +307,25 @@ async def test_rows_of_very_different_lengths_are_not_padded_into_one_batch():
     long = submit(scheduler, [1], 0.0, length=200)
     await done(short, long)
     assert all(len(codes) == 1 for _, codes in engine.calls)
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40))
+@example([1, SMALL_WIDTH]).via("at the small width, padding is free")
+@example([20, 60]).via("padding exactly at the slack: 2 x 60 = 1.5 x 80")
+def test_length_groups_grow_while_their_padding_stays_within_the_slack_and_no_longer(lengths):
+    fresh = [Row(token_row, 0.0, 0.0, math.inf, None, i) for i, token_row in enumerate(  # grouping reads lengths only
+        TokenRow(np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64), False) for n in lengths)]
+    groups = length_groups(fresh)
+    sizes = [[len(row) for row in group] for group in groups]
+    assert sorted(n for group in sizes for n in group) == sorted(lengths)  # every row once
+    assert [n for group in sizes for n in group] == sorted(lengths)  # groups of neighbours in length
+
+    def fits(group: list[int]) -> bool:
+        return max(group) <= SMALL_WIDTH or len(group) * max(group) <= PAD_SLACK * sum(group)
+
+    assert all(fits(group) for group in sizes)
+    # a group ends only where its next row would break the rule
+    assert not any(fits(group + [following[0]]) for group, following in zip(sizes, sizes[1:]))
 
 
 @pytest.mark.asyncio
