@@ -569,6 +569,18 @@ def test_merging_cohorts_of_different_widths_is_exact(tiny_engine):
         np.testing.assert_allclose(logits[0], reference[i], atol=1e-5)
 
 
+def test_padding_changes_no_output_whatever_the_pad_id(tiny_engine):
+    from romebert.core.tokenization import pad
+
+    engine, encoder = tiny_engine
+    short, long = encoder.tokenize(["a fine film", "a long and winding review that goes on about the plot for a while"])
+    alone = engine.all_exit_logits(pad([short]))[:, 0]
+    for pad_id in (0, 7):
+        batch = pad([short, long], pad_id)
+        assert batch.attention_mask[0].tolist() == [1] * len(short) + [0] * (len(long) - len(short))
+        np.testing.assert_allclose(engine.all_exit_logits(batch)[:, 0], alone, atol=1e-5)
+
+
 def test_the_io_binding_path_computes_what_the_host_path_does(tiny_engine):
     """The CUDA path's logic (bindings, on-device row gather, merges of OrtValues), run on the CPU."""
     import onnxruntime as ort

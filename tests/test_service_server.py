@@ -461,6 +461,15 @@ async def test_the_loop_lag_is_how_late_its_timer_fires_tick_after_tick():
     task.cancel()
 
 
+@pytest.mark.asyncio
+async def test_a_loop_that_keeps_up_reads_as_punctual():
+    lag = LoopLag(interval_s=0.05)  # a lateness measured from the wrong origin would read as 0.1 s
+    task = asyncio.create_task(lag.run())
+    await asyncio.sleep(0.25)
+    task.cancel()
+    assert lag.seconds < 0.04
+
+
 def test_one_tick_out_of_line_does_not_move_the_loop_lag():
     lag = LoopLag()
     for late_s in (0.0, 0.0, 0.3):  # a stall

@@ -1,0 +1,49 @@
+"""What the engine is predicted to cost: the numbers budgets and admission act on."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from romebert.service.cost_model import EwmaCostModel, ServiceRate, bucket, buckets_up_to
+
+
+@given(st.integers(1, 100_000))
+def test_a_bucket_is_the_smallest_power_of_two_that_holds_n(n):
+    b = bucket(n)
+    assert b & (b - 1) == 0 and b >= n and (b == 1 or b // 2 < n)
+
+
+def test_warm_up_sizes_are_powers_of_two_up_to_the_largest_real_size():
+    assert buckets_up_to(32) == [1, 2, 4, 8, 16, 32]
+    assert buckets_up_to(40, start=8) == [8, 16, 32, 40]
+    assert buckets_up_to(1) == [1]
+
+
+def test_a_layer_cost_starts_at_its_first_measurement_then_follows_an_ewma():
+    model = EwmaCostModel(num_layers=2, alpha=0.25)
+    model.observe(0, rows=4, width=16, seconds=1.0)
+    assert model.predict(0, 4, 16) == 1.0
+    model.observe(0, rows=3, width=16, seconds=3.0)  # 3 rows share the 4-row bucket
+    assert model.predict(0, 4, 16) == pytest.approx(1.0 + 0.25 * (3.0 - 1.0))
+
+
+def test_an_unseen_size_borrows_the_nearest_seen_one_scaled_by_tokens():
+    model = EwmaCostModel(num_layers=2)
+    model.observe(0, rows=4, width=16, seconds=1.0)
+    model.observe(0, rows=32, width=64, seconds=10.0)
+    assert model.predict(0, 8, 16) == pytest.approx(2.0)  # nearest 4 x 16, twice the tokens
+    assert model.predict(0, 32, 128) == pytest.approx(20.0)  # nearest 32 x 64
+    assert model.predict(1, 4, 16) == 0.0  # nothing seen for the layer: never stop a row on no evidence
+
+
+def test_the_service_rate_moves_once_per_window_of_rows_toward_that_window_s_mean():
+    rate = ServiceRate(seconds_per_row=0.01, alpha=0.5, window=4)
+    rate.record(0.1, 2)
+    assert rate.seconds_per_row == 0.01  # half a window: no sample yet
+    rate.record(0.1, 2)  # 0.2 s for 4 rows: a sample of 0.05
+    assert rate.seconds_per_row == pytest.approx(0.01 + 0.5 * (0.05 - 0.01))
+    rate.record(0.4, 3)
+    assert rate.seconds_per_row == pytest.approx(0.03)  # a new window started empty
+    rate.record(0.0, 1)  # that window alone: 0.4 s for 4 rows
+    assert rate.seconds_per_row == pytest.approx(0.03 + 0.5 * (0.1 - 0.03))
