@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from romebert.service.app import create_app
 from romebert.core.bundle import load_bundle
 from romebert.core.engine import Engine
-from romebert.core.exits import entropy, exit_layers
+from romebert.core.exits import entropy, exit_layers, softmax
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
 from romebert.core.tokenization import TextEncoder
@@ -109,9 +109,17 @@ def pair_bundle(tiny_bundle, tmp_path_factory):
 
 def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_input_one(client, pair_bundle):
     body = {"text": ["a man sleeps", "it rains"], "text_pair": ["a person rests", "it is dry"]}
+    bundle = load_bundle(pair_bundle)
+    engine, encoder = Engine(bundle, device="cpu"), TextEncoder(bundle.tokenizer_file, bundle.max_length)
+    expected = softmax(engine.all_exit_logits(encoder.encode(body["text"], body["text_pair"]))[-1].astype(np.float64))
     with TestClient(create_app(settings(pair_bundle))) as pair_client:
         wait_ready(pair_client)
-        assert len(pair_client.post("/classify", json=body).json()["results"]) == 2
+        results = pair_client.post("/classify", json=body | {"entropy_threshold": 0.0}).json()["results"]
+        assert np.allclose([[r["probabilities"][label] for label in bundle.labels] for r in results], expected, atol=1e-5)
+        for single in ({"text": "a man sleeps"}, {"text": "a man sleeps", "text_pair": None}):  # the pair is optional
+            assert pair_client.post("/classify", json=single).status_code == 200, single
+        for mismatched in ({"text": ["a", "b"], "text_pair": ["c"]}, {"text": "a", "text_pair": ["c"]}, {"text": ["a"], "text_pair": "c"}):
+            assert pair_client.post("/classify", json=mismatched).status_code == 422, mismatched
         assert "text_pair" in pair_client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]
         assert pair_client.post("/classify", content=b'{"text": "a", "text_pair": "\\ud800"}',
                                 headers={"content-type": "application/json"}).status_code == 422
@@ -204,6 +212,7 @@ def test_a_body_not_declared_as_json_gets_415(client):
     for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
         response = client.post("/classify", content=b'{"text": "fine"}', headers=headers)
         assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+        assert (headers.get("content-type") or "undeclared") in response.json()["error"]["message"]
     assert client.post("/classify", content=b'{"text": "fine"}', headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
 
 
@@ -251,6 +260,22 @@ def test_bad_input_gets_its_status_and_the_error_shape_and_the_server_goes_on(cl
     if status == 422:
         assert error["details"] and {"field", "message", "type"} <= set(error["details"][0])
     assert client.post("/classify", json={"text": "still serving"}).status_code == 200
+
+
+def test_any_positive_budget_is_served_however_small(client):
+    (result,) = client.post("/classify", json={"text": "fine", "entropy_threshold": 0.0, "latency_budget_ms": 0.01}).json()["results"]
+    assert result["exit_layer"] == 1 and result["budget_exhausted"]  # exit 1 always runs
+
+
+def test_a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_not(client):
+    def body(size: int) -> bytes:  # max_body_bytes is 2000
+        frame = b'{"text": ""}'
+        return frame[:-2] + b"x" * (size - len(frame)) + frame[-2:]
+
+    for size, status in ((2000, 200), (2001, 413)):
+        declared = client.post("/classify", content=body(size), headers={"content-type": "application/json"})
+        streamed = client.post("/classify", content=iter([body(size)[:1000], body(size)[1000:]]), headers={"content-type": "application/json"})
+        assert (declared.status_code, streamed.status_code) == (status, status), size
 
 
 def test_a_body_over_the_limit_without_content_length_is_refused_too(client):
@@ -302,6 +327,7 @@ def test_metrics_parse_and_the_exit_histogram_mean_is_the_mean_exit_served(tiny_
     assert samples[("romebert_requests_total", (("outcome", "ok"),))] == 4
     assert samples[("romebert_requests_total", (("outcome", "invalid"),))] == 1
     assert samples[("romebert_request_duration_seconds_count", ())] == 5
+    assert 0 < samples[("romebert_request_duration_seconds_sum", ())] < 60  # five requests to a tiny model
     assert samples[("romebert_queue_wait_seconds_count", ())] == len(served)
     assert samples[("romebert_batch_size_count", ())] >= 4
     assert samples[("romebert_inflight_requests", ())] == 0 and samples[("romebert_queue_depth", ())] == 0
