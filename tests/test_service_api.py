@@ -24,6 +24,7 @@ from romebert.service.app import create_app
 from romebert.core.bundle import load_bundle
 from romebert.core.engine import Engine
 from romebert.core.exits import entropy, exit_layers, softmax
+from romebert.service.metrics import outcome_of
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
 from romebert.core.tokenization import TextEncoder
@@ -282,6 +283,21 @@ def test_a_body_over_the_limit_without_content_length_is_refused_too(client):
     chunks = (b'{"text": "' + b"x" * 500 for _ in range(6))  # streamed: no Content-Length header
     response = client.post("/classify", content=chunks, headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_422_says_what_is_wrong_with_the_text(client):
+    def message(body: bytes) -> str:
+        return client.post("/classify", content=body, headers={"content-type": "application/json"}).json()["error"]["details"][0]["message"]
+
+    assert message(b'{"text": "  "}') == "empty or whitespace only"
+    assert message(b'{"text": 5}') != "empty or whitespace only"
+    assert re.search(r"at character 13\)$", message(b'{"text": "a",}'))  # where the JSON broke
+
+
+@pytest.mark.parametrize("status,outcome", [(200, "ok"), (400, "invalid"), (408, "slow_client"), (413, "too_large"), (415, "invalid"),
+                                            (422, "invalid"), (429, "overloaded"), (499, "cancelled"), (500, "error"), (503, "overloaded")])
+def test_every_status_counts_as_its_outcome(status, outcome):
+    assert outcome_of(status) == outcome
 
 
 def test_unknown_routes_and_methods_use_the_error_shape(client):

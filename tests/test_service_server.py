@@ -45,6 +45,37 @@ def test_a_bad_setting_is_refused_with_its_name(name, value, says):
         Settings.from_env({f"ROMEBERT_{name}": value})
 
 
+def test_on_off_settings_read_the_usual_spellings():
+    for raw, spin in (("1", True), ("true", True), (" Yes ", True), ("on", True), ("0", False), ("false", False), ("NO", False), ("off", False)):
+        assert Settings.from_env({"ROMEBERT_SPIN": raw}).spin is spin, raw
+    with pytest.raises(SettingsError, match="ROMEBERT_SPIN"):
+        Settings.from_env({"ROMEBERT_SPIN": "maybe"})
+
+
+def test_an_empty_variable_is_unset_and_a_flag_left_out_keeps_the_variable():
+    s = Settings.from_env({"ROMEBERT_PORT": "", "ROMEBERT_MAX_WAIT_MS": "2.5", "ROMEBERT_HOST": "127.0.0.1"}, max_wait_ms=None)
+    assert (s.port, s.max_wait_ms, s.host) == (8000, 2.5, "127.0.0.1")
+
+
+@pytest.mark.parametrize("values", [
+    *({name: 0} for name in ("port", "workers", "threads", "max_batch", "max_queue", "max_items", "max_body_bytes")),
+    *({name: 0.0} for name in ("max_queue_wait_ms", "max_loop_lag_ms", "request_timeout_s", "header_timeout_s", "body_timeout_s",
+                               "keep_alive_s", "graceful_timeout_s")),
+    {"max_wait_ms": -0.1},
+    {"max_wait_ms": 250.0, "max_queue_wait_ms": 250.0},  # a batching window as long as the wait bound
+    {"max_items": 65, "max_queue": 64},  # a request that could never be queued
+])
+def test_settings_out_of_range_are_refused(values):
+    with pytest.raises(SettingsError, match=next(iter(values))):
+        Settings(**values)
+
+
+def test_the_edges_of_every_range_are_accepted():
+    Settings(port=1, workers=1, threads=1, max_batch=1, max_queue=1, max_items=1, max_body_bytes=1, max_wait_ms=0.0,
+             max_queue_wait_ms=0.001, max_loop_lag_ms=0.001, request_timeout_s=0.001, header_timeout_s=0.001, body_timeout_s=0.001,
+             keep_alive_s=0.001, graceful_timeout_s=0.001)
+
+
 def test_workers_share_the_cores_unless_threads_are_given(tiny_bundle):
     from romebert.core.bundle import load_bundle
     from romebert.core.engine import default_threads
