@@ -254,11 +254,19 @@ def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_is_closed
 
 
 def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tiny_bundle):
-    with uvicorn_serving(tiny_bundle, body_timeout_s=0.5) as (_, base, _engine):
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 16\r\n\r\n"
+    with uvicorn_serving(tiny_bundle, body_timeout_s=1.0) as (_, base, _engine):
         port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # slow, but in time
+            sock.sendall(head + b'{"text": ')
+            time.sleep(0.3)
+            sock.sendall(b'"fine"}')
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\": ")
+            sock.sendall(head + b'{"text": ')
+            started = time.monotonic()
             answer = read_until_closed(sock)
+            assert 0.9 < time.monotonic() - started < 5
         assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
         assert sample(base, "romebert_requests_total", '{outcome="slow_client"}') == 1
         assert sample(base, "romebert_inflight_requests") == 0
