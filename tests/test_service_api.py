@@ -58,7 +58,7 @@ def reference(tiny_bundle):
     """Logits of every exit, straight from the engine: what the server's answers must match."""
     bundle = load_bundle(tiny_bundle)
     engine, encoder = Engine(bundle, device="cpu"), TextEncoder(bundle.tokenizer_file, bundle.max_length)
-    return lambda texts: engine.all_exit_logits(encoder.encode(texts))
+    return lambda texts, pairs=None: engine.all_exit_logits(encoder.encode(texts, pairs))
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -108,15 +108,15 @@ def pair_bundle(tiny_bundle, tmp_path_factory):
     return folder
 
 
-def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_input_one(client, pair_bundle):
+def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_input_one(client, pair_bundle, reference):
     body = {"text": ["a man sleeps", "it rains"], "text_pair": ["a person rests", "it is dry"]}
-    bundle = load_bundle(pair_bundle)
-    engine, encoder = Engine(bundle, device="cpu"), TextEncoder(bundle.tokenizer_file, bundle.max_length)
-    expected = softmax(engine.all_exit_logits(encoder.encode(body["text"], body["text_pair"]))[-1].astype(np.float64))
+    labels = load_bundle(pair_bundle).labels
+    # the pair bundle is the tiny bundle's files with pair_input set: the same model
+    expected = softmax(reference(body["text"], body["text_pair"])[-1].astype(np.float64))
     with TestClient(create_app(settings(pair_bundle))) as pair_client:
         wait_ready(pair_client)
         results = pair_client.post("/classify", json=body | {"entropy_threshold": 0.0}).json()["results"]
-        assert np.allclose([[r["probabilities"][label] for label in bundle.labels] for r in results], expected, atol=1e-5)
+        assert np.allclose([[r["probabilities"][label] for label in labels] for r in results], expected, atol=1e-5)
         for single in ({"text": "a man sleeps"}, {"text": "a man sleeps", "text_pair": None}):  # the pair is optional
             assert pair_client.post("/classify", json=single).status_code == 200, single
         for mismatched in ({"text": ["a", "b"], "text_pair": ["c"]}, {"text": "a", "text_pair": ["c"]}, {"text": ["a"], "text_pair": "c"}):
@@ -274,8 +274,9 @@ def test_a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_not(client):
         return frame[:-2] + b"x" * (size - len(frame)) + frame[-2:]
 
     for size, status in ((2000, 200), (2001, 413)):
-        declared = client.post("/classify", content=body(size), headers={"content-type": "application/json"})
-        streamed = client.post("/classify", content=iter([body(size)[:1000], body(size)[1000:]]), headers={"content-type": "application/json"})
+        content = body(size)
+        declared = client.post("/classify", content=content, headers={"content-type": "application/json"})
+        streamed = client.post("/classify", content=iter([content[:1000], content[1000:]]), headers={"content-type": "application/json"})
         assert (declared.status_code, streamed.status_code) == (status, status), size
 
 

@@ -19,7 +19,7 @@ from hypothesis import example, given, strategies as st
 from fixed_cost import FixedCost
 from romebert.core.engine import HiddenBatch
 from romebert.core.exits import entropy, exit_layers
-from romebert.core.tokenization import Encoded, TokenRow
+from romebert.core.tokenization import Encoded, TokenRow, pad
 from romebert.service.admission import Admission
 from romebert.service.cohorts import PAD_SLACK, SMALL_WIDTH, length_groups
 from romebert.service.cost_model import EwmaCostModel
@@ -73,10 +73,10 @@ class FakeEngine:
 
     def merge(self, states: list[HiddenBatch]) -> HiddenBatch:
         width = max(s.attention_mask.shape[1] for s in states)
-        pad = [((0, 0), (0, width - s.attention_mask.shape[1])) for s in states]
+        padding = [((0, 0), (0, width - s.attention_mask.shape[1])) for s in states]
         return HiddenBatch(
-            np.concatenate([np.pad(s.hidden, p + ((0, 0),)) for s, p in zip(states, pad)]),
-            np.concatenate([np.pad(s.attention_mask, p) for s, p in zip(states, pad)]),
+            np.concatenate([np.pad(s.hidden, p + ((0, 0),)) for s, p in zip(states, padding)]),
+            np.concatenate([np.pad(s.attention_mask, p) for s, p in zip(states, padding)]),
         )
 
 
@@ -570,8 +570,6 @@ def test_merging_cohorts_of_different_widths_is_exact(tiny_engine):
 
 
 def test_padding_changes_no_output_whatever_the_pad_id(tiny_engine):
-    from romebert.core.tokenization import pad
-
     engine, encoder = tiny_engine
     short, long = encoder.tokenize(["a fine film", "a long and winding review that goes on about the plot for a while"])
     alone = engine.all_exit_logits(pad([short]))[:, 0]
