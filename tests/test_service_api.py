@@ -406,6 +406,44 @@ async def test_a_full_queue_answers_503_with_retry_after_and_recovers(tiny_bundl
 
 
 @pytest.mark.asyncio
+async def test_draining_keeps_the_queued_requests_that_can_start_within_most_of_the_graceful_timeout(tiny_bundle):
+    app, engines = gated_app(tiny_bundle, max_batch=1, graceful_timeout_s=10.0, max_queue_wait_ms=60_000.0)
+    async with serving(app) as client:
+        runtime, engine = app.state.runtime, engines[0]
+        runtime.admission.rate.seconds_per_row = 3.0  # set by hand: 0.8 x 10 s of drain covers 2 rows, in flight + 1 queued
+        engine.gate.clear()
+        engine.entered = 0
+        first = asyncio.create_task(client.post("/classify", json={"text": "in flight"}))
+        await until(lambda: engine.entered == 1)
+        queued = []
+        for text in ("kept", "too late", "later still"):
+            queued.append(asyncio.create_task(client.post("/classify", json={"text": text})))
+            await until(lambda: runtime.metrics.registry.get_sample_value("romebert_queue_depth") == len(queued))
+        runtime.begin_drain()
+        engine.gate.set()
+        statuses = [(await task).status_code for task in (first, *queued)]
+    assert statuses == [200, 200, 503, 503]
+
+
+@pytest.mark.asyncio
+async def test_latency_ms_is_from_the_requests_arrival_to_its_answer_and_each_texts_to_its_own(tiny_bundle):
+    app, engines = gated_app(tiny_bundle)
+    async with serving(app) as client:
+        engine = engines[0]
+        engine.gate.clear()
+        engine.entered = 0
+        started = time.perf_counter()
+        held = asyncio.create_task(client.post("/classify", json={"text": ["one", "two"], "entropy_threshold": 0.0}))
+        await until(lambda: engine.entered == 1)  # arrived, and held at its first layer
+        await asyncio.sleep(0.3)
+        engine.gate.set()
+        body = (await held).json()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    assert 300 <= body["latency_ms"] <= elapsed_ms
+    assert all(300 <= result["latency_ms"] <= body["latency_ms"] for result in body["results"])
+
+
+@pytest.mark.asyncio
 async def test_not_ready_until_the_model_is_loaded_and_warmed_up(tiny_bundle):
     release = threading.Event()
 

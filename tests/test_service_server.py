@@ -76,14 +76,15 @@ def test_the_edges_of_every_range_are_accepted():
              keep_alive_s=0.001, graceful_timeout_s=0.001)
 
 
-def test_workers_share_the_cores_unless_threads_are_given(tiny_bundle):
+@pytest.mark.parametrize("cores, workers, threads", [(2, 2, 1), (8, 2, 4), (2, 4, 1)])
+def test_workers_share_the_cores_each_with_at_least_one_thread_unless_threads_are_given(tiny_bundle, monkeypatch, cores, workers, threads):
     from romebert.core.bundle import load_bundle
-    from romebert.core.engine import default_threads
-    from romebert.service.runtime import default_engine
+    from romebert.service import runtime
 
     bundle = load_bundle(tiny_bundle)
-    assert default_engine(bundle, Settings(device="cpu", workers=2)).threads == max(default_threads() // 2, 1)
-    assert default_engine(bundle, Settings(device="cpu", workers=2, threads=3)).threads == 3
+    monkeypatch.setattr(runtime, "default_threads", lambda: cores)
+    assert runtime.default_engine(bundle, Settings(device="cpu", workers=workers)).threads == threads
+    assert runtime.default_engine(bundle, Settings(device="cpu", workers=workers, threads=3)).threads == 3
 
 
 SPIN_OFF_ENGINE = """
@@ -253,6 +254,21 @@ def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_is_closed
         assert httpx.post(f"{base}/classify", json={"text": "still serving"}).status_code == 200
 
 
+def test_on_a_kept_alive_connection_the_next_requests_headers_get_their_time_from_its_first_byte(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, header_timeout_s=0.5) as (_, base, _engine):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(http_request(json.dumps({"text": "first"}).encode()))
+            [(status, _, _)] = read_responses(sock)
+            assert status == 200
+            time.sleep(0.7)  # idle past the header timeout: idle is for keep_alive_s to judge, not the header deadline
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            started = time.monotonic()
+            answer = read_until_closed(sock)
+            assert 0.4 < time.monotonic() - started < 5
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"the request headers did not arrive within 0.5 s" in answer
+
+
 def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tiny_bundle):
     head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 16\r\n\r\n"
     with uvicorn_serving(tiny_bundle, body_timeout_s=1.0) as (_, base, _engine):
@@ -361,6 +377,17 @@ def test_past_capacity_a_request_is_refused_at_the_door_unread_and_its_connectio
         assert sample(base, "romebert_rejected_requests_total", '{reason="predicted_wait"}') == 1
         assert sample(base, "romebert_requests_total", '{outcome="overloaded"}') == 1
         assert sample(base, "romebert_requests_total", '{outcome="ok"}') == 2
+        assert sample(base, "romebert_request_duration_seconds_count") == 3  # the refusal timed too, from its headers
+        assert 0 < sample(base, "romebert_request_duration_seconds_sum") < 10
+
+
+def test_past_capacity_only_post_classify_meets_the_door(tiny_bundle):
+    with uvicorn_serving(tiny_bundle, gated=True) as (server, base, engine):
+        with past_capacity(server, engine):
+            assert httpx.get(f"{base}/classify").status_code == 405
+            assert httpx.post(f"{base}/readyz").status_code == 405
+            assert httpx.get(f"{base}/healthz").status_code == 200
+        assert sample(base, "romebert_rejected_requests_total", '{reason="predicted_wait"}') == 0
 
 
 def test_a_refusal_waits_for_the_whole_body_so_that_no_client_stops_sending_it_halfway(tiny_bundle):
@@ -390,6 +417,7 @@ def test_a_refused_request_whose_body_stalls_gets_408_and_its_connection_closed(
             answer = read_until_closed(sock)
         assert answer.startswith(b"HTTP/1.1 408 ") and b"the request body did not arrive within 0.5 s" in answer
         assert sample(base, "romebert_requests_total", '{outcome="slow_client"}') == 1
+        assert 0.4 < sample(base, "romebert_request_duration_seconds_sum") < 5  # from its headers to the 408
 
 
 def test_a_refused_request_that_expects_100_continue_has_its_connection_closed(tiny_bundle):
