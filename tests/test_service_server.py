@@ -126,6 +126,15 @@ def test_spin_off_gives_each_session_its_own_sleeping_pool_and_the_same_answers(
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), shared.all_exit_logits(encoded), atol=1e-5)
 
 
+def test_serve_help_gives_every_options_default(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main("serve", ["--help"])
+    help_ = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert stop.value.code == 0
+    assert "rows the engine runs together at most (default: 32)" in help_
+    assert "(default: None)" not in help_  # an option without a default says nothing
+
+
 def test_serve_without_a_bundle_stops_with_exit_code_2(capsys, monkeypatch):
     monkeypatch.delenv("ROMEBERT_BUNDLE", raising=False)
     assert main("serve", []) == 2
