@@ -98,9 +98,11 @@ def test_a_profile_reports_the_share_of_budgeted_requests_answered_after_their_b
         return RequestRecord(0.0, server_ms + 1, 0.0, 200, profile, 1, (1,), 0, 0, server_ms, budget_ms)
 
     records = [answered(10.0, 20.0, "budget=20"), answered(30.0, 20.0, "budget=20"), answered(25.0, 20.0, "budget=20"),
-               answered(99.0, None, "default"), RequestRecord(0.0, 5.0, 0.0, 503, "budget=20", 1, budget_ms=20.0, error="overloaded")]
+               answered(20.0, 20.0, "budget=20"), answered(99.0, None, "default"),
+               RequestRecord(0.0, 5.0, 0.0, 503, "budget=20", 1, budget_ms=20.0, error="overloaded")]
     profiles = build_report({"url": "x", "users": 1, "batch": 1}, RunResult(records, 1.0, "duration", 0), None, None)["profiles"]
-    assert profiles["budget=20"]["over_budget"] == pytest.approx(2 / 3)  # the refused request has no answer to time
+    # exactly on budget is not over it; the refused request has no answer to time
+    assert profiles["budget=20"]["over_budget"] == pytest.approx(2 / 4)
     assert profiles["default"]["over_budget"] is None
 
 
@@ -163,3 +165,88 @@ def test_an_open_loop_that_cannot_hold_its_rate_says_so(stand_in, texts, tmp_pat
     schedule = json.loads((out / "report.json").read_text())["schedule"]
     assert not schedule["rate_reached"] and schedule["unsent"] > 0
     assert "target rate was NOT reached" in run.stdout
+
+
+def test_a_report_counts_rates_and_percentiles_exactly_as_the_records_say():
+    from romebert.loadtest.metrics_scrape import ServerDelta
+    from romebert.loadtest.records import RequestRecord, RunResult
+    from romebert.loadtest.report import build_report, format_table
+
+    records = [
+        RequestRecord(1.0, 10.0, 0.0, 200, "default", 2, (1, 3), server_latency_ms=8.0),
+        RequestRecord(1.5, 30.0, 2.0, 200, "default", 1, (2,)),
+        RequestRecord(2.0, 5.0, 1.0, 503, "default", 1, error="overloaded"),
+        RequestRecord(3.0, 20.0, 0.0, 200, "threshold=0", 1, (6,)),
+    ]
+    config = {"url": "x", "users": 4, "batch": 1, "rate": 2.0}
+    counted_nothing = ServerDelta(0, None, {}, 0, 0, {}, {}, {}, None)
+    report = build_report(config, RunResult(records, 0.5, "duration", 0), counted_nothing, None)
+    assert report["requests"] == {"completed": 4, "ok": 3, "failed": 1, "error_rate": 0.25,
+                                  "by_status": {"200": 3, "503": 1}, "errors": {"overloaded": 1}}
+    assert report["throughput"] == {"requests_per_s": 6.0, "items_per_s": 8.0}  # answered only, over the run's 0.5 s
+    assert report["server_latency_ms"]["max"] == 8.0  # over the answers that carried it
+    assert report["schedule"]["achieved_rate"] == 1.5  # 4 sends, 3 intervals in 2 s
+    assert report["exit_depth"]["source"] == "responses"  # a server that counted no items is not the source
+    assert (report["exit_depth"]["average_exit_layer"], report["exit_depth"]["items"]) == (3.0, 4)
+    default = report["profiles"]["default"]
+    assert (default["requests"], default["failed"], default["p50_ms"]) == (3, 1, 20.0)  # the 503's 5 ms is not a latency
+    table = format_table(report)
+    assert "by profile" in table and "4 completed, 3 ok, 1 failed (25.00%)" in table
+    assert "average layer 3.000 over 4 items (responses)" in table and "L1: 25.0%  L2: 25.0%  L3: 25.0%  L6: 25.0%" in table
+
+    alone = build_report(config, RunResult(records[:1], 0.0, "duration", 0), None, None)
+    assert alone["throughput"] == {"requests_per_s": 0.0, "items_per_s": 0.0}
+    assert alone["schedule"]["achieved_rate"] is None  # one send has no interval
+    assert "by profile" not in format_table(alone)
+
+
+@pytest.mark.parametrize("sends, span_s, lag_ms, unsent, reached", [
+    (5, 2.0, 0.0, 0, True),  # 2 requests/s, on time
+    (5, 2.0, 501.0, 0, True),  # late by one interval (500 ms) + 1 ms at p99: still the rate asked for
+    (5, 2.0, 502.0, 0, False),
+    (5, 2.0, 0.0, 1, False),  # a send skipped
+    (20, 10.0, 0.0, 0, True),  # 19 intervals in 10 s: 1.9 requests/s, exactly 95% of the target
+    (20, 10.5, 0.0, 0, False),
+])
+def test_an_open_loop_reached_its_rate_only_within_5_percent_with_nothing_skipped_and_sends_at_most_one_interval_late(
+        sends, span_s, lag_ms, unsent, reached):
+    from romebert.loadtest.records import RequestRecord, RunResult
+    from romebert.loadtest.report import build_report
+
+    records = [RequestRecord(1.0 + span_s * i / (sends - 1), 10.0, lag_ms, 200, "default", 1, (1,)) for i in range(sends)]
+    report = build_report({"url": "x", "users": 8, "batch": 1, "rate": 2.0}, RunResult(records, span_s, "duration", 0, unsent), None, None)
+    assert report["schedule"]["rate_reached"] is reached
+
+
+def test_the_server_delta_is_what_the_server_counted_during_the_run_and_after_a_restart_its_counts_alone():
+    from prometheus_client import generate_latest
+    from romebert.loadtest.metrics_scrape import delta, parse
+    from romebert.service.metrics import Metrics
+
+    metrics = Metrics(3)
+
+    def snapshot():
+        return parse(generate_latest(metrics.registry).decode())
+
+    for layer in (3, 3, 3):  # before the run
+        metrics.answered(layer, False)
+    metrics.batch_size.observe(10)
+    metrics.responded(200, 0.01)
+    metrics.rejected.labels("predicted_wait").inc()
+    before = snapshot()
+    for layer in (1, 1, 2):
+        metrics.answered(layer, False)
+    metrics.batch_size.observe(2)
+    metrics.batch_size.observe(4)
+    metrics.responded(200, 0.01)
+    metrics.responded(499, 0.01)
+    run = delta(before, snapshot())
+    assert (run.items, run.average_exit_layer, run.mean_batch_size, run.restarted) == (3, 4 / 3, 3.0, False)
+    assert run.exit_layers == {"1": 2, "2": 1, "3": 0}  # every layer listed, the ones nobody left at too
+    assert run.requests_by_outcome == {"ok": 1, "cancelled": 1} and run.rejected_by_reason == {}
+
+    idle = delta(before, before)  # nothing answered during the run: no restart, nothing to average
+    assert (idle.items, idle.average_exit_layer, idle.mean_batch_size, idle.restarted) == (0, None, None, False)
+    restarted = delta(snapshot(), before)  # the counters went down: a new process, whose counts are all of the run
+    assert restarted.restarted and (restarted.items, restarted.average_exit_layer, restarted.mean_batch_size) == (3, 3.0, 10.0)
+    assert restarted.rejected_by_reason == {"predicted_wait": 1}
