@@ -250,3 +250,17 @@ def test_the_server_delta_is_what_the_server_counted_during_the_run_and_after_a_
     restarted = delta(snapshot(), before)  # the counters went down: a new process, whose counts are all of the run
     assert restarted.restarted and (restarted.items, restarted.average_exit_layer, restarted.mean_batch_size) == (3, 3.0, 10.0)
     assert restarted.rejected_by_reason == {"predicted_wait": 1}
+
+
+@pytest.mark.parametrize("p99_ms, error_rate, misses", [
+    (100.0, 0.25, []),  # exactly at both objectives: met
+    (99.0, 0.2, ["p99 latency SLO missed: p99 100.000 ms > 99 ms (over by 1.000 ms)",
+                 "error-rate SLO missed: 0.2500 > 0.2 (over by 0.0500; 1 of 4 requests failed)"]),
+])
+def test_an_slo_is_met_up_to_its_target_and_a_miss_says_by_how_much(p99_ms, error_rate, misses):
+    from romebert.loadtest.slo import check_slos
+
+    report = {"latency_ms": {"p99": 100.0}, "requests": {"error_rate": 0.25, "failed": 1, "completed": 4}}
+    verdict = check_slos(report, p99_ms, error_rate)
+    assert verdict["misses"] == misses
+    assert [o["met"] for o in verdict["objectives"]] == [not misses] * 2
