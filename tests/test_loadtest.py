@@ -2,7 +2,9 @@
 
 The tool runs as a subprocess, as a user runs it: Locust monkey-patches the standard library for
 gevent on import, which must not happen inside pytest where the stand-in's uvicorn thread runs.
-Every run is bounded by --max-requests (and --duration as a backstop).
+Every run is bounded by --max-requests (and --duration as a backstop). The report, SLO and
+server-delta arithmetic is also tested in process, on hand-made records and scrapes: those modules
+do not import Locust.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
+from romebert.loadtest.metrics_scrape import ServerDelta, delta, parse
+from romebert.loadtest.records import RequestRecord, RunResult
+from romebert.loadtest.report import build_report, format_table
+from romebert.loadtest.slo import check_slos
+from romebert.service.metrics import Metrics
 from stand_in_server import StandIn, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +99,6 @@ def test_closed_loop_report_matches_what_the_server_served(stand_in, texts, tmp_
 
 
 def test_a_profile_reports_the_share_of_budgeted_requests_answered_after_their_budget():
-    from romebert.loadtest.records import RequestRecord, RunResult
-    from romebert.loadtest.report import build_report
-
     def answered(server_ms: float, budget_ms: float | None, profile: str) -> RequestRecord:
         return RequestRecord(0.0, server_ms + 1, 0.0, 200, profile, 1, (1,), 0, 0, server_ms, budget_ms)
 
@@ -168,10 +173,6 @@ def test_an_open_loop_that_cannot_hold_its_rate_says_so(stand_in, texts, tmp_pat
 
 
 def test_a_report_counts_rates_and_percentiles_exactly_as_the_records_say():
-    from romebert.loadtest.metrics_scrape import ServerDelta
-    from romebert.loadtest.records import RequestRecord, RunResult
-    from romebert.loadtest.report import build_report, format_table
-
     records = [
         RequestRecord(1.0, 10.0, 0.0, 200, "default", 2, (1, 3), server_latency_ms=8.0),
         RequestRecord(1.5, 30.0, 2.0, 200, "default", 1, (2,)),
@@ -210,19 +211,12 @@ def test_a_report_counts_rates_and_percentiles_exactly_as_the_records_say():
 ])
 def test_an_open_loop_reached_its_rate_only_within_5_percent_with_nothing_skipped_and_sends_at_most_one_interval_late(
         sends, span_s, lag_ms, unsent, reached):
-    from romebert.loadtest.records import RequestRecord, RunResult
-    from romebert.loadtest.report import build_report
-
     records = [RequestRecord(1.0 + span_s * i / (sends - 1), 10.0, lag_ms, 200, "default", 1, (1,)) for i in range(sends)]
     report = build_report({"url": "x", "users": 8, "batch": 1, "rate": 2.0}, RunResult(records, span_s, "duration", 0, unsent), None, None)
     assert report["schedule"]["rate_reached"] is reached
 
 
 def test_the_server_delta_is_what_the_server_counted_during_the_run_and_after_a_restart_its_counts_alone():
-    from prometheus_client import generate_latest
-    from romebert.loadtest.metrics_scrape import delta, parse
-    from romebert.service.metrics import Metrics
-
     metrics = Metrics(3)
 
     def snapshot():
@@ -258,8 +252,6 @@ def test_the_server_delta_is_what_the_server_counted_during_the_run_and_after_a_
                  "error-rate SLO missed: 0.2500 > 0.2 (over by 0.0500; 1 of 4 requests failed)"]),
 ])
 def test_an_slo_is_met_up_to_its_target_and_a_miss_says_by_how_much(p99_ms, error_rate, misses):
-    from romebert.loadtest.slo import check_slos
-
     report = {"latency_ms": {"p99": 100.0}, "requests": {"error_rate": 0.25, "failed": 1, "completed": 4}}
     verdict = check_slos(report, p99_ms, error_rate)
     assert verdict["misses"] == misses

@@ -443,6 +443,38 @@ async def test_a_request_whose_predicted_wait_exceeds_the_bound_gets_a_fast_503_
     assert len(await done(running, queued)) == 2
 
 
+@pytest.mark.asyncio
+async def test_the_predicted_wait_is_shared_out_over_the_workers():
+    scheduler, engine = make(FakeEngine(stepping=True), workers=2, max_batch=1, max_wait_ms=0.0, max_queue_wait_s=0.5, seconds_per_row=0.3)
+    running = [submit(scheduler, [3], 0.0) for _ in range(2)]
+    await wait_for(lambda: len(engine.calls) == 2)  # one row in flight on each worker
+    queued = [submit(scheduler, [3], 0.0) for _ in range(3)]  # (0, 1, 2 queued + 2/2 in flight) x 0.3 s / 2: 0.15, 0.3, 0.45 s
+    with pytest.raises(Rejected, match="predicted queue wait of 600 ms"):
+        submit(scheduler, [3], 0.0)  # (3 + 2/2) x 0.3 s / 2 workers = 0.6 s > 0.5 s
+    engine.step(3 * 5)
+    assert len(await done(*running, *queued)) == 5
+
+
+@pytest.mark.asyncio
+async def test_a_predicted_wait_or_a_loop_lag_exactly_at_its_bound_is_let_in():
+    lag_s, clock = 0.05, Clock()
+    admission = Admission(Metrics(6), max_queue=8, max_queue_wait_s=0.375, workers=1, seconds_per_row=0.25,
+                          loop_lag_s=lambda: lag_s, max_loop_lag_s=0.05, clock=clock)
+    ticket = Ticket(3, asyncio.get_running_loop())
+    row = lambda i: Row(rows([3])[0], 0.0, clock.now, math.inf, ticket, i)  # noqa: E731
+    assert admission.door() is None  # lag exactly at its bound
+    lag_s = 0.0625
+    assert admission.door().code == "overloaded"
+    lag_s = 0.05
+    admission.admit([row(0)], None)
+    assert admission.take(1)  # in flight
+    admission.admit([row(1)], None)
+    assert admission.predicted_wait() == 0.375  # (1 queued + 1/2 in flight) x 0.25 s: exactly the bound
+    assert admission.door() is None
+    admission.admit([row(2)], budget_s=0.375)  # and exactly this request's budget
+    assert admission.predicted_wait() > 0.375 and admission.door().code == "overloaded"
+
+
 def test_while_the_event_loop_runs_late_the_door_refuses_though_the_queue_is_empty():
     lag_s = 0.8
     metrics = Metrics(6)
@@ -489,6 +521,20 @@ async def test_a_row_that_waited_past_the_bound_is_answered_503_and_never_run():
     # the second row is dropped with its ticket, counted under the reason the ticket closed with
     await wait_for(lambda: shed(scheduler, "expired") == 2)
     assert shed(scheduler, "cancelled") == 0
+
+
+@pytest.mark.asyncio
+async def test_the_queue_wait_metric_is_the_time_from_arrival_to_a_worker_taking_the_row():
+    clock = Clock()
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, clock=clock)
+    running = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    queued = submit(scheduler, [3], 0.0)
+    clock.now += 0.25
+    engine.step(6)
+    await done(running, queued)
+    sample = scheduler.metrics.registry.get_sample_value
+    assert sample("romebert_queue_wait_seconds_count") == 2 and sample("romebert_queue_wait_seconds_sum") == pytest.approx(0.25)
 
 
 @pytest.mark.asyncio
@@ -583,38 +629,6 @@ async def test_draining_answers_queued_rows_that_cannot_start_in_time_at_once_an
 
 
 @pytest.mark.asyncio
-async def test_the_predicted_wait_is_shared_out_over_the_workers():
-    scheduler, engine = make(FakeEngine(stepping=True), workers=2, max_batch=1, max_wait_ms=0.0, max_queue_wait_s=0.5, seconds_per_row=0.3)
-    running = [submit(scheduler, [3], 0.0) for _ in range(2)]
-    await wait_for(lambda: len(engine.calls) == 2)  # one row in flight on each worker
-    queued = [submit(scheduler, [3], 0.0) for _ in range(3)]  # (0, 1, 2 queued + 2/2 in flight) x 0.3 s / 2: 0.15, 0.3, 0.45 s
-    with pytest.raises(Rejected, match="predicted queue wait of 600 ms"):
-        submit(scheduler, [3], 0.0)  # (3 + 2/2) x 0.3 s / 2 workers = 0.6 s > 0.5 s
-    engine.step(3 * 5)
-    assert len(await done(*running, *queued)) == 5
-
-
-@pytest.mark.asyncio
-async def test_a_predicted_wait_or_a_loop_lag_exactly_at_its_bound_is_let_in():
-    lag_s, clock = 0.05, Clock()
-    admission = Admission(Metrics(6), max_queue=8, max_queue_wait_s=0.375, workers=1, seconds_per_row=0.25,
-                          loop_lag_s=lambda: lag_s, max_loop_lag_s=0.05, clock=clock)
-    ticket = Ticket(3, asyncio.get_running_loop())
-    row = lambda i: Row(rows([3])[0], 0.0, clock.now, math.inf, ticket, i)  # noqa: E731
-    assert admission.door() is None  # lag exactly at its bound
-    lag_s = 0.0625
-    assert admission.door().code == "overloaded"
-    lag_s = 0.05
-    admission.admit([row(0)], None)
-    assert admission.take(1)  # in flight
-    admission.admit([row(1)], None)
-    assert admission.predicted_wait() == 0.375  # (1 queued + 1/2 in flight) x 0.25 s: exactly the bound
-    assert admission.door() is None
-    admission.admit([row(2)], budget_s=0.375)  # and exactly this request's budget
-    assert admission.predicted_wait() > 0.375 and admission.door().code == "overloaded"
-
-
-@pytest.mark.asyncio
 @pytest.mark.parametrize("overrun_s, runs", [(1.0, True), (1.5, False)])
 async def test_while_draining_a_row_kept_at_close_still_must_be_able_to_start_before_the_deadline(overrun_s, runs):
     """close() keeps the rows predicted to start in time; if the work in flight then takes longer
@@ -635,20 +649,6 @@ async def test_while_draining_a_row_kept_at_close_still_must_be_able_to_start_be
         with pytest.raises(Rejected, match="shutting down"):
             await done(kept)
         assert shed(scheduler, "draining") == 1
-
-
-@pytest.mark.asyncio
-async def test_the_queue_wait_metric_is_the_time_from_arrival_to_a_worker_taking_the_row():
-    clock = Clock()
-    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, clock=clock)
-    running = submit(scheduler, [3], 0.0)
-    await wait_for(lambda: len(engine.calls) == 1)
-    queued = submit(scheduler, [3], 0.0)
-    clock.now += 0.25
-    engine.step(6)
-    await done(running, queued)
-    sample = scheduler.metrics.registry.get_sample_value
-    assert sample("romebert_queue_wait_seconds_count") == 2 and sample("romebert_queue_wait_seconds_sum") == pytest.approx(0.25)
 
 
 @pytest.mark.asyncio
