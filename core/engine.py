@@ -228,10 +228,12 @@ class Engine:
     OpenVINO compiles a graph anew for every input shape it has not seen (tens of milliseconds
     on this model), so there every batch is padded to a shape bucket, rows to ROW_BUCKETS and
     width to a multiple of WIDTH_STEP, and `shapes()` lists them all for the warm-up: no first
-    call at a new shape ever lands on a request."""
+    call at a new shape ever lands on a request. `buckets` (default: on for OpenVINO only) does
+    the same on onnxruntime, where it only adds padding, so that the buckets' logic is tested on
+    machines without OpenVINO, as io_binding's is without a GPU."""
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, io_binding: bool | None = None,
-                 backend: str = "onnxruntime", precision: str = "bf16"):
+                 backend: str = "onnxruntime", precision: str = "bf16", buckets: bool | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.bundle = bundle
@@ -245,7 +247,9 @@ class Engine:
         if backend == "openvino" and self.io_binding:
             raise ValueError("backend 'openvino' keeps hidden states on the host: no io_binding")
         self.precision = precision if backend == "openvino" else bundle.precision
-        self.bucketed = backend == "openvino"
+        self.bucketed = backend == "openvino" if buckets is None else buckets
+        if self.bucketed and self.io_binding:
+            raise ValueError("shape buckets pad hidden states on the host: not with io_binding")
 
         def session(path: Path) -> ort.InferenceSession:
             if backend == "openvino":

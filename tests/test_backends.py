@@ -27,12 +27,19 @@ def engines(tiny_bundle):
     return bundle, TextEncoder(bundle.tokenizer_file, bundle.max_length), Engine(bundle, device="cpu")
 
 
-@needs_openvino
-def test_openvino_in_f32_answers_as_onnxruntime_through_keep_and_merge(engines):
+@pytest.fixture(params=["onnxruntime, bucketed", pytest.param("openvino", marks=needs_openvino)])
+def bucketed(request, engines):
+    """An engine that pads every batch to a shape bucket: OpenVINO always, onnxruntime when asked."""
+    bundle = engines[0]
+    if request.param == "openvino":
+        return Engine(bundle, backend="openvino", precision="f32")
+    return Engine(bundle, device="cpu", buckets=True)
+
+
+def test_a_bucketed_engine_answers_as_the_plain_one_through_keep_and_merge(engines, bucketed):
     bundle, encoder, reference = engines
-    openvino = Engine(bundle, backend="openvino", precision="f32")
     batch = encoder.encode(TEXTS)
-    np.testing.assert_allclose(openvino.all_exit_logits(batch), reference.all_exit_logits(batch), atol=1e-5)
+    np.testing.assert_allclose(bucketed.all_exit_logits(batch), reference.all_exit_logits(batch), atol=1e-5)
 
     def survivors_merged_with_a_newcomer(engine) -> np.ndarray:
         state, _ = engine.layer(0, engine.embed(batch))
@@ -40,31 +47,44 @@ def test_openvino_in_f32_answers_as_onnxruntime_through_keep_and_merge(engines):
         other, _ = engine.layer(0, engine.embed(encoder.encode(["another long review that says many things about the movie"])))
         state = engine.merge([state, other])
         assert len(state) == 3
-        return np.stack([engine.layer(i, state)[1] for i in range(1, engine.num_layers)][:1])
+        return np.stack([engine.layer(i, state)[1] for i in range(1, engine.num_layers)])
 
-    np.testing.assert_allclose(survivors_merged_with_a_newcomer(openvino), survivors_merged_with_a_newcomer(reference), atol=1e-5)
+    np.testing.assert_allclose(survivors_merged_with_a_newcomer(bucketed), survivors_merged_with_a_newcomer(reference), atol=1e-5)
     for threshold in (0.0, 0.3, 0.69):
         t = np.full(len(TEXTS), threshold)
-        assert np.array_equal(run_early_exit(openvino, batch, t)[1], run_early_exit(reference, batch, t)[1])
+        assert np.array_equal(run_early_exit(bucketed, batch, t)[1], run_early_exit(reference, batch, t)[1])
 
 
-@needs_openvino
-def test_openvino_pads_every_batch_to_a_listed_shape_and_the_warm_up_runs_them_all(engines):
+def test_a_bucketed_engine_runs_only_listed_shapes_and_the_warm_up_runs_them_all(engines, bucketed):
     bundle, encoder, _ = engines
-    openvino = Engine(bundle, backend="openvino", precision="bf16")
-    listed = set(openvino.shapes(32, bundle.max_length))
-    assert all(openvino._bucket(n, w) in listed for n in range(1, 33) for w in range(1, bundle.max_length + 1))
+    listed = set(bucketed.shapes(32, bundle.max_length))
     seen = []
-    layer = openvino.layer
+    layer = bucketed.layer
 
     def recording(i, state):
         seen.append(state.attention_mask.shape)
         return layer(i, state)
 
-    openvino.layer = recording
-    warm_up(openvino, EwmaCostModel(openvino.num_layers), 32, bundle.max_length)
+    bucketed.layer = recording
+    warm_up(bucketed, EwmaCostModel(bucketed.num_layers), 32, bundle.max_length)
     assert listed <= set(seen)
+    seen.clear()
+    for n in (1, 3, 5, 7, 13, 32):  # batches of many sizes and widths; every other row leaves at exit 1 (entropy < ln 2 < 0.7)
+        texts = [" ".join(["word"] * (1 + 7 * k)) for k in range(n)]
+        layers = run_early_exit(bucketed, encoder.encode(texts), np.where(np.arange(n) % 2 == 0, 0.7, 0.0))[1]
+        assert layers.tolist() == [1 if k % 2 == 0 else bucketed.num_layers for k in range(n)]
+    assert set(seen) <= listed
     assert Engine(bundle, device="cpu").shapes(32, 32) is None  # onnxruntime takes any shape as it comes
+
+
+def test_onnxruntime_computes_in_its_bundles_precision_whatever_openvinos_is_set_to(engines):
+    bundle = engines[0]
+    assert Engine(bundle, device="cpu", precision="bf16").precision == bundle.precision == "fp32"
+
+
+def test_buckets_pad_on_the_host_so_they_refuse_io_binding(engines):
+    with pytest.raises(ValueError, match="io_binding"):
+        Engine(engines[0], device="cpu", buckets=True, io_binding=True)
 
 
 def test_the_export_measures_every_backend_and_records_its_choice(tiny_bundle):

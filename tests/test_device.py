@@ -8,6 +8,7 @@ host whose CUDA libraries are missing.
 from __future__ import annotations
 
 import logging
+import os
 
 import onnxruntime
 import pytest
@@ -32,10 +33,12 @@ def test_cuda_asked_for_on_an_onnxruntime_without_it_exits_2_saying_what_to_inst
     assert err.count("\n") == 1 and "install onnxruntime-gpu" in err
 
 
-def test_a_session_that_falls_back_to_the_cpu_is_refused_with_onnxruntimes_reason(tiny_bundle, fake_cuda):
+def test_a_session_that_falls_back_to_the_cpu_is_refused_with_onnxruntimes_reason(tiny_bundle, fake_cuda, capfd):
     segment = load_bundle(tiny_bundle).path("segments/embeddings.onnx")
     with pytest.raises(DeviceError, match=r"not on CUDA: .*CUDAExecutionProvider"):
         open_session(segment, "cuda")
+    os.write(2, b"stderr is back\n")  # onnxruntime's log was captured from file descriptor 2: it must be given back
+    assert "stderr is back" in capfd.readouterr().err
 
 
 def test_serve_with_device_cuda_exits_2_on_a_silent_fall_back(tiny_bundle, fake_cuda, capsys):

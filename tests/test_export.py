@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from romebert.model_export.export import export_bundle
+from romebert.model_export.calibrate import calibrate, choose_threshold, exit_logits_onnx
+from romebert.model_export.export import export_bundle, length_batches
 from romebert.model_export.parity import ParityError, check_parity
 from romebert.core.bundle import BundleError, load_bundle, sha256_file
 from romebert.core.engine import Engine, run_early_exit
@@ -161,17 +163,40 @@ def test_mean_pooled_exits_export_with_parity(tiny_backbone, tmp_path):
 
 
 def test_default_threshold_rule_picks_the_fastest_within_the_drop_and_never_above_ln_c():
-    from romebert.model_export.calibrate import choose_threshold
-
-    table = [
-        {"threshold": 0.0, "accuracy": 0.90, "speedup": 1.0},
-        {"threshold": 0.3, "accuracy": 0.895, "speedup": 1.8},
-        {"threshold": 0.5, "accuracy": 0.85, "speedup": 2.5},
-        {"threshold": 0.7, "accuracy": 0.90, "speedup": 6.0},  # above ln 2: not a threshold clients may send
+    row = lambda t, accuracy, speedup: {"threshold": t, "accuracy": accuracy, "speedup": speedup}  # noqa: E731
+    table = [  # as the sweep gives it, thresholds ascending; accuracies exact in binary
+        row(0.0, 0.75, 1.0),  # full depth: what the drop is measured from
+        row(0.1, 0.5, 1.5),
+        row(0.2, 0.75, 2.0),
+        row(0.25, 0.75, 2.0),  # as fast as 0.2: the smaller threshold wins the tie
+        row(0.3, 0.5, 3.0),
+        row(math.log(2), 0.5, 5.0),  # exactly ln 2: still a threshold a client may send
+        row(0.7, 0.75, 6.0),  # above ln 2: not for two labels
     ]
-    assert choose_threshold(table, 1.0, num_labels=2)["threshold"] == 0.3
-    assert choose_threshold(table, 10.0, num_labels=2)["threshold"] == 0.5
+    assert choose_threshold(table, 1.0, num_labels=2)["threshold"] == 0.2
+    assert choose_threshold(table, 25.0, num_labels=2)["threshold"] == math.log(2)  # 25 points: 0.5 is exactly at the bound
     assert choose_threshold(table, 1.0, num_labels=3)["threshold"] == 0.7
+
+
+def test_calibration_caps_the_default_at_ln_of_the_number_of_labels_not_of_exits():
+    # 3 exits, 2 labels, both rows right everywhere: exit 1 is nearly uniform (entropy just under
+    # ln 2), exits 2-3 sure (entropy 0.04). Only 0.7 sends them out at exit 1, and 0.7 > ln 2.
+    exits = np.array([[[0.01, 0.0]] * 2, [[5.0, 0.0]] * 2, [[5.0, 0.0]] * 2])
+    table, default = calibrate(exits, np.zeros(2, dtype=int), max_drop_points=1.0)
+    assert next(r for r in table if r["threshold"] == 0.7)["speedup"] == 3.0
+    assert default["threshold"] == 0.05  # the first that lets them out at exit 2 (1.5x)
+
+
+def test_calibration_logits_put_every_batchs_rows_back_in_split_order(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    engine = Engine(bundle, device="cpu")
+    texts = ["a much longer review than the others, with many words in it", "short", "a middling one here", "ok", "fine film"]
+    split = TextEncoder(bundle.tokenizer_file, bundle.max_length).encode(texts)
+    batches, order = length_batches(split, 2)  # three batches, sorted by length: not the split's order
+    assert len(batches) == 3 and not np.array_equal(order, np.arange(len(texts)))
+    together = exit_logits_onnx(engine, batches, order)
+    alone = np.concatenate([engine.all_exit_logits(split.rows(np.array([i]))) for i in range(len(texts))], axis=1)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
 def test_fp16_bundle_keeps_fp32_inputs_and_outputs_and_agrees_closely(tiny_checkpoint, tmp_path):

@@ -10,14 +10,21 @@ def flat_dot(a, b):
     return sum((x * y).sum() for x, y in zip(a, b)).item()
 
 
-def test_conflicting_gradient_is_projected_to_non_negative_dot():
-    g_a = [torch.tensor([1.0, 0.0]), torch.tensor([[1.0]])]
-    g_b = [torch.tensor([-2.0, 1.0]), torch.tensor([[0.5]])]
-    assert flat_dot(g_b, g_a) < 0
+def test_a_conflicting_gradient_loses_exactly_its_component_along_the_other():
+    g_a = [torch.tensor([1.0, 0.0]), torch.tensor([[1.0]])]  # ||g_A||^2 = 2
+    g_b = [torch.tensor([-2.0, 1.0]), torch.tensor([[0.5]])]  # <g_B, g_A> = -1.5
     assert project_conflicting(g_b, g_a)
-    assert flat_dot(g_b, g_a) >= -1e-6
-    # the component orthogonal to g_A is untouched
-    assert torch.allclose(g_b[0][1], torch.tensor(1.0))
+    # g_B - (-1.5 / 2) g_A: orthogonal to g_A afterwards, not past it
+    assert torch.equal(g_b[0], torch.tensor([-1.25, 1.0])) and torch.equal(g_b[1], torch.tensor([[1.25]]))
+    assert flat_dot(g_b, g_a) == 0.0
+
+
+def test_a_gradient_too_small_to_square_is_left_alone_rather_than_divided_by_zero():
+    g_a = [torch.tensor([1e-30])]  # its square underflows to 0 in float32, the dot does not
+    g_b = [torch.tensor([-1.0])]
+    assert flat_dot(g_b, g_a) < 0
+    assert not project_conflicting(g_b, g_a)
+    assert torch.equal(g_b[0], torch.tensor([-1.0]))
 
 
 def test_agreeing_gradient_is_left_unchanged():
@@ -64,7 +71,10 @@ def test_projector_writes_projected_sum_into_shared_and_plain_sum_elsewhere(tiny
     b.backward()
     projector.take_final()
     projected = projector.apply()
-    assert projected
+    assert projected and (projector.projections, projector.steps) == (1, 1)
+    norm_sq = flat_dot(g_a, g_a)
+    for p, ga, gb in zip(params, g_a, g_b):  # g_A + (g_B - (<g_B, g_A> / ||g_A||^2) g_A)
+        assert torch.allclose(p.grad, ga + gb - dot / norm_sq * ga, atol=1e-6)
     g_b_proj = [p.grad - ga for p, ga in zip(params, g_a)]
-    assert flat_dot(g_b_proj, g_a) >= -1e-5 * max(1.0, abs(dot))
+    assert abs(flat_dot(g_b_proj, g_a)) <= 1e-5 * abs(dot)  # orthogonal to g_A, not past it
     assert torch.allclose(model.layers[-1].output.dense.weight.grad, plain_other, atol=1e-6)

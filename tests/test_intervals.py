@@ -12,7 +12,13 @@ def test_an_accuracy_on_853_examples_carries_about_plus_minus_two_and_a_half_poi
     correct = np.random.default_rng(1).random(853) < 0.83
     ci = interval(correct)
     assert ci["lo"] < ci["accuracy"] < ci["hi"]
-    assert 0.04 < ci["hi"] - ci["lo"] < 0.06  # 2 x 1.96 x sqrt(0.83 x 0.17 / 853) = 0.050
+    assert 0.046 < ci["hi"] - ci["lo"] < 0.056  # 2 x 1.96 x sqrt(0.83 x 0.17 / 853) = 0.050
+    assert abs((ci["accuracy"] - ci["lo"]) - (ci["hi"] - ci["accuracy"])) < 0.004  # 2.5% cut off each side
+
+
+def test_every_example_can_be_drawn_into_a_resample():
+    ci = interval(np.array([1] + [0] * 9))  # only the first example is right
+    assert ci["lo"] < ci["accuracy"] == 0.1 < ci["hi"]
 
 
 def test_a_paired_difference_is_much_tighter_than_two_separate_intervals():
@@ -22,6 +28,7 @@ def test_a_paired_difference_is_much_tighter_than_two_separate_intervals():
     b[np.flatnonzero(a)[:9]] = False  # b loses 9 examples a gets right: 1.1 points, and nothing else differs
     d = paired_difference(a, b)
     assert d["difference"] == pytest.approx(9 / 853) and 0 < d["lo"] <= d["difference"] <= d["hi"]
+    assert 0.011 < d["hi"] - d["lo"] < 0.016  # 2 x 1.96 x sqrt(p (1 - p) / 853), p = 9 / 853: 0.0137
     assert d["hi"] - d["lo"] < (interval(a)["hi"] - interval(a)["lo"]) / 2
     same = paired_difference(a, a)
     assert same == {"difference": 0.0, "lo": 0.0, "hi": 0.0}
@@ -36,7 +43,6 @@ def test_the_threshold_for_a_speedup_is_the_most_accurate_that_reaches_it_on_dev
     assert t is not None and 0 < t <= 0.69
     assert threshold_for_speedup(logits, labels, 2.0) is not None  # everyone at exit 1 (threshold near ln 2)
     assert threshold_for_speedup(logits, labels, 2.5) is None  # L / 1 = 2 at most
-
 
 
 def test_where_the_first_exit_is_barely_sure_the_threshold_still_finds_the_speedup_asked_for():

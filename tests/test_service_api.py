@@ -384,15 +384,21 @@ def gated_app(tiny_bundle, **overrides):
     return create_app(settings(tiny_bundle, **overrides), engine_factory=factory), engines
 
 
+async def held_at_first_layer(client, engine, body: dict) -> asyncio.Task:
+    """Send `body` and return once its rows are in the engine, out of the queue, held at layer 1."""
+    engine.gate.clear()
+    engine.entered = 0
+    task = asyncio.create_task(client.post("/classify", json=body))
+    await until(lambda: engine.entered == 1)
+    return task
+
+
 @pytest.mark.asyncio
 async def test_a_full_queue_answers_503_with_retry_after_and_recovers(tiny_bundle):
     app, engines = gated_app(tiny_bundle, max_batch=1, max_queue=2, max_items=2)
     async with serving(app) as client:
         engine = engines[0]
-        engine.gate.clear()
-        engine.entered = 0
-        first = asyncio.create_task(client.post("/classify", json={"text": "one"}))
-        await until(lambda: engine.entered == 1)  # in the engine, out of the queue
+        first = await held_at_first_layer(client, engine, {"text": "one"})
         second = asyncio.create_task(client.post("/classify", json={"text": ["two", "three"]}))
         await until(lambda: app.state.runtime.metrics.registry.get_sample_value("romebert_queue_depth") == 2)
         refused = await client.post("/classify", json={"text": "four"})
@@ -411,10 +417,7 @@ async def test_draining_keeps_the_queued_requests_that_can_start_within_most_of_
     async with serving(app) as client:
         runtime, engine = app.state.runtime, engines[0]
         runtime.admission.rate.seconds_per_row = 3.0  # set by hand: 0.8 x 10 s of drain covers 2 rows, in flight + 1 queued
-        engine.gate.clear()
-        engine.entered = 0
-        first = asyncio.create_task(client.post("/classify", json={"text": "in flight"}))
-        await until(lambda: engine.entered == 1)
+        first = await held_at_first_layer(client, engine, {"text": "in flight"})
         queued = []
         for text in ("kept", "too late", "later still"):
             queued.append(asyncio.create_task(client.post("/classify", json={"text": text})))
@@ -430,11 +433,8 @@ async def test_latency_ms_is_from_the_requests_arrival_to_its_answer_and_each_te
     app, engines = gated_app(tiny_bundle)
     async with serving(app) as client:
         engine = engines[0]
-        engine.gate.clear()
-        engine.entered = 0
         started = time.perf_counter()
-        held = asyncio.create_task(client.post("/classify", json={"text": ["one", "two"], "entropy_threshold": 0.0}))
-        await until(lambda: engine.entered == 1)  # arrived, and held at its first layer
+        held = await held_at_first_layer(client, engine, {"text": ["one", "two"], "entropy_threshold": 0.0})
         await asyncio.sleep(0.3)
         engine.gate.set()
         body = (await held).json()
@@ -489,10 +489,7 @@ async def test_shutdown_refuses_new_work_and_drains_requests_in_flight(tiny_bund
     async with client, contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(app.router.lifespan_context(app))
         await until(lambda: runtime.phase.value == "ready")
-        engines[0].gate.clear()
-        engines[0].entered = 0
-        in_flight = asyncio.create_task(client.post("/classify", json={"text": ["one", "two"], "entropy_threshold": 0.0}))
-        await until(lambda: engines[0].entered == 1)
+        in_flight = await held_at_first_layer(client, engines[0], {"text": ["one", "two"], "entropy_threshold": 0.0})
         shutdown = asyncio.create_task(stack.aclose())  # what uvicorn does on SIGTERM, after its own wait
         await until(lambda: runtime.phase.value == "draining")
         readiness = await client.get("/readyz")

@@ -16,24 +16,25 @@ RESAMPLES = 2000
 LEVEL = 0.95
 
 
-def _resamples(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
+def _bootstrap(values: np.ndarray, seed: int) -> tuple[float, float]:
+    """The percentile interval of the mean of per-example `values`, the examples resampled."""
+    resamples = np.random.default_rng(seed).integers(0, len(values), size=(RESAMPLES, len(values)))
+    lo, hi = np.quantile(values[resamples].mean(axis=1), [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return float(lo), float(hi)
 
 
 def interval(correct: np.ndarray, seed: int = 0) -> dict[str, float]:
     """Accuracy of a 0/1 vector with its 95% bootstrap interval."""
     correct = np.asarray(correct, dtype=np.float64)
-    means = correct[_resamples(len(correct), seed)].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"accuracy": float(correct.mean()), "lo": float(lo), "hi": float(hi)}
+    lo, hi = _bootstrap(correct, seed)
+    return {"accuracy": float(correct.mean()), "lo": lo, "hi": hi}
 
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, seed: int = 0) -> dict[str, float]:
     """Accuracy of a minus accuracy of b on the same examples, with its 95% paired bootstrap interval."""
     diff = np.asarray(correct_a, dtype=np.float64) - np.asarray(correct_b, dtype=np.float64)
-    means = diff[_resamples(len(diff), seed)].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"difference": float(diff.mean()), "lo": float(lo), "hi": float(hi)}
+    lo, hi = _bootstrap(diff, seed)
+    return {"difference": float(diff.mean()), "lo": lo, "hi": hi}
 
 
 def correct_at(per_exit_logits: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:

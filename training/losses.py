@@ -39,11 +39,12 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: f
 
 
 def romebert_losses(
-    exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 0.9, temperature: float = 3.0, kl_reduction: str = "batchmean"
+    exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float, temperature: float, kl_reduction: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B): A = the early exits' losses (i < L) with self-distillation, B = the final exit's CE.
 
-    They are returned apart because gradient regularization needs the gradient of each.
+    They are returned apart because gradient regularization needs the gradient of each. No
+    defaults here: the training config (train.py) is the one place that holds them.
     """
     final = exit_logits[-1]
     loss_final = F.cross_entropy(final, labels)
