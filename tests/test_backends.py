@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from romebert.core import engine as engine_module
+from romebert.model_export import backends
 from romebert.core.bundle import load_bundle
 from romebert.core.engine import Engine, openvino_device, run_early_exit
 from romebert.core.tokenization import TextEncoder
@@ -97,6 +98,31 @@ def test_the_export_measures_every_backend_and_records_its_choice(tiny_bundle):
     row = next(r for r in manifest["backends"] if (r["backend"], r["precision"]) == (chosen["backend"], chosen["precision"]))
     assert row["eligible"] and row["exit_agreement"] >= 0.99
     assert row["items_per_s"] == max(r["items_per_s"] for r in manifest["backends"] if r["eligible"])
+    # its dev accuracy at full depth is the calibration's (same files, same split), and the PyTorch
+    # reference's is the same to within a row
+    fp32 = next(r for r in manifest["backends"] if (r["backend"], r["precision"]) == ("onnxruntime", "fp32"))
+    full_depth = next(r for r in manifest["calibration"] if r["threshold"] == 0.0)["accuracy"]
+    assert fp32["dev_accuracy"] == full_depth
+    assert abs(chosen["reference_dev_accuracy"] - full_depth) <= 1 / manifest["threshold_rule"]["examples"]
+
+
+def test_a_backend_is_eligible_only_with_both_its_accuracy_and_its_exits_within_bounds():
+    at_drop = 0.75 - backends.MAX_ACCURACY_DROP
+    assert backends.eligible(at_drop, backends.MIN_EXIT_AGREEMENT, 0.75)  # both exactly at their bounds
+    assert not backends.eligible(np.nextafter(at_drop, 0), 1.0, 0.75)
+    assert not backends.eligible(0.75, np.nextafter(backends.MIN_EXIT_AGREEMENT, 0), 0.75)
+    assert not backends.eligible(0.80, 0.909, 0.75)  # more accurate, but exits elsewhere (int8 on the default model)
+
+
+def test_the_choice_is_the_fastest_eligible_else_the_first_that_loaded():
+    def row(backend, precision, items_per_s, ok, error=None):
+        return {"backend": backend, "precision": precision, "files": "fp32", "items_per_s": items_per_s, "eligible": ok} | (
+            {"error": error} if error else {})
+
+    fp32, int8, bf16 = row("onnxruntime", "fp32", 500, True), row("onnxruntime", "int8", 900, False), row("openvino", "bf16", 700, True)
+    assert backends.choose([fp32, int8, bf16])["precision"] == "bf16"
+    broken = row("onnxruntime", "fp32", 0, False, error="BundleError: cannot load")
+    assert backends.choose([broken, int8, row("openvino", "f32", 400, False)])["precision"] == "int8"
 
 
 def test_serve_auto_takes_the_bundles_choice_and_says_so_when_it_cannot(tiny_bundle, tmp_path, monkeypatch, caplog):

@@ -47,7 +47,9 @@ def test_chained_segments_match_pytorch_at_every_exit(tiny_bundle, tiny_checkpoi
         expected = model(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)).numpy()
     assert np.abs(engine.all_exit_logits(batch) - expected).max() < 1e-4
     report = check_parity(model, engine, [batch], strict=True)
-    assert report["exit_layer_mismatches"] == 0
+    assert report["exit_layer_mismatches"] == 0 and report["examples"] == len(TEXTS)
+    assert len(report["max_abs_error_per_segment"]) == engine.num_layers + 1  # the embeddings, then each layer with its exit
+    assert max(report["max_abs_error_per_segment"]) < 1e-4 and report["max_abs_logit_error_chained"] < 1e-4
 
 
 def test_offline_early_exit_follows_each_rows_own_threshold_and_zero_means_full_depth(tiny_bundle):
@@ -74,6 +76,10 @@ def test_parity_check_fails_loudly_when_the_model_differs(tiny_bundle, tiny_chec
     batch = TextEncoder(tiny_bundle / "tokenizer.json", 32).encode(TEXTS)
     with pytest.raises(ParityError, match="disagree"):
         check_parity(model, engine, [batch], strict=True)
+    report = check_parity(model, engine, [batch], strict=False)  # as for int8: reported, not raised
+    errors = report["max_abs_error_per_segment"]
+    assert errors[1] == pytest.approx(1.0, abs=1e-3)  # the segment whose exit differs, and by how much
+    assert max(errors[:1] + errors[2:]) < 1e-4  # each segment is checked on the same inputs: the fault stays in its own
 
 
 def test_the_monolithic_graph_is_exported_only_on_request_and_equals_the_final_exit(tiny_bundle, tiny_checkpoint, tmp_path):
