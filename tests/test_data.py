@@ -300,8 +300,10 @@ def test_unreadable_json_line_names_file_and_line(tmp_path):
     data_error(path, "broken.jsonl:1:", "expected a JSON object")
 
 
-def test_bad_arguments_are_rejected():
-    with pytest.raises(ValueError):
-        load_task("rotten_tomatoes", dev_fraction=0.6, test_fraction=0.5)
-    with pytest.raises(ValueError):
+def test_bad_arguments_are_rejected_at_their_bounds():
+    for dev, test in ((1.0, 0.0), (0.0, 1.0), (-0.1, 0.1), (0.1, -0.1), (0.5, 0.5), (0.6, 0.5)):
+        with pytest.raises(ValueError, match="fraction"):
+            load_task("rotten_tomatoes", dev_fraction=dev, test_fraction=test)
+    with pytest.raises(ValueError, match="limit"):
         load_task("rotten_tomatoes", limit=0)
+    assert load_task("rotten_tomatoes", dev_fraction=0.0, test_fraction=0.0, limit=1).sizes() == {"train": 1, "dev": 0, "test": 0}

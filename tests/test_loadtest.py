@@ -3,14 +3,16 @@
 The tool runs as a subprocess, as a user runs it: Locust monkey-patches the standard library for
 gevent on import, which must not happen inside pytest where the stand-in's uvicorn thread runs.
 Every run is bounded by --max-requests (and --duration as a backstop). The report, SLO and
-server-delta arithmetic is also tested in process, on hand-made records and scrapes: those modules
-do not import Locust.
+server-delta arithmetic and the requests a workload draws are also tested in process, on hand-made
+records, scrapes and texts: those modules do not import Locust.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -21,9 +23,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from romebert.loadtest.metrics_scrape import ServerDelta, delta, parse
+from romebert.loadtest.profiles import Profile
 from romebert.loadtest.records import RequestRecord, RunResult
 from romebert.loadtest.report import build_report, format_table
 from romebert.loadtest.slo import check_slos
+from romebert.loadtest.texts import TextItem, TextsError, load_texts
+from romebert.loadtest.workload import Workload
 from romebert.service.metrics import Metrics
 from stand_in_server import StandIn, serve
 
@@ -256,3 +261,35 @@ def test_an_slo_is_met_up_to_its_target_and_a_miss_says_by_how_much(p99_ms, erro
     verdict = check_slos(report, p99_ms, error_rate)
     assert verdict["misses"] == misses
     assert [o["met"] for o in verdict["objectives"]] == [not misses] * 2
+
+
+def test_a_request_carries_each_texts_pair_beside_it_one_item_as_strings_several_as_lists():
+    items = [TextItem(f"text {i}", f"pair {i}") for i in range(5)]
+    profiles = [Profile("threshold=0.2", {"entropy_threshold": 0.2})]
+    one = Workload(items, profiles, batch=1).draw(random.Random(0))
+    assert isinstance(one.body["text"], str) and one.body["text_pair"] == one.body["text"].replace("text", "pair")
+    assert one.body["entropy_threshold"] == 0.2 and (one.profile, one.items) == ("threshold=0.2", 1)
+    several = Workload(items, profiles, batch=3).draw(random.Random(0))
+    assert len(several.body["text"]) == 3 and several.items == 3
+    assert [pair.replace("pair", "text") for pair in several.body["text_pair"]] == several.body["text"]
+    assert "text_pair" not in Workload([TextItem("alone")], profiles, batch=2).draw(random.Random(0)).body
+
+
+def test_texts_files_give_their_texts_and_pairs_and_a_bad_one_says_where(tmp_path):
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text("text,text_pair\nfirst,one\n  ,skipped\nsecond,two\n")
+    assert load_texts(csv_file, None) == [TextItem("first", "one"), TextItem("second", "two")]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "a"}\n\n{"text": "b", "text_pair": 3}\n')  # blank lines skipped; a non-string pair is none
+    assert load_texts(jsonl, None) == [TextItem("a"), TextItem("b")]
+    for name, content, message in [
+        ("no_column.csv", "body\nsome text\n", "no_column.csv:1: no 'text' column (columns: body)"),
+        ("list.jsonl", '{"text": "a"}\n\n["b"]\n', "list.jsonl:3: expected an object with a string 'text'"),
+        ("number.jsonl", '{"text": 5}\n', "number.jsonl:1: expected an object"),
+        ("broken.jsonl", '{"text": "a"}\n{"text": \n', "broken.jsonl:2: not JSON"),
+        ("mixed.jsonl", '{"text": "a", "text_pair": "x"}\n{"text": "b"}\n', "either every row has a text_pair or none does"),
+        ("empty.txt", "\n  \n", "empty.txt: no texts"),
+    ]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(TextsError, match=re.escape(message)):
+            load_texts(tmp_path / name, None)
