@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from romebert.core import engine as engine_module
-from romebert.model_export import backends
 from romebert.core.bundle import load_bundle
 from romebert.core.engine import Engine, openvino_device, run_early_exit
 from romebert.core.tokenization import TextEncoder
+from romebert.model_export import backends
 from romebert.service.cost_model import EwmaCostModel, warm_up
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
