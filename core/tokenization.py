@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -51,6 +51,30 @@ class Encoded:
             self.truncated[index],
             self.lengths[index],
         )
+
+
+@dataclass(frozen=True)
+class LengthBatches:
+    """A split's rows in batches of similar length, and the way back to the split's order.
+
+    Evaluation (PyTorch) and export (ONNX Runtime) both run a model over a whole split: sorted by
+    length, each batch pads little; the answers must still line up with the split's labels.
+    """
+
+    batches: list[Encoded]
+    order: np.ndarray  # the split positions of the batches' rows, batch after batch
+
+    @classmethod
+    def of(cls, encoded: Encoded, batch_size: int) -> LengthBatches:
+        order = np.argsort(encoded.lengths, kind="stable")
+        return cls([encoded.rows(order[i : i + batch_size]) for i in range(0, len(order), batch_size)], order)
+
+    def in_split_order(self, per_batch: Iterable[np.ndarray]) -> np.ndarray:
+        """One result per batch, rows along axis 1 (exit logits: (L, B, C)), joined in split order."""
+        joined = np.concatenate(list(per_batch), axis=1)
+        out = np.empty_like(joined)
+        out[:, self.order] = joined
+        return out
 
 
 def pad(rows: Sequence[TokenRow], pad_id: int = 0) -> Encoded:

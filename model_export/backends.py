@@ -21,7 +21,7 @@ import numpy as np
 from romebert.core.bundle import Bundle, load_bundle
 from romebert.core.engine import Engine, openvino_device, run_early_exit
 from romebert.core.exits import exit_layers
-from romebert.core.tokenization import Encoded
+from romebert.core.tokenization import LengthBatches
 from romebert.model_export.calibrate import exit_logits_onnx
 
 MAX_ACCURACY_DROP = 0.005
@@ -38,13 +38,13 @@ def candidates(bundles: list[Bundle]) -> list[tuple[str, str, Bundle]]:
     return found
 
 
-def measure_in_fresh_process(roots: list[Path], batches: list[Encoded], order: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+def measure_in_fresh_process(roots: list[Path], dev: LengthBatches, labels: np.ndarray, reference: np.ndarray,
                              log=print) -> tuple[list[dict], dict]:
     """`measure` in a new process that never imported torch, as the server runs: in the export's
     own process PyTorch's threads, once the model has run, slowed every backend (OpenVINO bf16
     from 2x onnxruntime's items/s to 1.1x, measured)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        rows, choice = pool.apply(_measure_bundles, ([str(r) for r in roots], batches, order, labels, reference))
+        rows, choice = pool.apply(_measure_bundles, ([str(r) for r in roots], dev, labels, reference))
     for row in rows:
         log(f"  {row['backend']}/{row['precision']} on the {row['files']} files: " + (row.get("error") or
             f"dev accuracy {100 * row['dev_accuracy']:.2f} (fp32 {100 * choice['reference_dev_accuracy']:.2f}), "
@@ -58,7 +58,7 @@ def _measure_bundles(roots: list[str], *args) -> tuple[list[dict], dict]:
     return measure([load_bundle(r) for r in roots], *args)
 
 
-def measure(bundles: list[Bundle], batches: list[Encoded], order: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+def measure(bundles: list[Bundle], dev: LengthBatches, labels: np.ndarray, reference: np.ndarray,
             rounds: int = 5) -> tuple[list[dict], dict]:
     """(a row per candidate, the chosen one). `reference`: fp32 logits of every exit, (L, N, C), split order.
 
@@ -79,7 +79,7 @@ def measure(bundles: list[Bundle], batches: list[Encoded], order: np.ndarray, la
 
     def one_pass(engine: Engine, threshold: float) -> float:
         started = time.perf_counter()
-        for b in batches:
+        for b in dev.batches:
             run_early_exit(engine, b, np.full(len(b.lengths), threshold))
         return len(labels) / (time.perf_counter() - started)
 
@@ -90,7 +90,7 @@ def measure(bundles: list[Bundle], batches: list[Encoded], order: np.ndarray, la
         for key, (engine, threshold) in engines.items():
             passes[key].append(one_pass(engine, threshold))
     for (backend, precision, files), (engine, threshold) in engines.items():
-        logits = exit_logits_onnx(engine, batches, order)
+        logits = exit_logits_onnx(engine, dev)
         accuracy = float((logits[-1].argmax(-1) == labels).mean())
         agreement = float((exit_layers(logits, threshold) == exit_layers(reference, threshold)).mean())
         items_per_s = float(np.median(passes[backend, precision, files]))

@@ -8,16 +8,12 @@ import numpy as np
 
 from romebert.core.engine import Engine
 from romebert.core.exits import sweep
-from romebert.core.tokenization import Encoded
+from romebert.core.tokenization import LengthBatches
 
 
-def exit_logits_onnx(engine: Engine, batches: list[Encoded], order: np.ndarray) -> np.ndarray:
-    """(L, N, C) logits for batches that cover `order` (row positions in the split), in split order."""
-    chunks = [engine.all_exit_logits(b) for b in batches]
-    logits = np.concatenate(chunks, axis=1)
-    out = np.empty_like(logits)
-    out[:, order] = logits
-    return out
+def exit_logits_onnx(engine: Engine, split: LengthBatches) -> np.ndarray:
+    """(L, N, C) logits of every exit for every row of the split, in split order."""
+    return split.in_split_order(engine.all_exit_logits(b) for b in split.batches)
 
 
 def choose_threshold(table: list[dict], max_drop_points: float, num_labels: int) -> dict:

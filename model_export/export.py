@@ -24,18 +24,12 @@ from romebert.model_export.parity import check_parity
 from romebert.model_export.segments import export_full_depth, export_segments, write_select_rows
 from romebert.core.bundle import FORMAT_VERSION, load_bundle, seal
 from romebert.core.engine import Engine
-from romebert.core.tokenization import Encoded, TextEncoder
+from romebert.core.tokenization import LengthBatches, TextEncoder
 from romebert.training.checkpoint import RECORD_NAME
 from romebert.core.data import encode_examples, load_task
 from romebert.core.files import publish_dir
 from romebert.training.evaluate import exit_logits
 from romebert.training.model import MultiExitBert
-
-
-def length_batches(encoded: Encoded, batch_size: int) -> tuple[list[Encoded], np.ndarray]:
-    """Batches of similar length (little padding, but still padded) and the row order they cover."""
-    order = np.argsort(encoded.lengths, kind="stable")
-    return [encoded.rows(order[i : i + batch_size]) for i in range(0, len(order), batch_size)], order
 
 
 def export_bundle(
@@ -90,9 +84,9 @@ def export_bundle(
         model.set_attention("eager")
         encoder = TextEncoder(checkpoint / "tokenizer.json", max_length)
         dev, labels = encode_examples(encoder, task.dev)
-        batches, order = length_batches(dev, 64)
+        dev_batches = LengthBatches.of(dev, 64)
         parity_rows = np.sort(np.random.default_rng(0).permutation(len(labels))[:parity_examples])
-        parity_batches, _ = length_batches(dev.rows(parity_rows), 32)
+        parity_batches = LengthBatches.of(dev.rows(parity_rows), 32).batches
         built, manifests = {}, {}
         for p in AUTO_CANDIDATES if precision == AUTO else (precision,):
             built[p] = folder = tmp / p
@@ -100,7 +94,7 @@ def export_bundle(
             log(f"{p}: parity on {len(parity_rows)} dev examples, calibration on {len(labels)} ...")
             engine = Engine(load_bundle(folder), device="cpu")
             manifest["parity"] = check_parity(model, engine, parity_batches, strict=p == "fp32")
-            table, default = calibrate(exit_logits_onnx(engine, batches, order), labels, max_drop_points)
+            table, default = calibrate(exit_logits_onnx(engine, dev_batches), labels, max_drop_points)
             manifest["calibration"] = table
             manifest["default_threshold"] = default["threshold"]
             manifest["threshold_rule"] = default | {"max_accuracy_drop_points": max_drop_points, "split": "dev", "examples": int(len(labels))}
@@ -109,7 +103,7 @@ def export_bundle(
 
         log("measuring the backends on dev ...")
         reference = exit_logits(model, dev, 64)  # the fp32 PyTorch model: what every backend is held to
-        rows, choice = backends.measure_in_fresh_process(list(built.values()), batches, order, labels, reference, log=log)
+        rows, choice = backends.measure_in_fresh_process(list(built.values()), dev_batches, labels, reference, log=log)
         chosen, manifest = built[choice["files"]], manifests[choice["files"]]
         manifest["backends"], manifest["backend"] = rows, choice
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)

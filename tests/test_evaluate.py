@@ -1,13 +1,25 @@
-"""Evaluation (training/evaluate.py): forced exits, F1, and logits that come back in the split's order."""
+"""Evaluation (training/evaluate.py): forced exits, F1, and logits that come back in the split's order
+(core.tokenization.LengthBatches, which the export's calibration shares)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from romebert.core.tokenization import TextEncoder
+from romebert.core.tokenization import LengthBatches, TextEncoder, TokenRow, pad
 from romebert.training.evaluate import exit_logits, f1_binary, paired_report, per_exit_metrics, report_from_logits
 from romebert.training.model import MultiExitBert
+
+
+def test_length_batches_pad_each_batch_to_its_own_longest_row_and_put_results_back_in_split_order():
+    lengths = [9, 2, 5, 2, 7]
+    split = pad([TokenRow(np.arange(1, n + 1), np.zeros(n, dtype=np.int64), False) for n in lengths])
+    batches = LengthBatches.of(split, 2)
+    assert [b.lengths.tolist() for b in batches.batches] == [[2, 2], [5, 7], [9]]
+    assert [b.input_ids.shape[1] for b in batches.batches] == [2, 7, 9]
+    back = batches.in_split_order(np.stack([b.lengths, -b.lengths])[:, :, None] for b in batches.batches)  # (2, B, 1) each
+    assert back.shape == (2, 5, 1)
+    assert back[0, :, 0].tolist() == lengths and back[1, :, 0].tolist() == [-n for n in lengths]
 
 
 def test_f1_of_the_positive_class_counts_hits_false_alarms_and_misses():

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from romebert.model_export.calibrate import calibrate, choose_threshold, exit_logits_onnx
-from romebert.model_export.export import export_bundle, length_batches
+from romebert.model_export.export import export_bundle
 from romebert.model_export.parity import ParityError, check_parity
 from romebert.core.bundle import BundleError, load_bundle, sha256_file
 from romebert.core.engine import Engine, run_early_exit
 from romebert.core.exits import THRESHOLD_GRID, entropy, exit_layers
-from romebert.core.tokenization import TextEncoder
+from romebert.core.tokenization import LengthBatches, TextEncoder
 from romebert.training.model import MultiExitBert
 
 TEXTS = ["a gorgeous, witty film", "dull and far too long , with a plot that never decides what it wants to be", "meh"]
@@ -198,9 +198,9 @@ def test_calibration_logits_put_every_batchs_rows_back_in_split_order(tiny_bundl
     engine = Engine(bundle, device="cpu")
     texts = ["a much longer review than the others, with many words in it", "short", "a middling one here", "ok", "fine film"]
     split = TextEncoder(bundle.tokenizer_file, bundle.max_length).encode(texts)
-    batches, order = length_batches(split, 2)  # three batches, sorted by length: not the split's order
-    assert len(batches) == 3 and not np.array_equal(order, np.arange(len(texts)))
-    together = exit_logits_onnx(engine, batches, order)
+    batches = LengthBatches.of(split, 2)  # three batches, sorted by length: not the split's order
+    assert len(batches.batches) == 3 and not np.array_equal(batches.order, np.arange(len(texts)))
+    together = exit_logits_onnx(engine, batches)
     alone = np.concatenate([engine.all_exit_logits(split.rows(np.array([i]))) for i in range(len(texts))], axis=1)
     np.testing.assert_allclose(together, alone, atol=1e-5)
 

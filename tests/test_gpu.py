@@ -16,7 +16,8 @@ import pytest
 from romebert.core.bundle import load_bundle
 from romebert.core.engine import DeviceError, Engine, resolve_device
 from romebert.core.exits import exit_layers
-from romebert.core.tokenization import TextEncoder
+from romebert.model_export.calibrate import exit_logits_onnx
+from romebert.core.tokenization import LengthBatches, TextEncoder
 
 pytestmark = pytest.mark.gpu
 TEXTS = ["a gorgeous, witty film", "dull and far too long", "meh", "the cast is strong but the script is weak"]
@@ -69,13 +70,9 @@ def test_fp16_on_cuda_keeps_the_accuracy_and_the_exits_of_fp32(cuda):
     fp32, fp16 = (load_bundle(p) for p in os.environ["ROMEBERT_GPU_BUNDLES"].split(":"))
     task = load_task(fp32.manifest["source"]["data"])
     encoded, labels = encode_examples(TextEncoder(fp32.tokenizer_file, fp32.max_length), task.dev[:512])
-    order = np.argsort(encoded.lengths)
-    logits = {}
-    for name, bundle in (("fp32", fp32), ("fp16", fp16)):
-        engine = Engine(bundle, device="cuda")
-        logits[name] = np.concatenate([engine.all_exit_logits(encoded.rows(order[i:i + 64])) for i in range(0, len(order), 64)], axis=1)
-    y = labels[order]
-    accuracy = {k: float((v[-1].argmax(-1) == y).mean()) for k, v in logits.items()}
+    split = LengthBatches.of(encoded, 64)
+    logits = {name: exit_logits_onnx(Engine(bundle, device="cuda"), split) for name, bundle in (("fp32", fp32), ("fp16", fp16))}
+    accuracy = {k: float((v[-1].argmax(-1) == labels).mean()) for k, v in logits.items()}
     assert abs(accuracy["fp16"] - accuracy["fp32"]) <= 0.005, accuracy
     same = (exit_layers(logits["fp16"], fp32.default_threshold) == exit_layers(logits["fp32"], fp32.default_threshold)).mean()
     assert same >= 0.99, f"only {same:.1%} of rows leave at the same exit in fp16"

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from romebert.loadtest.metrics_scrape import ServerDelta, delta, parse
-from romebert.loadtest.profiles import Profile
+from romebert.loadtest.profiles import Profile, parse_mix, profiles_from_args
 from romebert.loadtest.records import RequestRecord, RunResult
 from romebert.loadtest.report import build_report, format_table
 from romebert.loadtest.slo import check_slos
@@ -273,6 +273,42 @@ def test_a_request_carries_each_texts_pair_beside_it_one_item_as_strings_several
     assert len(several.body["text"]) == 3 and several.items == 3
     assert [pair.replace("pair", "text") for pair in several.body["text_pair"]] == several.body["text"]
     assert "text_pair" not in Workload([TextItem("alone")], profiles, batch=2).draw(random.Random(0)).body
+
+
+def test_a_mix_gives_one_weighted_profile_per_entry_and_default_sends_neither_field():
+    mix = parse_mix("threshold=0.1:0.5, budget=0.5:2,default:0.25,threshold=0")
+    assert [(p.name, p.overrides, p.weight) for p in mix] == [
+        ("threshold=0.1", {"entropy_threshold": 0.1}, 0.5), ("budget=0.5", {"latency_budget_ms": 0.5}, 2.0),
+        ("default", {}, 0.25), ("threshold=0", {"entropy_threshold": 0.0}, 1.0)]
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("threshold=0.1:0", "weight must be positive"),
+    ("threshold=0.1:-1", "weight must be positive"),
+    ("default:nan", "weight must be positive"),
+    ("default:x", "weight 'x' is not a number"),
+    ("threshold=-0.1", "threshold must be >= 0"),
+    ("budget=0", "budget must be > 0 ms"),
+    ("budget=nan", "budget must be > 0 ms"),
+    ("latency=20", "expected threshold=T[:W]"),
+    ("threshold=", "expected threshold=T[:W]"),
+    ("threshold=0.1,threshold=0.1:2", "listed twice"),
+])
+def test_a_bad_mix_entry_is_refused_saying_which_and_why(spec, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        parse_mix(spec)
+
+
+def test_threshold_and_budget_make_one_profile_together_and_mix_replaces_both():
+    assert profiles_from_args(None, None, None) == [Profile("default", {})]
+    assert profiles_from_args(0.0, 25.0, None) == [
+        Profile("threshold=0,budget=25", {"entropy_threshold": 0.0, "latency_budget_ms": 25.0})]
+    assert profiles_from_args(None, None, "budget=5") == [Profile("budget=5", {"latency_budget_ms": 5.0})]
+    for threshold, budget_ms in ((0.2, None), (None, 20.0)):
+        with pytest.raises(ValueError, match="--mix replaces"):
+            profiles_from_args(threshold, budget_ms, "default")
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        profiles_from_args(None, 0.0, None)
 
 
 def test_texts_files_give_their_texts_and_pairs_and_a_bad_one_says_where(tmp_path):

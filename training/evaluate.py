@@ -12,26 +12,21 @@ import numpy as np
 import torch
 
 from romebert.core.exits import THRESHOLD_GRID, sweep
-from romebert.core.tokenization import Encoded, TextEncoder
+from romebert.core.tokenization import Encoded, LengthBatches, TextEncoder
 from romebert.training.intervals import correct_at, interval, paired_difference
 
 
 @torch.no_grad()
 def exit_logits(model, encoded: Encoded, batch_size: int, device: torch.device | str = "cpu") -> np.ndarray:
-    """Logits of every exit for every row, (L, N, C), in batches sorted by length (little padding)."""
+    """Logits of every exit for every row, (L, N, C), in split order."""
     model.eval()
-    order = np.argsort(encoded.lengths, kind="stable")
-    out = np.zeros((model.num_layers, len(order), model.config.num_labels), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = encoded.rows(idx)
-        logits = model(
-            torch.from_numpy(batch.input_ids).to(device),
-            torch.from_numpy(batch.attention_mask).to(device),
-            torch.from_numpy(batch.token_type_ids).to(device),
-        )
-        out[:, idx] = logits.float().cpu().numpy()
-    return out
+    split = LengthBatches.of(encoded, batch_size)
+
+    def logits(batch: Encoded) -> np.ndarray:
+        inputs = (torch.from_numpy(a).to(device) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids))
+        return model(*inputs).float().cpu().numpy()
+
+    return split.in_split_order(logits(b) for b in split.batches)
 
 
 def f1_binary(pred: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
