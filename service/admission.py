@@ -7,8 +7,9 @@ otherwise it gets a fast 503
 whose Retry-After comes from the predicted wait. The prediction is the work ahead of it, queued
 rows plus half the rows in flight, times the measured engine seconds per answered row (early exits
 included), shared out over the workers. It is an estimate; the bound is kept for certain at the
-other end: a row that has waited past it when a worker would take it is answered 503 instead of
-run. Past capacity the queue therefore holds about one bound's worth of work, the workers stay
+other end: a row that has waited past it when a worker would take it, or when its length group
+would start (a worker takes a whole batch and runs its length groups one after another), is
+answered 503 instead of run. Past capacity the queue therefore holds about one bound's worth of work, the workers stay
 busy, and the rest is turned away at the door, for the price of parsing and tokenizing it.
 
 Rows whose ticket is closed (the client left, the request's deadline passed) are dropped when a
@@ -22,6 +23,8 @@ import threading
 import time
 from collections import deque
 from typing import Callable
+
+import numpy as np
 
 from romebert.service.cost_model import ServiceRate
 from romebert.service.metrics import Metrics
@@ -157,15 +160,32 @@ class Admission:
         if row.ticket.closed:
             self.metrics.shed_rows.labels(row.ticket.closed_because or "cancelled").inc()
             return False
-        if now - row.arrival > self.max_queue_wait_s:
-            self._fail(row, "expired", Rejected(
-                "overloaded", f"waited {1000 * (now - row.arrival):.0f} ms in the queue, over the server's bound of "
-                f"{1000 * self.max_queue_wait_s:.0f} ms; retry later", self.predicted_wait()))
+        if self._late(row, now):
             return False
         if now + self.rate.seconds_per_row > self._drain_deadline:
             self._fail(row, "draining", Rejected("shutting_down", "the server is shutting down before this request's turn"))
             return False
         return True
+
+    def _late(self, row: Row, now: float) -> bool:
+        """True, and the row answered 503, when it has waited past the bound (call with the lock held)."""
+        if now - row.arrival <= self.max_queue_wait_s:
+            return False
+        self._fail(row, "expired", Rejected(
+            "overloaded", f"waited {1000 * (now - row.arrival):.0f} ms in the queue, over the server's bound of "
+            f"{1000 * self.max_queue_wait_s:.0f} ms; retry later", self.predicted_wait()))
+        return True
+
+    def expire(self, rows: list[Row]) -> np.ndarray:
+        """Flag, and answer 503, the rows among `rows` (taken, not yet started) that have now waited
+        past the bound. A worker takes a whole batch and runs its length groups one after another,
+        so a group that starts late is held to the bound again. They leave the in-flight count
+        without adding to the service rate, as rows that expire in the queue do."""
+        with self._cond:
+            now = self.clock()
+            late = np.fromiter((self._late(row, now) for row in rows), dtype=bool, count=len(rows))
+            self._in_flight -= int(late.sum())
+            return late
 
     def _fail(self, row: Row, reason: str, error: Rejected) -> None:
         self.metrics.shed_rows.labels(reason).inc()

@@ -146,7 +146,9 @@ class Scheduler:
         left = sum(self._drop_closed(c) for c in cohorts)
         cohorts = [c for c in cohorts if c.rows]  # a cohort whose rows all left has nothing to run or cut
         chosen = self.policy.next(cohorts) if cohorts else None
-        if chosen is not None:
+        if chosen is not None and chosen.depth == 0:
+            self._drop_expired(chosen)
+        if chosen is not None and chosen.rows:
             for cohort, mask in budgets.late_rows(cohorts, chosen, self.cost_model, self.clock()):
                 left += self._answer(cohort, mask, budget_exhausted=True)
             if chosen.rows:
@@ -163,6 +165,12 @@ class Scheduler:
             self.metrics.shed_rows.labels(row.ticket.closed_because or "cancelled").inc()
         cohort.keep(self.engine, ~closed)
         return int(closed.sum())
+
+    def _drop_expired(self, cohort: Cohort) -> None:
+        """Before a cohort's first layer: drop the rows that have waited past the queue-wait bound."""
+        late = self.admission.expire(cohort.rows)
+        if late.any():
+            cohort.keep(self.engine, ~late)
 
     def _step(self, cohort: Cohort) -> int:
         """Run the cohort's next layer; answer the rows that leave after it; return how many left."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -36,6 +37,18 @@ def test_manifest_holds_every_field_of_contract_2(tiny_bundle):
     assert all({"accuracy", "avg_exit_layer", "speedup"} <= r.keys() for r in m["calibration"])
     assert m["default_threshold"] in THRESHOLD_GRID and "rule" in m["threshold_rule"]
     assert m["optimization"]["fused_operators"]["layer_1"]["Attention"] == 1, "attention must fuse"
+
+
+def test_every_segment_takes_any_batch_and_length_and_its_exit_gives_one_logit_per_label(tiny_bundle):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    hidden, labels = m["hidden_size"], len(m["labels"])
+    expected = {"input_ids": ["batch", "sequence"], "token_type_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
+                "hidden_states": ["batch", "sequence", hidden], "next_hidden_states": ["batch", "sequence", hidden],
+                "logits": ["batch", labels]}
+    for s in m["segments"]:
+        graph = onnx.load(str(tiny_bundle / s["file"]), load_external_data=False).graph
+        shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+        assert shapes == {name: expected[name] for name in s["inputs"] + s["outputs"]}, s["name"]
 
 
 def test_chained_segments_match_pytorch_at_every_exit(tiny_bundle, tiny_checkpoint):

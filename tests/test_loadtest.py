@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from romebert.loadtest import cli as loadtest_cli
+from romebert.loadtest.driver import DEFAULT_USERS, MAX_OPEN_LOOP_POOL, pool_size
 from romebert.loadtest.metrics_scrape import ServerDelta, delta, parse
 from romebert.loadtest.profiles import Profile, parse_mix, profiles_from_args
 from romebert.loadtest.records import RequestRecord, RunResult
@@ -161,6 +163,27 @@ def test_bad_arguments_exit_2(args, tmp_path):
     assert "error" in run.stderr
 
 
+@pytest.mark.parametrize("flag, lowest_accepted, highest_refused", [
+    ("--users", "1", "0"), ("--rate", "0.001", "0"), ("--duration", "0.001", "0"), ("--max-requests", "1", "0"),
+    ("--timeout", "0.001", "0"), ("--slo-p99-ms", "0.001", "0"), ("--slo-error-rate", "0", "-0.001"),
+])
+def test_each_load_argument_is_checked_at_its_bound(flag, lowest_accepted, highest_refused, capsys):
+    parser = loadtest_cli._parser()
+    loadtest_cli._check(parser, parser.parse_args(["http://127.0.0.1:9", flag, lowest_accepted]))
+    with pytest.raises(SystemExit) as refused:
+        loadtest_cli._check(parser, parser.parse_args(["http://127.0.0.1:9", flag, highest_refused]))
+    assert refused.value.code == 2 and f"{flag}: invalid value" in capsys.readouterr().err
+
+
+def test_an_error_rate_slo_is_a_fraction_and_the_url_needs_its_scheme(capsys):
+    parser = loadtest_cli._parser()
+    loadtest_cli._check(parser, parser.parse_args(["https://example.org", "--slo-error-rate", "1"]))
+    for argv in (["http://127.0.0.1:9", "--slo-error-rate", "1.001"], ["127.0.0.1:8000"]):
+        with pytest.raises(SystemExit):
+            loadtest_cli._check(parser, parser.parse_args(argv))
+    assert "url must start with http:// or https://" in capsys.readouterr().err
+
+
 def test_load_tester_does_not_need_torch(tmp_path):
     code = ("import sys; import romebert.loadtest.cli, romebert.loadtest.driver, romebert.loadtest.artifacts, "
             "romebert.loadtest.locustfile, romebert.core.data; sys.exit('torch' in sys.modules)")
@@ -273,6 +296,13 @@ def test_a_request_carries_each_texts_pair_beside_it_one_item_as_strings_several
     assert len(several.body["text"]) == 3 and several.items == 3
     assert [pair.replace("pair", "text") for pair in several.body["text_pair"]] == several.body["text"]
     assert "text_pair" not in Workload([TextItem("alone")], profiles, batch=2).draw(random.Random(0)).body
+
+
+def test_an_open_loop_holds_a_second_of_requests_in_flight_by_default_and_users_given_are_kept():
+    assert pool_size(None, None) == DEFAULT_USERS  # closed loop
+    assert pool_size(None, 10.0) == 11 and pool_size(None, 0.5) == 1
+    assert pool_size(None, 5 * MAX_OPEN_LOOP_POOL) == MAX_OPEN_LOOP_POOL
+    assert pool_size(3, None) == 3 and pool_size(3, 500.0) == 3
 
 
 def test_a_mix_gives_one_weighted_profile_per_entry_and_default_sends_neither_field():

@@ -524,6 +524,25 @@ async def test_a_row_that_waited_past_the_bound_is_answered_503_and_never_run():
 
 
 @pytest.mark.asyncio
+async def test_a_length_group_that_starts_past_the_bound_is_answered_503_though_it_was_taken_in_time():
+    clock = Clock()
+    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, max_queue_wait_s=0.5, seconds_per_row=0.1, clock=clock)
+    running = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    short, long = submit(scheduler, [3], 0.0, length=20), submit(scheduler, [4], 0.0, length=200)
+    engine.step(3)  # the worker takes both at once, on time, as two length groups: the short one runs first
+    await wait_for(lambda: len(engine.calls) == 4)
+    clock.now += 1.0  # the short group takes long: the long one has now waited 1 s
+    engine.step(3)
+    assert [a.exit_layer for a in await done(running, short)] == [3, 3]
+    with pytest.raises(Rejected, match="waited 1000 ms in the queue, over the server's bound of 500 ms"):
+        await done(long)
+    assert [codes for _, codes in engine.calls] == [[3]] * 6
+    assert shed(scheduler, "expired") == 1
+    await wait_for(lambda: scheduler.admission.predicted_wait() == 0.0)  # nothing left in flight
+
+
+@pytest.mark.asyncio
 async def test_the_queue_wait_metric_is_the_time_from_arrival_to_a_worker_taking_the_row():
     clock = Clock()
     scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, clock=clock)

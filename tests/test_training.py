@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from romebert.training.checkpoint import state_path
+from romebert.training.checkpoint import load_training_state, save_training_state, state_path
 from romebert.training.model import MultiExitBert
 from tiny_backbone import make_tiny_backbone, tiny_train_config
 from romebert.training.train import SimulatedCrash, Trainer, train
@@ -53,18 +54,52 @@ def test_exit_poolers_start_from_the_backbone_pooler(tiny_backbone):
 
 
 @pytest.mark.parametrize("method", ["romebert", "deebert"])
-def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone, tmp_path, method):
+def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone, tmp_path, method, capsys):
     reference = train(tiny_train_config(tiny_backbone, tmp_path / "straight", method=method, epochs=2, grad_accum=2, batch_size=8))
     crashed = tiny_train_config(tiny_backbone, tmp_path / "crashed", method=method, epochs=2, grad_accum=2, batch_size=8, crash_after_steps=5)
     with pytest.raises(SimulatedCrash):
         train(crashed)
     assert state_path(tmp_path / "crashed").is_file() and not (tmp_path / "crashed").exists()
+    state = load_training_state(state_path(tmp_path / "crashed"))
+    assert state["global_step"] == 4  # saved every 2 steps; the crash came after step 5
+    # 2 epochs of 64 rows in steps of 16: 8 steps, over which the learning rate falls linearly to 0
+    assert state["scheduler"]["_last_lr"] == [pytest.approx(crashed.lr * (1 - 4 / 8))]
+    save_training_state(state_path(tmp_path / "crashed"), state | {"elapsed": 1000.0})  # the time spent before the crash
     crashed.crash_after_steps, crashed.resume = None, True
+    capsys.readouterr()
+    resumed_at = time.perf_counter()
     train(crashed)
+    resumed_for = time.perf_counter() - resumed_at
+    assert "no training state" not in capsys.readouterr().out
     expected, got = weights(reference), weights(tmp_path / "crashed")
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+    assert 0 < json.loads((tmp_path / "crashed" / "training_record.json").read_text())["train_seconds"] - 1000 <= resumed_for
+
+
+def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbone, tiny_checkpoint, tmp_path, capsys):
+    out = train(tiny_train_config(tiny_backbone, tmp_path / "fresh", epochs=2, resume=True))  # tiny_checkpoint's config
+    assert "--resume: no training state" in capsys.readouterr().out
+    expected, got = weights(tiny_checkpoint), weights(out)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"method": "distill"}, "unknown method 'distill'"),
+    ({"batch_size": 0}, "must be >= 1"),
+    ({"grad_accum": 0}, "must be >= 1"),
+    ({"epochs": 0}, "must be >= 1"),
+])
+def test_a_config_that_cannot_train_is_refused_before_any_work(tiny_backbone, tmp_path, bad, says):
+    with pytest.raises(ValueError, match=says):
+        Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", **bad))
+    assert not any(tmp_path.iterdir())
+
+
+def test_device_auto_trains_on_cuda_when_present_and_on_the_cpu_otherwise(tiny_backbone, tmp_path):
+    trainer = Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", device="auto"))
+    assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_deebert_stage_two_changes_only_the_early_exit_heads(tiny_backbone, tmp_path):
@@ -91,7 +126,10 @@ def test_deebert_stage_two_changes_only_the_early_exit_heads(tiny_backbone, tmp_
 def test_finetune_trains_the_final_exit_only(tiny_backbone, tmp_path):
     torch.manual_seed(42)  # the seed train() sets before it builds the model
     initial = MultiExitBert.from_backbone(tiny_backbone, ["negative", "positive"]).state_dict()
-    final = weights(train(tiny_train_config(tiny_backbone, tmp_path / "ft", method="finetune")))
+    out = train(tiny_train_config(tiny_backbone, tmp_path / "ft", method="finetune"))
+    final = weights(out)
+    history = json.loads((out / "training_record.json").read_text())["history"]
+    assert history and not any("gr_projected_fraction" in entry for entry in history)  # gradient regularization is RomeBERT's alone
     assert torch.equal(final["exits.0.classifier.weight"], initial["exits.0.classifier.weight"])
     assert not torch.equal(final["exits.2.classifier.weight"], initial["exits.2.classifier.weight"])
 
@@ -100,6 +138,15 @@ def test_gradient_regularization_runs_with_accumulation_on_cpu(tiny_backbone, tm
     out = train(tiny_train_config(tiny_backbone, tmp_path / "gr", grad_accum=4, batch_size=4))
     history = json.loads((out / "training_record.json").read_text())["history"]
     assert 0.0 <= history[-1]["gr_projected_fraction"] <= 1.0
+
+
+def test_accumulating_two_half_batches_trains_as_one_whole_batch(tmp_path):
+    """Dropout off, so that neither run draws random masks (two half batches cannot draw one batch's)."""
+    tiny_backbone = make_tiny_backbone(tmp_path / "no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    whole = weights(train(tiny_train_config(tiny_backbone, tmp_path / "whole", batch_size=16, grad_accum=1, seed=3)))
+    halves = weights(train(tiny_train_config(tiny_backbone, tmp_path / "halves", batch_size=8, grad_accum=2, seed=3)))
+    for key in whole:
+        torch.testing.assert_close(halves[key], whole[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_batch(tmp_path):
