@@ -9,8 +9,9 @@ rows plus half the rows in flight, times the measured engine seconds per answere
 included), shared out over the workers. It is an estimate; the bound is kept for certain at the
 other end: a row that has waited past it when a worker would take it, or when its length group
 would start (a worker takes a whole batch and runs its length groups one after another), is
-answered 503 instead of run. Past capacity the queue therefore holds about one bound's worth of work, the workers stay
-busy, and the rest is turned away at the door, for the price of parsing and tokenizing it.
+answered 503 instead of run. Past capacity the queue therefore holds about one bound's worth of
+work, the workers stay busy, and the rest is turned away at the door, for the price of parsing and
+tokenizing it.
 
 Rows whose ticket is closed (the client left, the request's deadline passed) are dropped when a
 worker reaches them, so no work is done for clients that have gone.
@@ -180,7 +181,7 @@ class Admission:
         """Flag, and answer 503, the rows among `rows` (taken, not yet started) that have now waited
         past the bound. A worker takes a whole batch and runs its length groups one after another,
         so a group that starts late is held to the bound again. They leave the in-flight count
-        without adding to the service rate, as rows that expire in the queue do."""
+        without adding to the service rate (rows that expire in the queue never reach it either)."""
         with self._cond:
             now = self.clock()
             late = np.fromiter((self._late(row, now) for row in rows), dtype=bool, count=len(rows))

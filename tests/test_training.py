@@ -61,7 +61,7 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone,
         train(crashed)
     assert state_path(tmp_path / "crashed").is_file() and not (tmp_path / "crashed").exists()
     state = load_training_state(state_path(tmp_path / "crashed"))
-    assert state["global_step"] == 4  # saved every 2 steps; the crash came after step 5
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)  # saved every 2 steps; crashed after step 5
     # 2 epochs of 64 rows in steps of 16: 8 steps, over which the learning rate falls linearly to 0
     assert state["scheduler"]["_last_lr"] == [pytest.approx(crashed.lr * (1 - 4 / 8))]
     save_training_state(state_path(tmp_path / "crashed"), state | {"elapsed": 1000.0})  # the time spent before the crash
@@ -75,7 +75,12 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone,
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    assert 0 < json.loads((tmp_path / "crashed" / "training_record.json").read_text())["train_seconds"] - 1000 <= resumed_for
+    record = json.loads((tmp_path / "crashed" / "training_record.json").read_text())
+    assert 0 < record["train_seconds"] - 1000 <= resumed_for
+    steps = {"romebert": 8, "deebert": 16}[method]  # 2 epochs of 4 steps; DeeBERT trains two stages
+    phases = {"romebert": ["romebert"], "deebert": ["deebert-stage1", "deebert-stage2"]}[method]
+    assert [(e["phase"], e["epoch"]) for e in record["history"]] == [(p, epoch) for p in phases for epoch in (1, 2)]
+    assert record["optimizer_steps"] == json.loads((reference / "training_record.json").read_text())["optimizer_steps"] == steps
 
 
 def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbone, tiny_checkpoint, tmp_path, capsys):
@@ -90,11 +95,16 @@ def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbon
     ({"batch_size": 0}, "must be >= 1"),
     ({"grad_accum": 0}, "must be >= 1"),
     ({"epochs": 0}, "must be >= 1"),
+    ({"batch_size": 48, "grad_accum": 2}, r"64 examples, fewer than one optimizer step takes \(batch_size 48 x grad_accum 2 x 1 processes = 96\)"),
 ])
 def test_a_config_that_cannot_train_is_refused_before_any_work(tiny_backbone, tmp_path, bad, says):
     with pytest.raises(ValueError, match=says):
         Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", **bad))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_training_split_of_exactly_one_step_is_enough(tiny_backbone, tmp_path):
+    assert Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", batch_size=32, grad_accum=2)).rows_per_step == 64
 
 
 def test_device_auto_trains_on_cuda_when_present_and_on_the_cpu_otherwise(tiny_backbone, tmp_path):
@@ -132,6 +142,16 @@ def test_finetune_trains_the_final_exit_only(tiny_backbone, tmp_path):
     assert history and not any("gr_projected_fraction" in entry for entry in history)  # gradient regularization is RomeBERT's alone
     assert torch.equal(final["exits.0.classifier.weight"], initial["exits.0.classifier.weight"])
     assert not torch.equal(final["exits.2.classifier.weight"], initial["exits.2.classifier.weight"])
+
+
+def test_romebert_trains_every_exit_the_last_included_in_one_stage(tiny_backbone, tiny_checkpoint):
+    torch.manual_seed(42)  # the seed train() sets before it builds the model
+    initial = MultiExitBert.from_backbone(tiny_backbone, ["negative", "positive"]).state_dict()
+    final = weights(tiny_checkpoint)
+    for i in range(3):
+        assert not torch.equal(final[f"exits.{i}.classifier.weight"], initial[f"exits.{i}.classifier.weight"]), i
+    record = json.loads((tiny_checkpoint / "training_record.json").read_text())
+    assert {entry["phase"] for entry in record["history"]} == {"romebert"}
 
 
 def test_gradient_regularization_runs_with_accumulation_on_cpu(tiny_backbone, tmp_path):

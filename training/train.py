@@ -180,6 +180,10 @@ class Trainer:
         _seed_everything(cfg.seed)
         self.backbone = Path(cfg.backbone or default_backbone())
         self.data: TaskData = task_data(cfg)
+        self.rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        if len(self.data.train) < self.rows_per_step:
+            raise ValueError(f"the training split has {len(self.data.train)} examples, fewer than one optimizer step takes "
+                             f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {self.world} processes = {self.rows_per_step})")
         self.encoder = TextEncoder(self.backbone / "tokenizer.json", cfg.max_length)
         self.model = self._initial_model().to(self.device)
         self.model.gradient_equilibrium = cfg.gradient_equilibrium
@@ -264,7 +268,7 @@ class Trainer:
             global_step = self._run_phase(phase_index, phase, ddp, phase_resume, global_step, started)
         elapsed = time.perf_counter() - started
         if self.main:
-            self._publish(elapsed)
+            self._publish(elapsed, global_step)
         if self.distributed:
             dist.barrier()
         return self.output
@@ -282,8 +286,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         encoded, labels = self.train_set
-        rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
-        steps_per_epoch = max(1, len(labels) // rows_per_step)
+        steps_per_epoch = len(labels) // self.rows_per_step
         total = steps_per_epoch * cfg.epochs
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
         use_gr = phase.loss == "romebert" and cfg.gradient_regularization
@@ -299,10 +302,10 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=total, initial=epoch * steps_per_epoch + step_in_epoch, desc=phase.name, disable=not self.main, unit="step")
         for epoch in range(epoch, cfg.epochs):
-            order = length_grouped_order(encoded.lengths, rows_per_step, cfg.seed * 1000 + index * 100 + epoch)
+            order = length_grouped_order(encoded.lengths, self.rows_per_step, cfg.seed * 1000 + index * 100 + epoch)
             running, seen = 0.0, 0
             for step in range(step_in_epoch, steps_per_epoch):
-                rows = order[step * rows_per_step : (step + 1) * rows_per_step].view(cfg.grad_accum, self.world, cfg.batch_size)
+                rows = order[step * self.rows_per_step : (step + 1) * self.rows_per_step].view(cfg.grad_accum, self.world, cfg.batch_size)
                 with ddp.no_sync() if self.distributed else contextlib.nullcontext():
                     for micro in rows[:, self.rank]:
                         idx = np.sort(micro.numpy())
@@ -360,7 +363,7 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         save_training_state(self.state_file, state)
 
-    def _publish(self, elapsed: float) -> None:
+    def _publish(self, elapsed: float, optimizer_steps: int) -> None:
         logits = exit_logits(self.model, self.dev_set[0], self.cfg.eval_batch_size, self.device)
         record = {
             "method": self.cfg.method,
@@ -369,6 +372,7 @@ class Trainer:
             "backbone": str(self.backbone),
             "config": dataclasses.asdict(self.cfg) | {"crash_after_steps": None},
             "train_seconds": elapsed,
+            "optimizer_steps": optimizer_steps,
             "dev_per_exit": per_exit_metrics(logits, self.dev_set[1]),
             "history": self.history,
             "world_size": self.world,
