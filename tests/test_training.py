@@ -13,10 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from romebert.core.data import encode_examples
+from romebert.core.tokenization import TextEncoder
 from romebert.training.checkpoint import load_training_state, save_training_state, state_path
+from romebert.training.evaluate import exit_logits, per_exit_metrics
 from romebert.training.model import MultiExitBert
 from tiny_backbone import make_tiny_backbone, tiny_train_config
-from romebert.training.train import SimulatedCrash, Trainer, train
+from romebert.training.train import SimulatedCrash, TrainConfig, Trainer, task_data, train
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -47,6 +50,15 @@ def test_loading_a_checkpoint_reproduces_its_logits(tiny_checkpoint):
     assert all(torch.equal(v, weights(tiny_checkpoint)[k]) for k, v in a.state_dict().items())
 
 
+def test_the_record_gives_the_dev_accuracy_the_saved_model_scores_on_the_runs_own_dev_rows(tiny_checkpoint):
+    record = json.loads((tiny_checkpoint / "training_record.json").read_text())
+    cfg = TrainConfig(**record["config"])
+    encoded, labels = encode_examples(TextEncoder(tiny_checkpoint / "tokenizer.json", cfg.max_length), task_data(cfg).dev)
+    scored = per_exit_metrics(exit_logits(MultiExitBert.from_checkpoint(tiny_checkpoint), encoded, 16), labels)
+    assert record["dev_per_exit"] == scored
+    assert record["history"][-1]["dev_acc_per_exit"] == pytest.approx([m["accuracy"] for m in scored])  # the last epoch ends the run
+
+
 def test_exit_poolers_start_from_the_backbone_pooler(tiny_backbone):
     model = MultiExitBert.from_backbone(tiny_backbone, ["a", "b"])
     pooler = load_file(str(tiny_backbone / "model.safetensors"))["pooler.dense.weight"]
@@ -57,10 +69,13 @@ def test_exit_poolers_start_from_the_backbone_pooler(tiny_backbone):
 def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone, tmp_path, method, capsys):
     reference = train(tiny_train_config(tiny_backbone, tmp_path / "straight", method=method, epochs=2, grad_accum=2, batch_size=8))
     crashed = tiny_train_config(tiny_backbone, tmp_path / "crashed", method=method, epochs=2, grad_accum=2, batch_size=8, crash_after_steps=5)
+    crashed_at = time.perf_counter()
     with pytest.raises(SimulatedCrash):
         train(crashed)
+    crashed_for = time.perf_counter() - crashed_at
     assert state_path(tmp_path / "crashed").is_file() and not (tmp_path / "crashed").exists()
     state = load_training_state(state_path(tmp_path / "crashed"))
+    assert 0 < state["elapsed"] < crashed_for
     assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)  # saved every 2 steps; crashed after step 5
     # 2 epochs of 64 rows in steps of 16: 8 steps, over which the learning rate falls linearly to 0
     assert state["scheduler"]["_last_lr"] == [pytest.approx(crashed.lr * (1 - 4 / 8))]
@@ -142,12 +157,15 @@ def test_finetune_trains_the_final_exit_only(tiny_backbone, tmp_path):
     assert history and not any("gr_projected_fraction" in entry for entry in history)  # gradient regularization is RomeBERT's alone
     assert torch.equal(final["exits.0.classifier.weight"], initial["exits.0.classifier.weight"])
     assert not torch.equal(final["exits.2.classifier.weight"], initial["exits.2.classifier.weight"])
+    assert not torch.equal(final["layers.0.attention.self.query.weight"], initial["layers.0.attention.self.query.weight"])  # and the backbone
 
 
-def test_romebert_trains_every_exit_the_last_included_in_one_stage(tiny_backbone, tiny_checkpoint):
+def test_romebert_trains_the_encoder_and_every_exit_the_last_included_in_one_stage(tiny_backbone, tiny_checkpoint):
     torch.manual_seed(42)  # the seed train() sets before it builds the model
     initial = MultiExitBert.from_backbone(tiny_backbone, ["negative", "positive"]).state_dict()
     final = weights(tiny_checkpoint)
+    for i in range(3):  # the encoder's weights go through gradient regularization
+        assert not torch.equal(final[f"layers.{i}.attention.self.query.weight"], initial[f"layers.{i}.attention.self.query.weight"]), i
     for i in range(3):
         assert not torch.equal(final[f"exits.{i}.classifier.weight"], initial[f"exits.{i}.classifier.weight"]), i
     record = json.loads((tiny_checkpoint / "training_record.json").read_text())
@@ -163,10 +181,13 @@ def test_gradient_regularization_runs_with_accumulation_on_cpu(tiny_backbone, tm
 def test_accumulating_two_half_batches_trains_as_one_whole_batch(tmp_path):
     """Dropout off, so that neither run draws random masks (two half batches cannot draw one batch's)."""
     tiny_backbone = make_tiny_backbone(tmp_path / "no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    whole = weights(train(tiny_train_config(tiny_backbone, tmp_path / "whole", batch_size=16, grad_accum=1, seed=3)))
-    halves = weights(train(tiny_train_config(tiny_backbone, tmp_path / "halves", batch_size=8, grad_accum=2, seed=3)))
+    runs = {name: train(tiny_train_config(tiny_backbone, tmp_path / name, batch_size=16 // accumulate, grad_accum=accumulate, seed=3))
+            for name, accumulate in (("whole", 1), ("halves", 2))}
+    whole, halves = weights(runs["whole"]), weights(runs["halves"])
     for key in whole:
         torch.testing.assert_close(halves[key], whole[key], atol=1e-5, rtol=1e-4, msg=key)
+    losses = {name: json.loads((out / "training_record.json").read_text())["history"][-1]["loss"] for name, out in runs.items()}
+    assert losses["halves"] == pytest.approx(losses["whole"], rel=1e-4)  # the reported loss too: a mean, not a sum, of the halves
 
 
 def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_batch(tmp_path):
