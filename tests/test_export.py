@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -37,6 +38,7 @@ def test_manifest_holds_every_field_of_contract_2(tiny_bundle):
     assert all({"accuracy", "avg_exit_layer", "speedup"} <= r.keys() for r in m["calibration"])
     assert m["default_threshold"] in THRESHOLD_GRID and "rule" in m["threshold_rule"]
     assert m["optimization"]["fused_operators"]["layer_1"]["Attention"] == 1, "attention must fuse"
+    assert m["optimization"]["quantization"] is None
 
 
 def test_every_segment_takes_any_batch_and_length_and_its_exit_gives_one_logit_per_label(tiny_bundle):
@@ -107,12 +109,14 @@ def test_the_monolithic_graph_is_exported_only_on_request_and_equals_the_final_e
 
 
 def test_int8_bundle_records_its_accuracy_and_quantized_weights(tiny_checkpoint, tmp_path):
+    started = time.perf_counter()
     out = export_bundle(tiny_checkpoint, tmp_path / "int8", precision="int8", limit=64, log=lambda *_: None)
+    took = time.perf_counter() - started
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "int8" and m["parity"]["tolerance"] is None
+    assert m["optimization"]["quantization"] == "dynamic int8, per-channel"
+    assert 0 < m["export_seconds"] <= took
     assert m["calibration"][0]["accuracy"] > 0
-    import onnx
-
     ops = {n.op_type for n in onnx.load(str(out / m["segments"][1]["file"])).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLinear"}, ops
 
@@ -129,10 +133,12 @@ def test_auto_precision_measures_fp32_and_int8_and_publishes_the_chosen_files(ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto"], "the candidate not chosen leaves nothing behind"
 
 
-def test_existing_output_is_refused_without_force_and_left_untouched(tiny_checkpoint, tiny_bundle):
+def test_existing_output_is_refused_without_force_before_any_work_and_left_untouched(tiny_checkpoint, tiny_bundle, tmp_path):
     before = sha256_file(tiny_bundle / "manifest.json")
     with pytest.raises(FileExistsError, match="--force"):
         export_bundle(tiny_checkpoint, tiny_bundle, limit=64)
+    with pytest.raises(FileExistsError, match="--force"):  # refused before the checkpoint is even looked at
+        export_bundle(tmp_path / "no-such-checkpoint", tiny_bundle, limit=64)
     assert sha256_file(tiny_bundle / "manifest.json") == before
 
 
@@ -222,8 +228,6 @@ def test_fp16_bundle_keeps_fp32_inputs_and_outputs_and_agrees_closely(tiny_check
     out = export_bundle(tiny_checkpoint, tmp_path / "fp16", precision="fp16", limit=32, log=lambda *_: None)
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "fp16"
-    import onnx
-
     graph = onnx.load(str(out / m["segments"][1]["file"])).graph
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer), "weights are fp16"
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT, "the engine feeds fp32 hidden states"
