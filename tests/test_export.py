@@ -49,6 +49,7 @@ def test_every_segment_takes_any_batch_and_length_and_its_exit_gives_one_logit_p
                 "logits": ["batch", labels]}
     for s in m["segments"]:
         graph = onnx.load(str(tiny_bundle / s["file"]), load_external_data=False).graph
+        assert ([v.name for v in graph.input], [v.name for v in graph.output]) == (s["inputs"], s["outputs"]), s["name"]
         shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
         assert shapes == {name: expected[name] for name in s["inputs"] + s["outputs"]}, s["name"]
 
