@@ -95,6 +95,8 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone,
     steps = {"romebert": 8, "deebert": 16}[method]  # 2 epochs of 4 steps; DeeBERT trains two stages
     phases = {"romebert": ["romebert"], "deebert": ["deebert-stage1", "deebert-stage2"]}[method]
     assert [(e["phase"], e["epoch"]) for e in record["history"]] == [(p, epoch) for p in phases for epoch in (1, 2)]
+    # every epoch's loss, dev accuracy and GR share as if never stopped (the crash came right after epoch 1's last step)
+    assert record["history"] == json.loads((reference / "training_record.json").read_text())["history"]
     assert record["optimizer_steps"] == json.loads((reference / "training_record.json").read_text())["optimizer_steps"] == steps
 
 

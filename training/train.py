@@ -292,6 +292,7 @@ class Trainer:
         use_gr = phase.loss == "romebert" and cfg.gradient_regularization
         projector = GradientProjector(shared_encoder_weights(self.model)) if use_gr else None
         epoch, step_in_epoch = 0, 0
+        running, seen = 0.0, 0  # the epoch's summed loss and steps, for its history entry
         if resume:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
@@ -299,11 +300,13 @@ class Trainer:
             if torch.cuda.is_available() and "cuda_rng" in resume:
                 torch.cuda.set_rng_state_all(resume["cuda_rng"])
             epoch, step_in_epoch = resume["epoch"], resume["step_in_epoch"]
+            running, seen = resume["epoch_loss"]
+            if projector is not None:
+                projector.projections, projector.steps = resume["gr_counts"]
         self.model.train()
         bar = tqdm(total=total, initial=epoch * steps_per_epoch + step_in_epoch, desc=phase.name, disable=not self.main, unit="step")
         for epoch in range(epoch, cfg.epochs):
             order = length_grouped_order(encoded.lengths, self.rows_per_step, cfg.seed * 1000 + index * 100 + epoch)
-            running, seen = 0.0, 0
             for step in range(step_in_epoch, steps_per_epoch):
                 rows = order[step * self.rows_per_step : (step + 1) * self.rows_per_step].view(cfg.grad_accum, self.world, cfg.batch_size)
                 with ddp.no_sync() if self.distributed else contextlib.nullcontext():
@@ -323,11 +326,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running / seen:.4f}")
                 if cfg.save_every and global_step % cfg.save_every == 0:
-                    self._save_state(index, epoch, step + 1, global_step, optimizer, scheduler, started)
+                    self._save_state(index, epoch, step + 1, global_step, optimizer, scheduler, started, (running, seen), projector)
                 if cfg.crash_after_steps is not None and global_step >= cfg.crash_after_steps:
                     raise SimulatedCrash(f"simulated crash after step {global_step}")
             step_in_epoch = 0
             self._end_epoch(phase, epoch, running / max(seen, 1), projector)
+            running, seen = 0.0, 0
         bar.close()
         self._save_state(index + 1, 0, 0, global_step, None, None, started)
         return global_step
@@ -344,7 +348,9 @@ class Trainer:
         self.history.append(entry)
         tqdm.write(f"[{phase.name}] epoch {epoch + 1}: loss {loss:.4f}  dev acc per exit " + " ".join(f"{a:.3f}" for a in accs))
 
-    def _save_state(self, phase: int, epoch: int, step_in_epoch: int, global_step: int, optimizer, scheduler, started: float) -> None:
+    def _save_state(self, phase: int, epoch: int, step_in_epoch: int, global_step: int, optimizer, scheduler, started: float,
+                    epoch_loss: tuple[float, int] = (0.0, 0), projector: GradientProjector | None = None) -> None:
+        """Everything --resume needs to go on as if never stopped, the history's loss and GR counts included."""
         if not self.main:
             return
         state = {
@@ -358,6 +364,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "elapsed": time.perf_counter() - started,
+            "epoch_loss": epoch_loss,
+            "gr_counts": (projector.projections, projector.steps) if projector else (0, 0),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
