@@ -100,6 +100,21 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone,
     assert record["optimizer_steps"] == json.loads((reference / "training_record.json").read_text())["optimizer_steps"] == steps
 
 
+def test_a_crash_between_deebert_stages_resumes_at_the_start_of_the_second(tiny_backbone, tmp_path):
+    reference = train(tiny_train_config(tiny_backbone, tmp_path / "straight", method="deebert"))  # 4 steps a stage
+    crashed = tiny_train_config(tiny_backbone, tmp_path / "crashed", method="deebert", crash_after_steps=5)
+    with pytest.raises(SimulatedCrash):
+        train(crashed)
+    state = load_training_state(state_path(tmp_path / "crashed"))
+    assert (state["phase"], state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 0, 4)  # saved as stage 1 ended
+    crashed.crash_after_steps, crashed.resume = None, True
+    train(crashed)
+    expected, got = weights(reference), weights(tmp_path / "crashed")
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    records = [json.loads((out / "training_record.json").read_text()) for out in (reference, tmp_path / "crashed")]
+    assert records[0]["history"] == records[1]["history"] and records[1]["optimizer_steps"] == 8
+
+
 def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbone, tiny_checkpoint, tmp_path, capsys):
     out = train(tiny_train_config(tiny_backbone, tmp_path / "fresh", epochs=2, resume=True))  # tiny_checkpoint's config
     assert "--resume: no training state" in capsys.readouterr().out

@@ -294,8 +294,9 @@ class Trainer:
         epoch, step_in_epoch = 0, 0
         running, seen = 0.0, 0  # the epoch's summed loss and steps, for its history entry
         if resume:
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
+            if resume["optimizer"]:  # empty when saved as the previous phase ended: this one starts afresh
+                optimizer.load_state_dict(resume["optimizer"])
+                scheduler.load_state_dict(resume["scheduler"])
             torch.set_rng_state(resume["torch_rng"])
             if torch.cuda.is_available() and "cuda_rng" in resume:
                 torch.cuda.set_rng_state_all(resume["cuda_rng"])
