@@ -115,6 +115,14 @@ def test_a_crash_between_deebert_stages_resumes_at_the_start_of_the_second(tiny_
     assert records[0]["history"] == records[1]["history"] and records[1]["optimizer_steps"] == 8
 
 
+def test_the_learning_rate_warms_up_linearly_over_its_share_of_the_steps(tiny_backbone, tmp_path):
+    cfg = tiny_train_config(tiny_backbone, tmp_path / "warm", epochs=2, warmup_ratio=0.5, crash_after_steps=2)  # 8 steps, 4 of warm-up
+    with pytest.raises(SimulatedCrash):
+        train(cfg)
+    state = load_training_state(state_path(tmp_path / "warm"))
+    assert state["global_step"] == 2 and state["scheduler"]["_last_lr"] == [pytest.approx(cfg.lr * 2 / 4)]
+
+
 def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbone, tiny_checkpoint, tmp_path, capsys):
     out = train(tiny_train_config(tiny_backbone, tmp_path / "fresh", epochs=2, resume=True))  # tiny_checkpoint's config
     assert "--resume: no training state" in capsys.readouterr().out
