@@ -66,7 +66,7 @@ def test_exit_poolers_start_from_the_backbone_pooler(tiny_backbone):
 
 
 @pytest.mark.parametrize("method", ["romebert", "deebert"])
-def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone, tmp_path, method, capsys):
+def test_resume_after_a_crash_ends_with_the_uninterrupted_runs_weights_history_and_steps(tiny_backbone, tmp_path, method, capsys):
     reference = train(tiny_train_config(tiny_backbone, tmp_path / "straight", method=method, epochs=2, grad_accum=2, batch_size=8))
     crashed = tiny_train_config(tiny_backbone, tmp_path / "crashed", method=method, epochs=2, grad_accum=2, batch_size=8, crash_after_steps=5)
     crashed_at = time.perf_counter()
@@ -90,14 +90,14 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tiny_backbone,
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    record = json.loads((tmp_path / "crashed" / "training_record.json").read_text())
+    record, uninterrupted = (json.loads((out / "training_record.json").read_text()) for out in (tmp_path / "crashed", reference))
     assert 0 < record["train_seconds"] - 1000 <= resumed_for
     steps = {"romebert": 8, "deebert": 16}[method]  # 2 epochs of 4 steps; DeeBERT trains two stages
     phases = {"romebert": ["romebert"], "deebert": ["deebert-stage1", "deebert-stage2"]}[method]
     assert [(e["phase"], e["epoch"]) for e in record["history"]] == [(p, epoch) for p in phases for epoch in (1, 2)]
     # every epoch's loss, dev accuracy and GR share as if never stopped (the crash came right after epoch 1's last step)
-    assert record["history"] == json.loads((reference / "training_record.json").read_text())["history"]
-    assert record["optimizer_steps"] == json.loads((reference / "training_record.json").read_text())["optimizer_steps"] == steps
+    assert record["history"] == uninterrupted["history"]
+    assert record["optimizer_steps"] == uninterrupted["optimizer_steps"] == steps
 
 
 def test_a_crash_between_deebert_stages_resumes_at_the_start_of_the_second(tiny_backbone, tmp_path):
@@ -190,9 +190,8 @@ def test_romebert_trains_the_encoder_and_every_exit_the_last_included_in_one_sta
     initial = MultiExitBert.from_backbone(tiny_backbone, ["negative", "positive"]).state_dict()
     final = weights(tiny_checkpoint)
     for i in range(3):  # the encoder's weights go through gradient regularization
-        assert not torch.equal(final[f"layers.{i}.attention.self.query.weight"], initial[f"layers.{i}.attention.self.query.weight"]), i
-    for i in range(3):
-        assert not torch.equal(final[f"exits.{i}.classifier.weight"], initial[f"exits.{i}.classifier.weight"]), i
+        for name in (f"layers.{i}.attention.self.query.weight", f"exits.{i}.classifier.weight"):
+            assert not torch.equal(final[name], initial[name]), name
     record = json.loads((tiny_checkpoint / "training_record.json").read_text())
     assert {entry["phase"] for entry in record["history"]} == {"romebert"}
 
