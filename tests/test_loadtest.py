@@ -359,3 +359,52 @@ def test_texts_files_give_their_texts_and_pairs_and_a_bad_one_says_where(tmp_pat
         (tmp_path / name).write_text(content)
         with pytest.raises(TextsError, match=re.escape(message)):
             load_texts(tmp_path / name, None)
+
+
+def drawn_report(monkeypatch, tmp_path, latencies_ms: list[float], report: dict):
+    """plot_report's figure, kept open (its close intercepted) so that its panels can be read."""
+    from romebert.loadtest import plot
+
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)
+    plot.plot_report(tmp_path / "report.png", latencies_ms, report)
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (figure,) = figures
+    return figure
+
+
+def plot_input(exit_layers: dict[str, int], average: float | None, latency: dict | None) -> dict:
+    return {"config": {"url": "http://h:1", "batch": 2}, "requests": {"completed": 40}, "latency_ms": latency,
+            "exit_depth": {"source": "server /metrics", "average_exit_layer": average, "exit_layers": exit_layers}}
+
+
+def texts_on(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def test_the_plot_marks_the_reports_percentiles_on_the_latency_histogram_and_shares_of_items_by_exit_layer(monkeypatch, tmp_path):
+    latencies = [float(v) for v in range(1, 41)]
+    figure = drawn_report(monkeypatch, tmp_path, latencies, plot_input(
+        {"1": 30, "2": 6, "6": 4}, 1.75, {"p50": 20.5, "p95": 38.0, "p99": 39.6}))
+    latency_ax, exit_ax = figure.axes
+    assert sum(patch.get_height() for patch in latency_ax.patches) == 40  # every successful request, once
+    assert [line.get_xdata()[0] for line in latency_ax.lines] == [20.5, 38.0, 39.6]
+    assert [t.get_text() for t in latency_ax.get_legend().get_texts()] == ["p50 20.5 ms", "p95 38.0 ms", "p99 39.6 ms"]
+    assert [tick.get_text() for tick in exit_ax.get_xticklabels()] == ["1", "2", "6"]
+    assert [patch.get_height() for patch in exit_ax.patches] == pytest.approx([0.75, 0.15, 0.10])
+    assert texts_on(exit_ax) == ["average 1.75"] and exit_ax.get_title() == "exit layer (server /metrics)"
+    assert figure._suptitle.get_text() == "http://h:1: 40 requests, batch 2"
+
+
+@pytest.mark.parametrize("requests, bins", [(3, 5), (40, 8), (1000, 50)])
+def test_the_latency_histogram_has_a_bin_per_5_requests_but_at_least_5_and_at_most_50(monkeypatch, tmp_path, requests, bins):
+    latencies = [float(v) for v in range(requests)]
+    figure = drawn_report(monkeypatch, tmp_path, latencies, plot_input({"1": 1}, 1.0, {"p50": 1.0, "p95": 2.0, "p99": 3.0}))
+    assert len(figure.axes[0].patches) == bins
+
+
+def test_the_plot_says_so_when_no_request_succeeded_and_no_item_was_answered(monkeypatch, tmp_path):
+    figure = drawn_report(monkeypatch, tmp_path, [], plot_input({}, None, None))
+    latency_ax, exit_ax = figure.axes
+    assert texts_on(latency_ax) == ["no successful requests"] and not latency_ax.patches and not latency_ax.lines
+    assert texts_on(exit_ax) == ["no answered items"] and not exit_ax.patches

@@ -147,6 +147,10 @@ def test_a_training_split_of_exactly_one_step_is_enough(tiny_backbone, tmp_path)
     assert Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", batch_size=32, grad_accum=2)).rows_per_step == 64
 
 
+def test_one_row_a_step_for_one_epoch_is_the_smallest_config_that_trains(tiny_backbone, tmp_path):
+    assert Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", batch_size=1, grad_accum=1, epochs=1)).rows_per_step == 1
+
+
 def test_device_auto_trains_on_cuda_when_present_and_on_the_cpu_otherwise(tiny_backbone, tmp_path):
     trainer = Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", device="auto"))
     assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,10 +206,12 @@ def test_gradient_regularization_runs_with_accumulation_on_cpu(tiny_backbone, tm
     assert 0.0 <= history[-1]["gr_projected_fraction"] <= 1.0
 
 
-def test_accumulating_two_half_batches_trains_as_one_whole_batch(tmp_path):
+@pytest.mark.parametrize("gradient_regularization", [True, False], ids=["GR on", "GR off"])
+def test_accumulating_two_half_batches_trains_as_one_whole_batch(tmp_path, gradient_regularization):
     """Dropout off, so that neither run draws random masks (two half batches cannot draw one batch's)."""
     tiny_backbone = make_tiny_backbone(tmp_path / "no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    runs = {name: train(tiny_train_config(tiny_backbone, tmp_path / name, batch_size=16 // accumulate, grad_accum=accumulate, seed=3))
+    runs = {name: train(tiny_train_config(tiny_backbone, tmp_path / name, batch_size=16 // accumulate, grad_accum=accumulate, seed=3,
+                                          gradient_regularization=gradient_regularization))
             for name, accumulate in (("whole", 1), ("halves", 2))}
     whole, halves = weights(runs["whole"]), weights(runs["halves"])
     for key in whole:
