@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from romebert.loadtest import cli as loadtest_cli
-from romebert.loadtest.driver import DEFAULT_USERS, MAX_OPEN_LOOP_POOL, pool_size
+from romebert.loadtest.driver import DEFAULT_USERS, MAX_OPEN_LOOP_POOL, pool_size, run_load
 from romebert.loadtest.metrics_scrape import ServerDelta, delta, parse
 from romebert.loadtest.profiles import Profile, parse_mix, profiles_from_args
 from romebert.loadtest.records import RequestRecord, RunResult
@@ -198,6 +198,48 @@ def test_an_open_loop_that_cannot_hold_its_rate_says_so(stand_in, texts, tmp_pat
     schedule = json.loads((out / "report.json").read_text())["schedule"]
     assert not schedule["rate_reached"] and schedule["unsent"] > 0
     assert "target rate was NOT reached" in run.stdout
+
+
+def one_text_workload() -> Workload:
+    return Workload([TextItem("fine")], [Profile("default")], batch=1, seed=0)
+
+
+def test_the_open_loop_sends_request_k_at_k_over_the_rate_and_records_how_late_it_left(stand_in):
+    result = run_load(stand_in.url, one_text_workload(), users=8, rate=50.0, duration_s=30.0, max_requests=10, timeout_s=5.0)
+    assert (result.stop_reason, result.unsent, result.abandoned) == ("max-requests", 0, 0)
+    records = sorted(result.records, key=lambda r: r.start_s)
+    assert [r.status for r in records] == [200] * 10
+    # its start minus its lag is its slot on the schedule, exactly
+    assert [r.start_s - r.lag_ms / 1000 for r in records] == pytest.approx([k / 50 for k in range(10)], abs=1e-9)
+    assert all(r.lag_ms >= 0 and 0 < r.latency_ms and r.start_s + r.latency_ms / 1000 <= result.elapsed_s for r in records)
+    assert result.elapsed_s < 5
+
+
+def test_the_open_loop_stops_at_its_duration_without_the_send_due_at_its_end(stand_in):
+    result = run_load(stand_in.url, one_text_workload(), users=8, rate=10.0, duration_s=0.5, max_requests=None, timeout_s=5.0)
+    assert result.stop_reason == "duration" and len(result.records) == 5  # due at 0, 0.1, ... 0.4 s; not at 0.5
+    assert 0.4 <= result.elapsed_s < 5
+
+
+def test_the_open_loop_never_has_more_requests_in_flight_than_users_and_counts_the_sends_it_skipped(stand_in):
+    result = run_load(stand_in.url, one_text_workload(), users=1, rate=2000.0, duration_s=30.0, max_requests=100, timeout_s=5.0)
+    records = sorted(result.records, key=lambda r: r.start_s)
+    assert all(later.start_s >= r.start_s + r.latency_ms / 1000 for r, later in zip(records, records[1:]))
+    assert result.unsent > 0 and len(records) + result.unsent == 100
+
+
+def test_the_closed_loop_sends_max_requests_in_all_whatever_the_users_and_abandons_none(stand_in):
+    result = run_load(stand_in.url, one_text_workload(), users=3, rate=None, duration_s=30.0, max_requests=10, timeout_s=5.0)
+    assert (len(result.records), result.stop_reason, result.abandoned, result.unsent) == (10, "max-requests", 0, 0)
+    assert all(r.lag_ms >= 0 and r.start_s + r.latency_ms / 1000 <= result.elapsed_s < 5 for r in result.records)
+
+
+def test_a_request_that_gets_no_response_is_recorded_with_status_0():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens on it
+    result = run_load(f"http://127.0.0.1:{port}", one_text_workload(), users=2, rate=None, duration_s=30.0, max_requests=4, timeout_s=5.0)
+    assert [(r.status, r.error) for r in result.records] == [(0, "no response")] * 4
 
 
 def test_a_report_counts_rates_and_percentiles_exactly_as_the_records_say():
