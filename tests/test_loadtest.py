@@ -4,7 +4,8 @@ The tool runs as a subprocess, as a user runs it: Locust monkey-patches the stan
 gevent on import, which must not happen inside pytest where the stand-in's uvicorn thread runs.
 Every run is bounded by --max-requests (and --duration as a backstop). The report, SLO and
 server-delta arithmetic and the requests a workload draws are also tested in process, on hand-made
-records, scrapes and texts: those modules do not import Locust.
+records, scrapes and texts, and so are the asyncio generator's loop (against the stand-in) and the
+report's figure: those modules do not import Locust.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from romebert.loadtest import cli as loadtest_cli
+from romebert.loadtest import cli as loadtest_cli, plot
 from romebert.loadtest.driver import DEFAULT_USERS, MAX_OPEN_LOOP_POOL, pool_size, run_load
 from romebert.loadtest.metrics_scrape import ServerDelta, delta, parse
 from romebert.loadtest.profiles import Profile, parse_mix, profiles_from_args
@@ -405,8 +406,6 @@ def test_texts_files_give_their_texts_and_pairs_and_a_bad_one_says_where(tmp_pat
 
 def drawn_report(monkeypatch, tmp_path, latencies_ms: list[float], report: dict):
     """plot_report's figure, kept open (its close intercepted) so that its panels can be read."""
-    from romebert.loadtest import plot
-
     figures = []
     monkeypatch.setattr(plot.plt, "close", figures.append)
     plot.plot_report(tmp_path / "report.png", latencies_ms, report)
