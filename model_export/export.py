@@ -6,7 +6,6 @@ end, so a failed export (bad checkpoint, parity mismatch, Ctrl-C) leaves nothing
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -25,8 +24,8 @@ from romebert.model_export.segments import export_full_depth, export_segments, w
 from romebert.core.bundle import FORMAT_VERSION, load_bundle, seal
 from romebert.core.engine import Engine
 from romebert.core.tokenization import LengthBatches, TextEncoder
-from romebert.training.checkpoint import RECORD_NAME
-from romebert.core.data import encode_examples, load_task
+from romebert.training.checkpoint import read_record, task_of
+from romebert.core.data import encode_examples
 from romebert.core.files import publish_dir
 from romebert.training.evaluate import exit_logits
 from romebert.training.model import MultiExitBert
@@ -65,11 +64,8 @@ def export_bundle(
         raise
     except Exception as err:  # safetensors' and torch's own errors on a corrupt file
         raise ValueError(f"{checkpoint}: cannot load the checkpoint ({err})") from None
-    record = json.loads((checkpoint / RECORD_NAME).read_text()) if (checkpoint / RECORD_NAME).is_file() else {}
-    source = data or record.get("config", {}).get("data")
-    if not source:
-        raise ValueError(f"{checkpoint}: no --data given and the checkpoint does not record its dataset")
-    task = load_task(source, seed=record.get("config", {}).get("seed", 42), limit=limit)
+    record = read_record(checkpoint)
+    task = task_of(checkpoint, record, data, limit)
     max_length = int(getattr(model.config, "max_seq_length", 128))
 
     out.parent.mkdir(parents=True, exist_ok=True)

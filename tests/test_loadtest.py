@@ -434,7 +434,7 @@ def test_the_plot_marks_the_reports_percentiles_on_the_latency_histogram_and_sha
     assert [tick.get_text() for tick in exit_ax.get_xticklabels()] == ["1", "2", "6"]
     assert [patch.get_height() for patch in exit_ax.patches] == pytest.approx([0.75, 0.15, 0.10])
     assert texts_on(exit_ax) == ["average 1.75"] and exit_ax.get_title() == "exit layer (server /metrics)"
-    assert figure._suptitle.get_text() == "http://h:1: 40 requests, batch 2"
+    assert figure.get_suptitle() == "http://h:1: 40 requests, batch 2"
 
 
 @pytest.mark.parametrize("requests, bins", [(3, 5), (40, 8), (1000, 50)])

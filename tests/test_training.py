@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from romebert.core.data import encode_examples
+from romebert.core.data import encode_examples, load_task
 from romebert.core.tokenization import TextEncoder
-from romebert.training.checkpoint import load_training_state, save_training_state, state_path
+from romebert.training.checkpoint import load_training_state, read_record, save_training_state, state_path, task_of
 from romebert.training.evaluate import exit_logits, per_exit_metrics
 from romebert.training.model import MultiExitBert
 from tiny_backbone import make_tiny_backbone, tiny_train_config
@@ -26,6 +25,13 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+def assert_same_weights(expected: Path, got: Path) -> None:
+    want, have = weights(expected), weights(got)
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+
+
 def test_checkpoint_folder_is_what_transformers_tooling_reads(tiny_checkpoint):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -33,7 +39,7 @@ def test_checkpoint_folder_is_what_transformers_tooling_reads(tiny_checkpoint):
     assert config.model_type == "bert" and config.multi_exit and config.num_labels == 2
     assert config.id2label == {0: "negative", 1: "positive"}
     assert AutoTokenizer.from_pretrained(str(tiny_checkpoint))("a good film")["input_ids"][0] == 101
-    record = json.loads((tiny_checkpoint / "training_record.json").read_text())
+    record = read_record(tiny_checkpoint)
     assert record["method"] == "romebert" and len(record["dev_per_exit"]) == 3
     assert {"torch", "transformers"} <= set(record["versions"])
     assert not state_path(tiny_checkpoint).exists(), "a finished run leaves no training state behind"
@@ -51,12 +57,22 @@ def test_loading_a_checkpoint_reproduces_its_logits(tiny_checkpoint):
 
 
 def test_the_record_gives_the_dev_accuracy_the_saved_model_scores_on_the_runs_own_dev_rows(tiny_checkpoint):
-    record = json.loads((tiny_checkpoint / "training_record.json").read_text())
+    record = read_record(tiny_checkpoint)
     cfg = TrainConfig(**record["config"])
     encoded, labels = encode_examples(TextEncoder(tiny_checkpoint / "tokenizer.json", cfg.max_length), task_data(cfg).dev)
     scored = per_exit_metrics(exit_logits(MultiExitBert.from_checkpoint(tiny_checkpoint), encoded, 16), labels)
     assert record["dev_per_exit"] == scored
     assert record["history"][-1]["dev_acc_per_exit"] == pytest.approx([m["accuracy"] for m in scored])  # the last epoch ends the run
+
+
+def test_a_checkpoint_is_scored_on_the_split_its_run_drew_unless_another_dataset_is_named(tiny_checkpoint, tmp_path):
+    own = {"config": {"data": "rotten_tomatoes", "seed": 7}}
+    assert task_of(tiny_checkpoint, own, None, limit=16).dev == load_task("rotten_tomatoes", seed=7, limit=16).dev
+    assert task_of(tiny_checkpoint, own, None, limit=16).dev != load_task("rotten_tomatoes", seed=42, limit=16).dev
+    assert task_of(tiny_checkpoint, own, "imdb", limit=16).name == "imdb"
+    assert read_record(tmp_path) == {}  # trained elsewhere: no record, so the dataset must be named
+    with pytest.raises(ValueError, match=f"{tmp_path}: no --data given and the checkpoint does not record its dataset"):
+        task_of(tmp_path, {}, None)
 
 
 def test_exit_poolers_start_from_the_backbone_pooler(tiny_backbone):
@@ -86,11 +102,8 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_runs_weights_history_a
     train(crashed)
     resumed_for = time.perf_counter() - resumed_at
     assert "no training state" not in capsys.readouterr().out
-    expected, got = weights(reference), weights(tmp_path / "crashed")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    record, uninterrupted = (json.loads((out / "training_record.json").read_text()) for out in (tmp_path / "crashed", reference))
+    assert_same_weights(reference, tmp_path / "crashed")
+    record, uninterrupted = read_record(tmp_path / "crashed"), read_record(reference)
     assert 0 < record["train_seconds"] - 1000 <= resumed_for
     steps = {"romebert": 8, "deebert": 16}[method]  # 2 epochs of 4 steps; DeeBERT trains two stages
     phases = {"romebert": ["romebert"], "deebert": ["deebert-stage1", "deebert-stage2"]}[method]
@@ -109,9 +122,8 @@ def test_a_crash_between_deebert_stages_resumes_at_the_start_of_the_second(tiny_
     assert (state["phase"], state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 0, 4)  # saved as stage 1 ended
     crashed.crash_after_steps, crashed.resume = None, True
     train(crashed)
-    expected, got = weights(reference), weights(tmp_path / "crashed")
-    assert all(torch.equal(expected[key], got[key]) for key in expected)
-    records = [json.loads((out / "training_record.json").read_text()) for out in (reference, tmp_path / "crashed")]
+    assert_same_weights(reference, tmp_path / "crashed")
+    records = [read_record(reference), read_record(tmp_path / "crashed")]
     assert records[0]["history"] == records[1]["history"] and records[1]["optimizer_steps"] == 8
 
 
@@ -126,8 +138,7 @@ def test_the_learning_rate_warms_up_linearly_over_its_share_of_the_steps(tiny_ba
 def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbone, tiny_checkpoint, tmp_path, capsys):
     out = train(tiny_train_config(tiny_backbone, tmp_path / "fresh", epochs=2, resume=True))  # tiny_checkpoint's config
     assert "--resume: no training state" in capsys.readouterr().out
-    expected, got = weights(tiny_checkpoint), weights(out)
-    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert_same_weights(tiny_checkpoint, out)
 
 
 @pytest.mark.parametrize("bad, says", [
@@ -182,7 +193,7 @@ def test_finetune_trains_the_final_exit_only(tiny_backbone, tmp_path):
     initial = MultiExitBert.from_backbone(tiny_backbone, ["negative", "positive"]).state_dict()
     out = train(tiny_train_config(tiny_backbone, tmp_path / "ft", method="finetune"))
     final = weights(out)
-    history = json.loads((out / "training_record.json").read_text())["history"]
+    history = read_record(out)["history"]
     assert history and not any("gr_projected_fraction" in entry for entry in history)  # gradient regularization is RomeBERT's alone
     assert torch.equal(final["exits.0.classifier.weight"], initial["exits.0.classifier.weight"])
     assert not torch.equal(final["exits.2.classifier.weight"], initial["exits.2.classifier.weight"])
@@ -196,13 +207,13 @@ def test_romebert_trains_the_encoder_and_every_exit_the_last_included_in_one_sta
     for i in range(3):  # the encoder's weights go through gradient regularization
         for name in (f"layers.{i}.attention.self.query.weight", f"exits.{i}.classifier.weight"):
             assert not torch.equal(final[name], initial[name]), name
-    record = json.loads((tiny_checkpoint / "training_record.json").read_text())
+    record = read_record(tiny_checkpoint)
     assert {entry["phase"] for entry in record["history"]} == {"romebert"}
 
 
 def test_gradient_regularization_runs_with_accumulation_on_cpu(tiny_backbone, tmp_path):
     out = train(tiny_train_config(tiny_backbone, tmp_path / "gr", grad_accum=4, batch_size=4))
-    history = json.loads((out / "training_record.json").read_text())["history"]
+    history = read_record(out)["history"]
     assert 0.0 <= history[-1]["gr_projected_fraction"] <= 1.0
 
 
@@ -216,7 +227,7 @@ def test_accumulating_two_half_batches_trains_as_one_whole_batch(tmp_path, gradi
     whole, halves = weights(runs["whole"]), weights(runs["halves"])
     for key in whole:
         torch.testing.assert_close(halves[key], whole[key], atol=1e-5, rtol=1e-4, msg=key)
-    losses = {name: json.loads((out / "training_record.json").read_text())["history"][-1]["loss"] for name, out in runs.items()}
+    losses = {name: read_record(out)["history"][-1]["loss"] for name, out in runs.items()}
     assert losses["halves"] == pytest.approx(losses["whole"], rel=1e-4)  # the reported loss too: a mean, not a sum, of the halves
 
 

@@ -7,6 +7,7 @@ scheduler, RNG, data position) is separate and only lives while a run is unfinis
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from romebert.core.data import TaskData, load_task
 from romebert.core.files import atomic_write, publish_dir, write_json
 from romebert.training.model import WEIGHTS_NAME, MultiExitBert
 
@@ -48,6 +50,22 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_record(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's training record; {} for a checkpoint trained elsewhere, which has none."""
+    path = checkpoint / RECORD_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def task_of(checkpoint: Path, record: dict[str, Any], data: str | None, limit: int | None = None) -> TaskData:
+    """The task to score a checkpoint on: `data` when given, else the dataset it was trained on,
+    split with its run's seed, so that its dev and test rows are ones it never trained on."""
+    config = record.get("config", {})
+    source = data or config.get("data")
+    if not source:
+        raise ValueError(f"{checkpoint}: no --data given and the checkpoint does not record its dataset")
+    return load_task(source, seed=config.get("seed", 42), limit=limit)
 
 
 def state_path(output: Path) -> Path:

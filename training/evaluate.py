@@ -5,7 +5,6 @@ Exit selection goes through core.exits, the very rule the server applies.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +97,8 @@ def evaluate_checkpoints(
     checkpoints: list[Path], data: str | None, split: str, out: Path, batch_size: int = 128, limit: int | None = None
 ) -> dict:
     """Evaluate checkpoints side by side; print tables, write evaluation.json and two plots."""
-    from romebert.training.checkpoint import RECORD_NAME
-    from romebert.core.data import encode_examples, load_task
+    from romebert.training.checkpoint import read_record, task_of
+    from romebert.core.data import encode_examples
     from romebert.core.files import write_json
     from romebert.training.model import MultiExitBert
     from romebert.training.plots import plot_per_exit, plot_speedup
@@ -108,12 +107,8 @@ def evaluate_checkpoints(
     logits_of: dict = {}
     for ckpt in checkpoints:
         ckpt = Path(ckpt)
-        record = json.loads((ckpt / RECORD_NAME).read_text()) if (ckpt / RECORD_NAME).is_file() else {}
-        source = data or record.get("config", {}).get("data")
-        if not source:
-            raise ValueError(f"{ckpt}: no --data given and the checkpoint does not record its dataset")
-        seed = record.get("config", {}).get("seed", 42)
-        task = load_task(source, seed=seed, limit=limit)
+        record = read_record(ckpt)
+        task = task_of(ckpt, record, data, limit)
         model = MultiExitBert.from_checkpoint(ckpt)
         encoder = TextEncoder(ckpt / "tokenizer.json", getattr(model.config, "max_seq_length", 128))
         encoded, labels = encode_examples(encoder, getattr(task, split))
