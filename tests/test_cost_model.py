@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from romebert.service.cost_model import EwmaCostModel, ServiceRate, bucket, buckets_up_to
+from romebert.service.cost_model import EwmaCostModel, ServiceRate, bucket, buckets_up_to, warm_up
 
 
 @given(st.integers(1, 100_000))
@@ -18,6 +18,35 @@ def test_warm_up_sizes_are_powers_of_two_up_to_the_largest_real_size():
     assert buckets_up_to(32) == [1, 2, 4, 8, 16, 32]
     assert buckets_up_to(40, start=8) == [8, 16, 32, 40]
     assert buckets_up_to(1) == [1]
+
+
+class ShapeRecorder:
+    """An engine stand-in that records the (rows, width) each layer call runs."""
+
+    num_layers = 2
+
+    def __init__(self):
+        self.ran = []
+
+    def embed(self, batch):
+        return batch
+
+    def layer(self, i, state):
+        if i == 0:
+            self.ran.append(state.attention_mask.shape)
+        return state, None
+
+
+def test_the_warm_up_runs_every_shape_once_largest_first_so_buffers_grow_once():
+    engine = ShapeRecorder()
+    model = EwmaCostModel(engine.num_layers)
+    warm_up(engine, model, max_batch=32, max_length=64)
+    first_pass, *grid = engine.ran
+    assert first_pass == (1, 8)  # the unrecorded pass that pays first-call costs
+    assert sorted(grid) == sorted((r, w) for r in buckets_up_to(32) for w in buckets_up_to(64, start=8))
+    assert grid[0] == (32, 64)
+    tokens = [r * w for r, w in grid]
+    assert tokens == sorted(tokens, reverse=True)
 
 
 def test_a_layer_cost_starts_at_its_first_measurement_then_follows_an_ewma():
