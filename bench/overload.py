@@ -20,7 +20,7 @@ at 2x and 4x its own capacity (how another configuration, such as docker-compose
 workers or `--spin off`, holds).
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
 its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
-Writes bench/results/overload.json.
+Writes bench/results/overload.json (--out: elsewhere, e.g. a run on another machine kept beside it).
 
     .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--also "--workers 2 --threads 1" --also "--spin off"] [--before /tmp/before]
 """
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None, help="a checkout of an older commit whose server to measure too")
     parser.add_argument("--also", action="append", default=[], metavar="FLAGS",
                         help='this server with other flags too (e.g. "--workers 2 --threads 1"), at 2x and 4x its own capacity; repeatable')
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     task = load_task("rotten_tomatoes")
@@ -264,7 +265,7 @@ def main() -> None:
             before = measure(command, logs / "overload-before.log", workload, rates, env=env, cwd=args.before)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
         result["before"] = before | {"checkout": str(args.before), "commit": commit}
-    write_json(ROOT / "bench" / "results" / "overload.json", result)
+    write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=1))
 
 
