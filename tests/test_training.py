@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -146,6 +147,7 @@ def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbon
     ({"batch_size": 0}, "must be >= 1"),
     ({"grad_accum": 0}, "must be >= 1"),
     ({"epochs": 0}, "must be >= 1"),
+    ({"precision": "fp16"}, "unknown precision 'fp16'"),
     ({"batch_size": 48, "grad_accum": 2}, r"64 examples, fewer than one optimizer step takes \(batch_size 48 x grad_accum 2 x 1 processes = 96\)"),
 ])
 def test_a_config_that_cannot_train_is_refused_before_any_work(tiny_backbone, tmp_path, bad, says):
@@ -165,6 +167,18 @@ def test_one_row_a_step_for_one_epoch_is_the_smallest_config_that_trains(tiny_ba
 def test_device_auto_trains_on_cuda_when_present_and_on_the_cpu_otherwise(tiny_backbone, tmp_path):
     trainer = Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", device="auto"))
     assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_bf16_on_a_cpu_is_asked_for_and_auto_there_is_fp32(tiny_backbone, tiny_checkpoint, tmp_path):
+    auto = train(tiny_train_config(tiny_backbone, tmp_path / "auto", epochs=2, precision="auto"))  # tiny_checkpoint's config, precision fp32
+    assert_same_weights(tiny_checkpoint, auto)
+    bf16 = train(tiny_train_config(tiny_backbone, tmp_path / "bf16", epochs=2, precision="bf16"))
+    record = read_record(bf16)
+    assert record["config"]["precision"] == "bf16"
+    assert all(math.isfinite(e["loss"]) for e in record["history"])
+    changed = [k for k, v in weights(bf16).items() if not torch.equal(v, weights(tiny_checkpoint)[k])]
+    assert changed  # the same seed and data: only bf16 matmuls can make the weights differ
+    assert all(v.dtype == torch.float32 for v in weights(bf16).values())  # autocast computes in bf16, keeps fp32 weights
 
 
 def test_deebert_stage_two_changes_only_the_early_exit_heads(tiny_backbone, tmp_path):

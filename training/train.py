@@ -39,6 +39,7 @@ from romebert.core.tokenization import Encoded, TextEncoder
 
 METHODS = ("romebert", "deebert", "finetune")
 SHIPPED_METHOD = "romebert"  # the method of `make serve`'s default model and of the benchmark's headline
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def default_backbone() -> str:
@@ -79,6 +80,7 @@ class TrainConfig:
     train_limit: int | None = None  # cap the train split only (a benchmark's subset)
     dev_limit: int | None = None  # cap the dev split only (what each epoch's evaluation costs)
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on a CPU; bf16: autocast on either (AMX/AVX512-BF16 CPUs)
     eval_batch_size: int = 128
     crash_after_steps: int | None = field(default=None, repr=False)  # tests: simulate a kill
 
@@ -167,6 +169,8 @@ class Trainer:
             raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
         if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
             raise ValueError("batch_size, grad_accum and epochs must be >= 1")
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
         self.cfg = cfg
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
@@ -191,7 +195,8 @@ class Trainer:
         self.dev_set = encode_examples(self.encoder, self.data.dev)
         self.output = Path(cfg.output)
         self.state_file = state_path(self.output)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
         self.history: list[dict[str, Any]] = []
 
     def _initial_model(self) -> MultiExitBert:
