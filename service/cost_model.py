@@ -121,8 +121,8 @@ def warm_up(engine, cost_model: CostModel, max_batch: int, max_length: int, min_
 
 def largest_first(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The warm-up's order. OpenVINO's CPU plugin grows its buffers shape by shape and keeps what it
-    outgrew: warming smallest first left the default bundle's engine 200 MB larger than warming
-    largest first, at the same speed (docs/results.md, "Serving over HTTP")."""
+    outgrew, so warming smallest first leaves the serving process far larger than warming largest
+    first, for no speed (docs/results.md, "The serving process's memory")."""
     return sorted(shapes, key=lambda shape: (shape[0] * shape[1], shape), reverse=True)
 
 
