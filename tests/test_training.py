@@ -176,9 +176,9 @@ def test_bf16_on_a_cpu_is_asked_for_and_auto_there_is_fp32(tiny_backbone, tiny_c
     record = read_record(bf16)
     assert record["config"]["precision"] == "bf16"
     assert all(math.isfinite(e["loss"]) for e in record["history"])
-    changed = [k for k, v in weights(bf16).items() if not torch.equal(v, weights(tiny_checkpoint)[k])]
-    assert changed  # the same seed and data: only bf16 matmuls can make the weights differ
-    assert all(v.dtype == torch.float32 for v in weights(bf16).values())  # autocast computes in bf16, keeps fp32 weights
+    fp32, trained = weights(tiny_checkpoint), weights(bf16)
+    assert any(not torch.equal(v, fp32[k]) for k, v in trained.items())  # the same seed and data: only bf16 matmuls can make them differ
+    assert all(v.dtype == torch.float32 for v in trained.values())  # autocast computes in bf16, keeps fp32 weights
 
 
 def test_deebert_stage_two_changes_only_the_early_exit_heads(tiny_backbone, tmp_path):
