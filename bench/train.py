@@ -17,7 +17,7 @@ Each run keeps its dev and test logits (artifacts/bench/train/<dataset>/<method>
 rerun skips the runs it already has, and a run cut off mid-training resumes from its last saved
 state. Writes bench/results/train.json and docs/{per_exit_accuracy,accuracy_vs_speedup}_<dataset>.png.
 
-    .venv/bin/python bench/train.py        # about three hours on a 2-core CPU, both datasets
+    .venv/bin/python bench/train.py        # both datasets; its time on each CPU measured: docs/results.md
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from romebert.training.train import SHIPPED_METHOD, TrainConfig, task_data, trai
 SEEDS = (1, 2, 3)
 METHODS = ("finetune", "deebert", SHIPPED_METHOD)
 # Per dataset: what every method trains with. IMDB: 128 tokens (twice rotten_tomatoes'; 89% of the
-# reviews are longer and are cut) and 600 training reviews: on the 2-core AMD EPYC its nine runs
-# take about an hour (256 tokens and 1,000 reviews: about 2.5 hours), rotten_tomatoes' nine about two.
+# reviews are longer and are cut) and 600 training reviews, sized so that the whole benchmark fits
+# a 2-core CPU in about two hours (one with AMX, training bf16; docs/results.md has the times).
 DATASETS = {
     "rotten_tomatoes": dict(max_length=64, epochs=3, batch_size=32),
     "imdb": dict(max_length=128, epochs=2, batch_size=16, train_limit=600, dev_limit=1000),
@@ -82,7 +82,9 @@ def run(dataset: str, method: str, seed: int) -> dict:
             arrays[f"{split}_logits"], arrays[f"{split}_labels"] = exit_logits(model, encoded, 64), labels
         np.savez(logits_file, **arrays)
     data = dict(np.load(logits_file))
-    data["train_seconds"] = json.loads((folder / "checkpoint" / "training_record.json").read_text())["train_seconds"]
+    record = json.loads((folder / "checkpoint" / "training_record.json").read_text())
+    data["train_seconds"] = record["train_seconds"]
+    data["precision"] = record.get("precision", "fp32")  # records older than the field: `auto` was fp32 on every CPU
     return data
 
 
@@ -140,6 +142,10 @@ def exit_rules_on_dev(by_seed: dict[int, dict]) -> dict:
 
 
 def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
+    precisions = sorted({str(r["precision"]) for by_seed in runs.values() for r in by_seed.values()})
+    if len(precisions) > 1:
+        raise SystemExit(f"{dataset}: the runs in {OUT / dataset} were trained in {' and '.join(precisions)}; methods compare only "
+                         "in one precision: move the runs of the other aside (training's `auto` picks by the CPU, docs/results.md)")
     methods = {}
     finetune = runs["finetune"]
     for method, by_seed in runs.items():
@@ -185,7 +191,7 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
                                runs["finetune"][seed]["test_logits"][-1].argmax(-1) == runs["finetune"][seed]["test_labels"])
                         for seed, r in runs[SHIPPED_METHOD].items()})
     sizes = {split: int(len(next(iter(runs["finetune"].values()))[f"{split}_labels"])) for split in ("dev", "test")}
-    settings = DATASETS[dataset] | {"lr": TrainConfig().lr, "split_sizes": sizes, "threshold_grid": THRESHOLD_GRID_NAME,
+    settings = DATASETS[dataset] | {"lr": TrainConfig().lr, "precision": precisions[0], "split_sizes": sizes, "threshold_grid": THRESHOLD_GRID_NAME,
                                     "method_overrides": {m: o for (d, m), o in METHOD_SETTINGS.items() if d == dataset}}
     return {"settings": settings, "methods": methods, "exit_rules_on_dev": exit_rules_on_dev(runs[SHIPPED_METHOD]),
             "paired_test_difference": {f"{SHIPPED_METHOD}_minus_deebert_at_speedup": paired, f"{SHIPPED_METHOD}_minus_finetune_full_depth": full}}

@@ -15,7 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path, help="bundle folder to create")
     p.add_argument("--precision", choices=(*PRECISIONS, AUTO), default="fp32",
-                   help="fp32 (default), fp16 (GPU), int8 (dynamic, CPU), or auto: fp32 and int8 measured on this CPU, the faster that keeps accuracy published")
+                   help="fp32 (default), fp16 (GPU), int8 (dynamic, CPU), or auto: onnxruntime fp32 and int8, and OpenVINO bf16 and f32 where its plugin "
+                        "offers a CPU device, measured on dev on this CPU; the fastest that keeps the exits is published (docs/export.md)")
     p.add_argument("--data", default=None, help="held-out data for parity and calibration (default: the checkpoint's dataset, dev split)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="default-threshold rule: largest speed-up within this many accuracy points of full depth")
     p.add_argument("--parity-examples", type=int, default=256)

