@@ -19,7 +19,7 @@ ARG TRAIN_BASE=python:3.12-slim-bookworm
 # pin; tests/test_deploy.py fails when any CUDA library this file installs has another major.
 ARG ORT_VERSION=1.31.1
 ARG ORT_CUDA_MAJOR=13
-# The CPU images also carry OpenVINO's onnxruntime plugin (158 MB installed): on a CPU with AMX,
+# The CPU images also carry OpenVINO's onnxruntime plugin: on a CPU with AMX,
 # `romebert export --precision auto` measures it fastest (bf16) and the manifest then asks the
 # server for it; without the plugin the server would run such a bundle on onnxruntime instead.
 # This version was checked against onnxruntime 1.31.1: it registers and offers its CPU device.

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
-from romebert.training.train import TrainConfig, task_data, train  # noqa: E402
+from romebert.training.checkpoint import read_record  # noqa: E402
+from romebert.training.train import TrainConfig, task_data, train, trained_precision  # noqa: E402
 from romebert.core.exits import sweep  # noqa: E402
 from romebert.training.intervals import correct_at, paired_difference, threshold_for_speedup  # noqa: E402
 from bench.harness import environment  # noqa: E402
@@ -66,8 +67,8 @@ RUNS: dict[str, dict] = {
     # round 2, around the best of round 1 (the reference's KL reduction: half the distillation weight)
     "rb_klmean_gamma0.5": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", gamma=0.5),
     "rb_klmean_nogr": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", gradient_regularization=False),
-    # round 3, in bf16 (how the benchmark trains on a CPU with AMX), where its 3 seeds had the shipped
-    # recipe 0.25 point short of fine-tuning - 0.5 at 2x: do more epochs lift it, as on IMDB?
+    # round 3, in bf16 (how the benchmark trains on a CPU with AMX), where its seeds had the shipped
+    # recipe short of fine-tuning's target at 2x (docs/results.md): do more epochs lift it, as on IMDB?
     "deebert_bf16": dict(method="deebert", lr=1e-4, epochs=3, precision="bf16"),
     "rb_bf16": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", precision="bf16"),
     "rb_4ep_bf16": dict(method="romebert", lr=1e-4, epochs=4, kl_reduction="mean", precision="bf16"),
@@ -117,11 +118,11 @@ def run(name: str, out: Path, base: dict, runs: dict[str, dict]) -> dict:
         write_json(folder / "environment.json", environment())
     data = np.load(logits_file)
     logits, labels = data["logits"], data["labels"]
-    record = json.loads((folder / "checkpoint" / "training_record.json").read_text())
+    record = read_record(folder / "checkpoint")
     return {
         "overrides": runs[name],
         "train_seconds": round(record["train_seconds"], 1),
-        "precision": record.get("precision", "fp32"),  # records older than the field trained fp32 on a CPU
+        "precision": trained_precision(record),
         # where this run trained; the file's top-level `environment` is that of the runs from before this field
         "environment": json.loads((folder / "environment.json").read_text()) if (folder / "environment.json").is_file() else None,
         "dev_acc_per_exit": [float((z.argmax(-1) == labels).mean()) for z in logits],

@@ -42,7 +42,8 @@ from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.training.intervals import correct_at, fine_grid, interval, paired_difference, threshold_for_speedup  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.plots import plot_per_exit, plot_speedup  # noqa: E402
-from romebert.training.train import SHIPPED_METHOD, TrainConfig, task_data, train  # noqa: E402
+from romebert.training.checkpoint import read_record  # noqa: E402
+from romebert.training.train import SHIPPED_METHOD, TrainConfig, task_data, train, trained_precision  # noqa: E402
 
 SEEDS = (1, 2, 3)
 METHODS = ("finetune", "deebert", SHIPPED_METHOD)
@@ -82,9 +83,9 @@ def run(dataset: str, method: str, seed: int) -> dict:
             arrays[f"{split}_logits"], arrays[f"{split}_labels"] = exit_logits(model, encoded, 64), labels
         np.savez(logits_file, **arrays)
     data = dict(np.load(logits_file))
-    record = json.loads((folder / "checkpoint" / "training_record.json").read_text())
+    record = read_record(folder / "checkpoint")
     data["train_seconds"] = record["train_seconds"]
-    data["precision"] = record.get("precision", "fp32")  # records older than the field: `auto` was fp32 on every CPU
+    data["precision"] = trained_precision(record)
     return data
 
 

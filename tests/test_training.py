@@ -19,7 +19,7 @@ from romebert.training.checkpoint import load_training_state, read_record, save_
 from romebert.training.evaluate import exit_logits, per_exit_metrics
 from romebert.training.model import MultiExitBert
 from tiny_backbone import make_tiny_backbone, tiny_train_config
-from romebert.training.train import SimulatedCrash, TrainConfig, Trainer, task_data, train
+from romebert.training.train import SimulatedCrash, TrainConfig, Trainer, task_data, train, trained_precision
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -310,3 +310,10 @@ def test_init_from_starts_from_the_checkpoint_and_refuses_other_labels(tiny_back
     other.write_text("text,label\n" + "".join(f"text {i},{'abc'[i % 3]}\n" for i in range(30)))
     with pytest.raises(ValueError, match="labels"):
         train(tiny_train_config(tiny_backbone, tmp_path / "bad", init_from=str(finetuned), data=str(other)))
+
+
+def test_a_runs_precision_is_read_from_its_record_and_older_records_by_the_rule_auto_had_then():
+    assert trained_precision({"precision": "bf16", "config": {"precision": "auto"}, "device": "cpu"}) == "bf16"
+    older = lambda asked, device: {"config": {"precision": asked}, "device": device}  # noqa: E731 - records before the field
+    assert [trained_precision(older("auto", "cuda:0")), trained_precision(older("auto", "cpu")), trained_precision(older("bf16", "cpu"))] == ["bf16", "fp32", "bf16"]
+    assert trained_precision({"config": {}, "device": "cpu"}) == "fp32"  # before the precision option: fp32 on a CPU

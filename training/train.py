@@ -136,6 +136,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native else "fp32"
 
 
+def trained_precision(record: dict[str, Any]) -> str:
+    """The precision a finished run trained in, from its training record. Records from before the
+    record kept it resolved are read by the rule `auto` had then: bf16 on CUDA, fp32 on a CPU."""
+    if "precision" in record:
+        return record["precision"]
+    asked = record["config"].get("precision", "auto")
+    return "bf16" if asked == "bf16" or (asked == "auto" and record["device"].startswith("cuda")) else "fp32"
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
