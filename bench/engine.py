@@ -21,27 +21,21 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from romebert.model_export.export import export_bundle  # noqa: E402
 from romebert.model_export.segments import FullDepthModel  # noqa: E402
-from romebert.core.bundle import BundleError, load_bundle  # noqa: E402
+from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.engine import Engine, default_threads, open_openvino_session, open_session, openvino_device, run_early_exit  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
-from bench.harness import SEQ_LEN, environment, measure_side_by_side, padded  # noqa: E402
+from bench.harness import SEQ_LEN, environment, exported, measure_side_by_side, padded  # noqa: E402
 
 CHECKPOINT = ROOT / "artifacts" / "default-checkpoint"
 
 
 def bundle_for(precision: str, attention: str = "classic") -> Path:
     suffix = "" if attention == "classic" else f"-{attention}-attention"
-    path = ROOT / "artifacts" / "bench" / f"bundle-{precision}{suffix}"
-    try:
-        load_bundle(path)
-    except BundleError:
-        export_bundle(CHECKPOINT, path, precision=precision, force=path.exists(), attention=attention, monolithic=True)
-    return path
+    return exported(CHECKPOINT, ROOT / "artifacts" / "bench" / f"bundle-{precision}{suffix}", precision=precision, attention=attention, monolithic=True)
 
 
 def main() -> None:

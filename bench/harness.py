@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from romebert.core.bundle import BundleError, load_bundle
 from romebert.core.tokenization import Encoded, TextEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,21 @@ def environment() -> dict:
         flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
         cpu["flags"] = [f for f in CPU_FLAGS if f in flags]
     return {"commit": commit + ("+uncommitted" if dirty else ""), "python": platform.python_version(), "versions": versions, "cpu": cpu}
+
+
+def exported(checkpoint: Path, path: Path, **options) -> Path:
+    """The bundle at `path`, exported again from `checkpoint` (with export_bundle's `options`)
+    unless it loads and holds these very weights: benchmarks reuse their bundles across runs,
+    and a checkpoint retrained since at the same path would leave them measuring an older model."""
+    from romebert.model_export.export import export_bundle
+    from romebert.training.checkpoint import weights_digest
+
+    try:
+        if load_bundle(path).manifest["source"].get("weights_sha256") == weights_digest(checkpoint):
+            return path
+    except BundleError:
+        pass
+    return export_bundle(checkpoint, path, force=path.exists(), **options)
 
 
 def free_port() -> int:

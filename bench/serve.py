@@ -16,11 +16,11 @@ seed 42's test split in training), and its backend and precision. The
 model's own cost per item, offline, is measured in a fresh process for our default configuration,
 so that the server's cost beyond the model follows. Writes bench/results/serve.json.
 
-    .venv/bin/python bench/serve.py [--duration 60]      # needs artifacts/default-bundle and the peer bundles
+    .venv/bin/python bench/serve.py [--duration 60]      # needs artifacts/default-bundle and bench/train.py's checkpoints
 
-The peer bundles: bench/train.py's fine-tuned model (rotten_tomatoes, seed 1), exported with
-    romebert export FINETUNED artifacts/bench/peer/fp32 --monolithic
-    romebert export FINETUNED artifacts/bench/peer/int8 --monolithic --precision int8
+The peer bundles (artifacts/bench/peer/{fp32,int8}): bench/train.py's fine-tuned model
+(rotten_tomatoes, seed 1) exported with --monolithic, by this script whenever they are missing or
+hold other weights than that checkpoint's (retrained since).
 OpenVINO rows run only where its plugin offers a CPU device (not on every CPU: see core/engine.py).
 """
 
@@ -40,7 +40,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, romebert_serve, running  # noqa: E402
+from bench.harness import environment, exported, romebert_serve, running  # noqa: E402
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
@@ -138,6 +138,8 @@ def main() -> None:
     model_core_ms = min(1000 / in_fresh_process(items_per_s, 1, 1, b, "random", BUNDLE, backend, precision) for b in (1, 32))
     print(f"default bundle on {backend}/{precision}: engine batch-1 p50 {engine_p50:.2f} ms, model {model_core_ms:.3f} core-ms/item", flush=True)
 
+    for precision in ("fp32", "int8"):
+        exported(FINETUNED, PEER / precision, precision=precision, monolithic=True)
     peer = ROOT / "bench" / "peer_server.py"
     servers = [
         ("romebert", romebert_serve(BUNDLE), (1, 32), f"{backend}/{precision}"),

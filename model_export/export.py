@@ -24,7 +24,7 @@ from romebert.model_export.segments import export_full_depth, export_segments, w
 from romebert.core.bundle import FORMAT_VERSION, load_bundle, seal
 from romebert.core.engine import Engine
 from romebert.core.tokenization import LengthBatches, TextEncoder
-from romebert.training.checkpoint import read_record, task_of
+from romebert.training.checkpoint import read_record, task_of, weights_digest
 from romebert.core.data import encode_examples
 from romebert.core.files import publish_dir
 from romebert.training.evaluate import exit_logits
@@ -140,8 +140,10 @@ def _write_bundle(folder: Path, raw: Path, segments: list[dict], precision: str,
         "extras": {name: {"file": f"segments/{name}.onnx"} for name in extras},
         "default_threshold": 0.0,
         "calibration": [],
-        "source": {"checkpoint": str(checkpoint), "method": record.get("method"), "data": task.name,
-                   "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}},
+        # The weights' digest says which training run a bundle holds, whatever happened to the
+        # checkpoint's folder since (a retrained checkpoint at the same path makes a stale bundle).
+        "source": {"checkpoint": str(checkpoint), "weights_sha256": weights_digest(checkpoint), "method": record.get("method"),
+                   "data": task.name, "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}},
     }
     seal(folder, manifest)
     return manifest

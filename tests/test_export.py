@@ -26,8 +26,10 @@ from romebert.training.model import MultiExitBert
 TEXTS = ["a gorgeous, witty film", "dull and far too long , with a plot that never decides what it wants to be", "meh"]
 
 
-def test_manifest_holds_every_field_of_contract_2(tiny_bundle):
+def test_manifest_holds_every_field_of_contract_2(tiny_bundle, tiny_checkpoint):
     m = json.loads((tiny_bundle / "manifest.json").read_text())
+    # which training run it holds, whatever the checkpoint folder holds later
+    assert m["source"]["weights_sha256"] == sha256_file(tiny_checkpoint / "model.safetensors")
     assert m["format_version"] == 1 and m["labels"] == ["negative", "positive"]
     assert m["num_layers"] == 3 and m["max_length"] == 32 and m["precision"] == "fp32"
     assert [s["exit"] for s in m["segments"]] == [None, 1, 2, 3]

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from romebert.core.data import TaskData, load_task
+from romebert.core.bundle import sha256_file
 from romebert.core.files import atomic_write, publish_dir, write_json
 from romebert.training.model import WEIGHTS_NAME, MultiExitBert
 
@@ -50,6 +51,11 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """The sha256 of the checkpoint's weights: names one training run, whatever its folder is called."""
+    return sha256_file(Path(checkpoint) / WEIGHTS_NAME)
 
 
 def read_record(checkpoint: Path) -> dict[str, Any]:
