@@ -18,11 +18,14 @@ in this process: it shares the server's two cores, as it would on a small host).
 With --also FLAGS (repeatable), the same server started with those flags runs steps 1 and 2 too,
 at 2x and 4x its own capacity (how another configuration, such as docker-compose.cpu.yml's two
 workers or `--spin off`, holds).
+With --pin, every server runs on all cores but the last and the load generator (this process, its
+slow clients too) on the last one: the servers' behaviour past capacity without the generator
+taking their cores, which the shared-core runs cannot separate from it.
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
 its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
 Writes bench/results/overload.json (--out: elsewhere, e.g. a run on another machine kept beside it).
 
-    .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--also "--workers 2 --threads 1" --also "--spin off"] [--before /tmp/before]
+    .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--also "--workers 2 --threads 1" --also "--spin off"] [--before /tmp/before] [--pin]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import http.client
 import json
 import multiprocessing
+import os
 import selectors
 import socket
 import subprocess
@@ -199,9 +203,26 @@ def with_slow_clients(url: str, workload: Workload, seconds: float, slow: int) -
     return result, probe.latencies, clients.opened if clients else 0
 
 
+_server_cores: list[int] | None = None  # set by --pin
+
+
+def pin_generator_apart() -> None:
+    """This process (and what it starts later) on the last core; servers on the others."""
+    global _server_cores
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--pin needs at least two cores")
+    _server_cores = cores[:-1]
+    os.sched_setaffinity(0, cores[-1:])
+
+
+def on_server_cores(command: list[str]) -> list[str]:
+    return ["taskset", "--cpu-list", ",".join(map(str, _server_cores)), *command] if _server_cores else command
+
+
 def measure(command: list[str], log: Path, workload: Workload, rates: list[float] | None, env: dict | None = None,
             slow: bool = False, cwd: Path | None = None) -> dict:
-    with running(command, log, env, cwd) as (proc, url):
+    with running(on_server_cores(command), log, env, cwd) as (proc, url):
         closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         capacity = closed_loop(url, workload, 32, 30, proc.pid)
         print(f"  capacity {capacity}", flush=True)
@@ -231,8 +252,11 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None, help="a checkout of an older commit whose server to measure too")
     parser.add_argument("--also", action="append", default=[], metavar="FLAGS",
                         help='this server with other flags too (e.g. "--workers 2 --threads 1"), at 2x and 4x its own capacity; repeatable')
+    parser.add_argument("--pin", action="store_true", help="the servers on all cores but the last, the load generator on the last")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
+    if args.pin:
+        pin_generator_apart()
     bundle = load_bundle(args.bundle)
     task = load_task("rotten_tomatoes")
     workload = Workload([TextItem(e.text) for e in task.test], [Profile("default")], batch=1, seed=0)
@@ -242,7 +266,7 @@ def main() -> None:
     now = measure(romebert_serve(args.bundle), logs / "overload-server.log", workload, None, slow=True)
     # The serving core against the one it replaced, on the same backend (onnxruntime fp32): the
     # default bundle now picks OpenVINO, which would flatter the comparison.
-    with running(romebert_serve(args.bundle, "--backend", "onnxruntime"), logs / "overload-server-ort.log") as (_, url):
+    with running(on_server_cores(romebert_serve(args.bundle, "--backend", "onnxruntime")), logs / "overload-server-ort.log") as (_, url):
         closed_loop(url, workload, 32, 5)
         same_backend = closed_loop(url, workload, 32, 30)
     print(f"  capacity on onnxruntime {same_backend}", flush=True)
@@ -250,7 +274,9 @@ def main() -> None:
         "capacity_rps": now["capacity"]["requests_per_s"], "rows": now["rows"], "slow_clients": now["slow_clients"],
         "capacity_c32_onnxruntime": same_backend,
         "capacity_c32": now["capacity"], "bundle": str(args.bundle), "default_threshold": bundle.default_threshold,
-        "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S, "environment": environment(),
+        "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S,
+        "pinned": {"server_cores": _server_cores, "generator_cores": sorted(os.sched_getaffinity(0))} if _server_cores else None,
+        "environment": environment(),
     }
     result["also"] = []
     for flags in args.also:

@@ -138,8 +138,8 @@ def main() -> None:
     model_core_ms = min(1000 / in_fresh_process(items_per_s, 1, 1, b, "random", BUNDLE, backend, precision) for b in (1, 32))
     print(f"default bundle on {backend}/{precision}: engine batch-1 p50 {engine_p50:.2f} ms, model {model_core_ms:.3f} core-ms/item", flush=True)
 
-    for precision in ("fp32", "int8"):
-        exported(FINETUNED, PEER / precision, precision=precision, monolithic=True)
+    for files in ("fp32", "int8"):
+        exported(FINETUNED, PEER / files, precision=files, monolithic=True)
     peer = ROOT / "bench" / "peer_server.py"
     servers = [
         ("romebert", romebert_serve(BUNDLE), (1, 32), f"{backend}/{precision}"),
