@@ -137,12 +137,12 @@ class Scheduler:
 
     def _advance(self, cohorts: list[Cohort], fresh: list[Row]) -> list[Cohort]:
         """Form the fresh rows into cohorts, then run one layer for the policy's choice."""
+        started = time.perf_counter()  # the service rate counts forming too: it runs the embedding
         cohorts = cohorts + form(fresh, self.engine, self._order) if fresh else cohorts
         if self.policy.regroup:
             cohorts = merge_same_depth(cohorts, self.engine, self.max_batch)
         if not cohorts:
             return cohorts
-        started = time.perf_counter()
         left = sum(self._drop_closed(c) for c in cohorts)
         cohorts = [c for c in cohorts if c.rows]  # a cohort whose rows all left has nothing to run or cut
         chosen = self.policy.next(cohorts) if cohorts else None

@@ -455,6 +455,24 @@ async def test_the_predicted_wait_is_shared_out_over_the_workers():
     assert len(await done(*running, *queued)) == 5
 
 
+class SlowEmbedding(FakeEngine):
+    EMBED_S = 0.05
+
+    def embed(self, batch: Encoded) -> HiddenBatch:
+        time.sleep(self.EMBED_S)
+        return super().embed(batch)
+
+
+@pytest.mark.asyncio
+async def test_the_service_rate_counts_the_embedding_a_cohort_starts_with():
+    # 32 rows, one cohort: one embedding call, one (instant) layer, all leave at exit 1. A rate
+    # that left the embedding out would predict a queue drains faster than it does.
+    scheduler, _ = make(SlowEmbedding(), max_batch=32, max_wait_ms=50.0)
+    await answers(scheduler, [1] * 32, 0.5)
+    per_row = SlowEmbedding.EMBED_S / 32
+    assert scheduler.admission.rate.seconds_per_row >= 0.2 * per_row  # the EWMA's first step from 0
+
+
 @pytest.mark.asyncio
 async def test_a_predicted_wait_or_a_loop_lag_exactly_at_its_bound_is_let_in():
     lag_s, clock = 0.05, Clock()
