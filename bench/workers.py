@@ -58,7 +58,7 @@ def items_per_s(workers: int, threads: int, batch: int, order: str = "random", b
     from romebert.core.data import load_task
 
     bundle = load_bundle(bundle_path)
-    engine = Engine(bundle, device="cpu", threads=threads, backend=backend, precision=precision)
+    engine = Engine(bundle, device="cpu", threads=threads, backend=backend, precision=precision, streams=workers)
     encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
     texts = [e.text for e in load_task("rotten_tomatoes").test]
     if order == "random":

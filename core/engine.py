@@ -124,9 +124,13 @@ def openvino_device():
         return _openvino or None
 
 
-def open_openvino_session(path: str | Path, precision: str, threads: int) -> ort.InferenceSession:
+def open_openvino_session(path: str | Path, precision: str, threads: int, streams: int = 1) -> ort.InferenceSession:
     """A session on OpenVINO's CPU plugin, computing in `precision` (bf16 runs on AMX/AVX512-BF16;
-    OpenVINO takes the hint through load_config, not the EP's own precision option)."""
+    OpenVINO takes the hint through load_config, not the EP's own precision option).
+
+    `streams`: how many calls may run at once, each on its own `threads` threads. OpenVINO runs
+    the calls of one stream one after another, so workers that share a session need one stream
+    each, or they take turns."""
     device = openvino_device()
     if device is None:
         raise DeviceError("backend 'openvino' asked for, but onnxruntime-ep-openvino is not installed (pip install onnxruntime-ep-openvino)")
@@ -135,7 +139,7 @@ def open_openvino_session(path: str | Path, precision: str, threads: int) -> ort
     options = ort.SessionOptions()
     options.log_severity_level = 3
     _give_threads(options, threads)  # for the nodes OpenVINO leaves to onnxruntime
-    config = {"CPU": {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}}
+    config = {"CPU": {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads * streams, "NUM_STREAMS": streams}}
     options.add_provider_for_devices([device], {"load_config": json.dumps(config)})
     try:
         return ort.InferenceSession(str(path), sess_options=options)
@@ -230,10 +234,11 @@ class Engine:
     width to a multiple of WIDTH_STEP, and `shapes()` lists them all for the warm-up: no first
     call at a new shape ever lands on a request. `buckets` (default: on for OpenVINO only) does
     the same on onnxruntime, where it only adds padding, so that the buckets' logic is tested on
-    machines without OpenVINO, as io_binding's is without a GPU."""
+    machines without OpenVINO, as io_binding's is without a GPU. `streams` (OpenVINO only): how
+    many threads may call the engine at once without taking turns, each with `threads` threads."""
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, io_binding: bool | None = None,
-                 backend: str = "onnxruntime", precision: str = "bf16", buckets: bool | None = None):
+                 backend: str = "onnxruntime", precision: str = "bf16", buckets: bool | None = None, streams: int = 1):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.bundle = bundle
@@ -253,7 +258,7 @@ class Engine:
 
         def session(path: Path) -> ort.InferenceSession:
             if backend == "openvino":
-                return open_openvino_session(path, precision, self.threads)
+                return open_openvino_session(path, precision, self.threads, streams)
             return open_session(path, self.device, self.threads)
 
         self._embeddings = session(bundle.path(segments[0].file))

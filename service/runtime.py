@@ -61,11 +61,12 @@ def backend_for(bundle: Bundle, settings: Settings) -> tuple[str, str]:
 
 
 def default_engine(bundle: Bundle, settings: Settings) -> EngineLike:
-    """One engine for all workers (sessions may run concurrently); see Settings.threads."""
+    """One engine for all workers (sessions may run concurrently: on OpenVINO, one stream per
+    worker); see Settings.threads."""
     threads = settings.threads or max(default_threads() // settings.workers, 1)
     backend, precision = backend_for(bundle, settings)
     set_pool_spinning(settings.spin)
-    return Engine(bundle, device=settings.device, threads=threads, backend=backend, precision=precision)
+    return Engine(bundle, device=settings.device, threads=threads, backend=backend, precision=precision, streams=settings.workers)
 
 
 class Phase(str, enum.Enum):

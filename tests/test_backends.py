@@ -15,6 +15,7 @@ from romebert.core.engine import Engine, openvino_device, run_early_exit
 from romebert.core.tokenization import TextEncoder
 from romebert.model_export import backends
 from romebert.service.cost_model import EwmaCostModel, warm_up
+from romebert.service import runtime as runtime_module
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
 
@@ -137,3 +138,21 @@ def test_serve_auto_takes_the_bundles_choice_and_says_so_when_it_cannot(tiny_bun
     with caplog.at_level(logging.WARNING, logger="romebert.runtime"):
         assert default_engine(bundle, Settings(device="cpu")).backend == "onnxruntime"
     assert "OpenVINO, which offers no CPU device here" in caplog.text
+
+
+def test_workers_sharing_an_openvino_engine_get_a_stream_each_with_their_share_of_the_cores(tiny_bundle, monkeypatch):
+    # OpenVINO runs the calls of one stream one after another: with one stream, two workers took
+    # turns on one core's worth of threads (docs/results.md, "Workers on OpenVINO").
+    opened = []
+
+    def spy(path, precision, threads, streams=1):
+        opened.append((threads, streams))
+        return engine_module.open_session(path, "cpu", threads)
+
+    monkeypatch.setattr(engine_module, "open_openvino_session", spy)
+    monkeypatch.setattr(runtime_module, "default_threads", lambda: 4)  # four cores
+    bundle = load_bundle(tiny_bundle)
+    for workers, expected in ((1, (4, 1)), (2, (2, 2)), (4, (1, 4))):
+        opened.clear()
+        default_engine(bundle, Settings(device="cpu", backend="openvino", workers=workers))
+        assert set(opened) == {expected}
