@@ -203,26 +203,23 @@ def with_slow_clients(url: str, workload: Workload, seconds: float, slow: int) -
     return result, probe.latencies, clients.opened if clients else 0
 
 
-_server_cores: list[int] | None = None  # set by --pin
-
-
-def pin_generator_apart() -> None:
-    """This process (and what it starts later) on the last core; servers on the others."""
-    global _server_cores
+def pin_generator_apart() -> list[int]:
+    """This process (and what it starts later) on the last core; returns the others, the servers'."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit("--pin needs at least two cores")
-    _server_cores = cores[:-1]
     os.sched_setaffinity(0, cores[-1:])
+    return cores[:-1]
 
 
-def on_server_cores(command: list[str]) -> list[str]:
-    return ["taskset", "--cpu-list", ",".join(map(str, _server_cores)), *command] if _server_cores else command
+def on_cores(command: list[str], cores: list[int] | None) -> list[str]:
+    """`command` run on `cores` (None: wherever this process may run)."""
+    return ["taskset", "--cpu-list", ",".join(map(str, cores)), *command] if cores else command
 
 
 def measure(command: list[str], log: Path, workload: Workload, rates: list[float] | None, env: dict | None = None,
-            slow: bool = False, cwd: Path | None = None) -> dict:
-    with running(on_server_cores(command), log, env, cwd) as (proc, url):
+            slow: bool = False, cwd: Path | None = None, cores: list[int] | None = None) -> dict:
+    with running(on_cores(command, cores), log, env, cwd) as (proc, url):
         closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         capacity = closed_loop(url, workload, 32, 30, proc.pid)
         print(f"  capacity {capacity}", flush=True)
@@ -255,18 +252,17 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true", help="the servers on all cores but the last, the load generator on the last")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
-    if args.pin:
-        pin_generator_apart()
+    cores = pin_generator_apart() if args.pin else None
     bundle = load_bundle(args.bundle)
     task = load_task("rotten_tomatoes")
     workload = Workload([TextItem(e.text) for e in task.test], [Profile("default")], batch=1, seed=0)
     logs = ROOT / "artifacts" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
     print("this server:", flush=True)
-    now = measure(romebert_serve(args.bundle), logs / "overload-server.log", workload, None, slow=True)
+    now = measure(romebert_serve(args.bundle), logs / "overload-server.log", workload, None, slow=True, cores=cores)
     # The serving core against the one it replaced, on the same backend (onnxruntime fp32): the
     # default bundle now picks OpenVINO, which would flatter the comparison.
-    with running(on_server_cores(romebert_serve(args.bundle, "--backend", "onnxruntime")), logs / "overload-server-ort.log") as (_, url):
+    with running(on_cores(romebert_serve(args.bundle, "--backend", "onnxruntime"), cores), logs / "overload-server-ort.log") as (_, url):
         closed_loop(url, workload, 32, 5)
         same_backend = closed_loop(url, workload, 32, 30)
     print(f"  capacity on onnxruntime {same_backend}", flush=True)
@@ -275,20 +271,20 @@ def main() -> None:
         "capacity_c32_onnxruntime": same_backend,
         "capacity_c32": now["capacity"], "bundle": str(args.bundle), "default_threshold": bundle.default_threshold,
         "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S,
-        "pinned": {"server_cores": _server_cores, "generator_cores": sorted(os.sched_getaffinity(0))} if _server_cores else None,
+        "pinned": {"server_cores": cores, "generator_cores": sorted(os.sched_getaffinity(0))} if cores else None,
         "environment": environment(),
     }
     result["also"] = []
     for flags in args.also:
         print(f"this server with {flags}:", flush=True)
-        also = measure(romebert_serve(args.bundle, *flags.split()), logs / "overload-also.log", workload, None)
+        also = measure(romebert_serve(args.bundle, *flags.split()), logs / "overload-also.log", workload, None, cores=cores)
         result["also"].append({"flags": flags, "capacity_rps": also["capacity"]["requests_per_s"], "rows": also["rows"], "capacity_c32": also["capacity"]})
     if args.before:
         print(f"the server of {args.before}:", flush=True)
         rates = [row["offered_rps"] for row in now["rows"]]
         with older_checkout(args.before) as (cli, env):
             command = [sys.executable, "-m", cli, "serve", str(args.bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
-            before = measure(command, logs / "overload-before.log", workload, rates, env=env, cwd=args.before)
+            before = measure(command, logs / "overload-before.log", workload, rates, env=env, cwd=args.before, cores=cores)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
         result["before"] = before | {"checkout": str(args.before), "commit": commit}
     write_json(args.out, result)
