@@ -252,6 +252,7 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true", help="the servers on all cores but the last, the load generator on the last")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
+    machine = environment()  # before --pin narrows this process to one core
     cores = pin_generator_apart() if args.pin else None
     bundle = load_bundle(args.bundle)
     task = load_task("rotten_tomatoes")
@@ -272,7 +273,7 @@ def main() -> None:
         "capacity_c32": now["capacity"], "bundle": str(args.bundle), "default_threshold": bundle.default_threshold,
         "max_queue_wait_ms": Settings().max_queue_wait_ms, "client_timeout_s": TIMEOUT_S,
         "pinned": {"server_cores": cores, "generator_cores": sorted(os.sched_getaffinity(0))} if cores else None,
-        "environment": environment(),
+        "environment": machine,
     }
     result["also"] = []
     for flags in args.also:
