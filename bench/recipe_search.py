@@ -80,6 +80,8 @@ RUNS: dict[str, dict] = {
     # scaled by 1/(L-1-i)).
     "rb_grswap_bf16": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", precision="bf16", gr_swap=True),
     "rb_ge_bf16": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", precision="bf16", gradient_equilibrium=True),
+    # and fewer passes, the other side of round 3's 4 and 5 epochs
+    "rb_2ep_bf16": dict(method="romebert", lr=1e-4, epochs=2, kl_reduction="mean", precision="bf16"),
 }
 
 # IMDB: the training benchmark's settings (its seed-1 split), the shipped recipe's defaults; each
@@ -103,9 +105,11 @@ IMDB_RUNS: dict[str, dict] = {
     "rb_ft_lr2e-5": dict(method="romebert", lr=2e-5, init_from="@finetune"),
     "rb_ft_lr5e-5": dict(method="romebert", lr=5e-5, init_from="@finetune"),
 }
-SEARCHES = {  # dataset -> (settings every run shares, runs, results file)
-    "rotten_tomatoes": (BASE, RUNS, ROOT / "bench" / "results" / "recipe_search.json"),
-    "imdb": (IMDB_BASE, IMDB_RUNS, ROOT / "bench" / "results" / "recipe_search_imdb.json"),
+# dataset -> (settings every run shares, runs, results file, the runs that are the shipped recipe:
+# one per precision, each RomeBERT run compared with the one of its own precision)
+SEARCHES = {
+    "rotten_tomatoes": (BASE, RUNS, ROOT / "bench" / "results" / "recipe_search.json", ["rb_klmean", "rb_bf16"]),
+    "imdb": (IMDB_BASE, IMDB_RUNS, ROOT / "bench" / "results" / "recipe_search_imdb.json", ["rb"]),
 }
 
 
@@ -137,32 +141,46 @@ def run(name: str, out: Path, base: dict, runs: dict[str, dict]) -> dict:
     }
 
 
-def deebert_reference(name: str, runs: dict[str, dict], loaded: dict) -> str | None:
-    """The DeeBERT run a run is compared with: the first in `runs` trained in the same precision
-    (a bf16 run against an fp32 DeeBERT would mix the two effects); None for that DeeBERT itself."""
+def reference(name: str, runs: dict[str, dict], loaded: dict, candidates: list[str]) -> str | None:
+    """The run of `candidates` a run is compared with: the first trained in the same precision (a
+    bf16 run against an fp32 reference would mix the two effects); None for the reference itself."""
     precision = runs[name].get("precision")
-    ref = next((n for n, o in runs.items() if o["method"] == "deebert" and o.get("precision") == precision and n in loaded), None)
+    ref = next((n for n in candidates if n in loaded and runs[n].get("precision") == precision), None)
     return None if ref == name else ref
 
 
-def report(names: list[str], out: Path, runs: dict[str, dict]) -> dict:
-    """Per run: dev accuracy at full depth and at >= 2x / >= 3x speed-up, and the paired dev
-    difference to DeeBERT at those points (when DeeBERT's logits are there); for every run, the
-    three exit rules side by side. Only runs whose dev logits are on disk."""
+def paired_at(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray, speedup: int) -> dict | None:
+    """Paired dev difference (run minus reference), each at its own best threshold reaching the speed-up."""
+    t, t_ref = threshold_for_speedup(logits, labels, speedup), threshold_for_speedup(ref_logits, labels, speedup)
+    if t is None or t_ref is None:
+        return None
+    return paired_difference(correct_at(logits, labels, t)[0], correct_at(ref_logits, labels, t_ref)[0])
+
+
+def report(names: list[str], out: Path, runs: dict[str, dict], shipped: list[str]) -> dict:
+    """Per run: dev accuracy at full depth and at >= 2x / >= 3x speed-up; the paired dev difference
+    to DeeBERT at those points, and to the shipped recipe at those and at full depth (when their
+    logits are there); for every run, the three exit rules side by side. Only runs whose dev
+    logits are on disk."""
     loaded = {n: np.load(out / n / "dev_logits.npz") for n in names if (out / n / "dev_logits.npz").is_file()}
+    deeberts = [n for n, o in runs.items() if o["method"] == "deebert"]
     rows = {}
     for name, data in loaded.items():
         logits, labels = data["logits"], data["labels"]
         row = {"full_depth": float((logits[-1].argmax(-1) == labels).mean())}
-        ref = deebert_reference(name, runs, loaded)
         for s in (2, 3):
             row[f"at_{s}x"] = best_at(entropy_curve(logits, labels), s)
-            t = threshold_for_speedup(logits, labels, s)
-            t_ref = threshold_for_speedup(loaded[ref]["logits"], labels, s) if ref else None
-            if t is not None and t_ref is not None:
-                row[f"minus_deebert_at_{s}x"] = paired_difference(correct_at(logits, labels, t)[0], correct_at(loaded[ref]["logits"], labels, t_ref)[0])
             for rule, curve in (("patience", patience_curve(logits, labels)), ("calibrated", calibrated_curve(logits, labels))):
                 row[f"{rule}_at_{s}x"] = best_at(curve, s)
+        if ref := reference(name, runs, loaded, deeberts):
+            for s in (2, 3):
+                if (d := paired_at(logits, loaded[ref]["logits"], labels, s)) is not None:
+                    row[f"minus_deebert_at_{s}x"] = d
+        if runs[name]["method"] == "romebert" and (ref := reference(name, runs, loaded, shipped)):
+            final, ref_final = logits[-1].argmax(-1) == labels, loaded[ref]["logits"][-1].argmax(-1) == labels
+            row["minus_shipped"] = {"reference": ref, "full_depth": paired_difference(final, ref_final)}
+            for s in (2, 3):
+                row["minus_shipped"][f"at_{s}x"] = paired_at(logits, loaded[ref]["logits"], labels, s)
         rows[name] = row
     return rows
 
@@ -174,7 +192,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default artifacts/search (rotten_tomatoes), artifacts/search_imdb")
     parser.add_argument("--report-only", action="store_true", help="train nothing; report the runs already there")
     args = parser.parse_args()
-    base, runs, results_file = SEARCHES[args.data]
+    base, runs, results_file, shipped = SEARCHES[args.data]
     out = args.out or ROOT / "artifacts" / ("search" if args.data == "rotten_tomatoes" else f"search_{args.data}")
     results = (json.loads(results_file.read_text()) if results_file.is_file() else {"runs": {}}) | {"settings": base}
     names = args.runs.split(",") if args.runs else list(runs)
@@ -186,15 +204,16 @@ def main() -> None:
         accs = " ".join(f"{100 * a:.1f}" for a in results["runs"][name]["dev_acc_per_exit"])
         print(f"--- {name}: dev acc per exit {accs}", flush=True)
     # Rows of runs whose logits are gone (another machine) stay as they were reported.
-    fresh, old = report([n for n in runs if n in results["runs"]], out, runs), results.get("report", {})
+    fresh, old = report([n for n in runs if n in results["runs"]], out, runs, shipped), results.get("report", {})
     results["report"] = {n: fresh.get(n, old.get(n)) for n in runs if n in fresh or n in old}
     write_json(results_file, results)
     pct = lambda v: "   -" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-    print(f"{'run':<24}{'full':>6}{'@2x':>6}{'@3x':>6}  {'vs DeeBERT @2x [95%]':<22}{'patience @2x/@3x':>18}{'calibrated @2x/@3x':>20}")
+    diff = lambda d: "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"  # noqa: E731
+    print(f"{'run':<24}{'full':>6}{'@2x':>6}{'@3x':>6}  {'vs DeeBERT @2x [95%]':<22}{'vs shipped @2x [95%]':<22}"
+          f"{'patience @2x/@3x':>18}{'calibrated @2x/@3x':>20}")
     for name, r in results["report"].items():
-        d = r.get("minus_deebert_at_2x")
-        vs = "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-        print(f"{name:<24}{pct(r['full_depth'])}{pct(r['at_2x'])}{pct(r['at_3x'])}  {vs:<22}"
+        print(f"{name:<24}{pct(r['full_depth'])}{pct(r['at_2x'])}{pct(r['at_3x'])}  {diff(r.get('minus_deebert_at_2x')):<22}"
+              f"{diff(r.get('minus_shipped', {}).get('at_2x')):<22}"
               f"{pct(r['patience_at_2x'])}/{pct(r['patience_at_3x']):<11}{pct(r['calibrated_at_2x'])}/{pct(r['calibrated_at_3x'])}")
 
 
