@@ -158,12 +158,15 @@ def reference(name: str, runs: dict[str, dict], loaded: dict, candidates: list[s
     return None if ref == name else ref
 
 
-def paired_at(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray, speedup: int) -> dict | None:
-    """Paired dev difference (run minus reference), each at its own best threshold reaching the speed-up."""
-    t, t_ref = threshold_for_speedup(logits, labels, speedup), threshold_for_speedup(ref_logits, labels, speedup)
-    if t is None or t_ref is None:
-        return None
-    return paired_difference(correct_at(logits, labels, t)[0], correct_at(ref_logits, labels, t_ref)[0])
+def correct_pairs(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per point (full depth, >= 2x, >= 3x): which dev rows a run and its reference get right, each
+    at its own best threshold reaching the speed-up; a point either cannot reach is left out."""
+    pairs = {"full_depth": (logits[-1].argmax(-1) == labels, ref_logits[-1].argmax(-1) == labels)}
+    for s in (2, 3):
+        t, t_ref = threshold_for_speedup(logits, labels, s), threshold_for_speedup(ref_logits, labels, s)
+        if t is not None and t_ref is not None:
+            pairs[f"at_{s}x"] = (correct_at(logits, labels, t)[0], correct_at(ref_logits, labels, t_ref)[0])
+    return pairs
 
 
 def report(names: list[str], out: Path, runs: dict[str, dict], shipped: list[str]) -> dict:
@@ -182,54 +185,61 @@ def report(names: list[str], out: Path, runs: dict[str, dict], shipped: list[str
             for rule, curve in (("patience", patience_curve(logits, labels)), ("calibrated", calibrated_curve(logits, labels))):
                 row[f"{rule}_at_{s}x"] = best_at(curve, s)
         if ref := reference(name, runs, loaded, deeberts):
-            for s in (2, 3):
-                if (d := paired_at(logits, loaded[ref]["logits"], labels, s)) is not None:
-                    row[f"minus_deebert_at_{s}x"] = d
+            for point, pair in correct_pairs(logits, loaded[ref]["logits"], labels).items():
+                if point != "full_depth":
+                    row[f"minus_deebert_{point}"] = paired_difference(*pair)
         if runs[name]["method"] == "romebert" and (ref := reference(name, runs, loaded, shipped)):
-            final, ref_final = logits[-1].argmax(-1) == labels, loaded[ref]["logits"][-1].argmax(-1) == labels
-            row["minus_shipped"] = {"reference": ref, "full_depth": paired_difference(final, ref_final)}
-            for s in (2, 3):
-                row["minus_shipped"][f"at_{s}x"] = paired_at(logits, loaded[ref]["logits"], labels, s)
+            pairs = correct_pairs(logits, loaded[ref]["logits"], labels)
+            row["minus_shipped"] = {"reference": ref} | {point: paired_difference(*pair) for point, pair in pairs.items()}
         rows[name] = row
     return rows
 
 
-def on_seeds(names: list[str], seeds: list[int], data: str, out: Path, base: dict, runs: dict[str, dict]) -> dict:
+def on_seeds(names: list[str], seeds: list[int], data: str, out: Path, base: dict, runs: dict[str, dict], shipped: list[str]) -> dict:
     """Each run on the benchmark's split of each seed, against the benchmark's shipped-recipe run of
-    that seed on the same dev rows: per seed, and pooled (every seed's rows together, as bench/train.py)."""
+    that seed on the same dev rows: per seed, and pooled (every seed's rows together, as bench/train.py);
+    pooled once more with the search's own seed where the run and its shipped reference are there."""
     import torch
 
     from bench.train import OUT as BENCH_OUT, settings_of
 
     results = {}
     for name in names:
-        per_seed, pairs = {}, {"full_depth": ([], []), "at_2x": ([], []), "at_3x": ([], [])}
+        per_seed, pooled_pairs = {}, {}
         for seed in seeds:
-            reference = BENCH_OUT / data / SHIPPED_METHOD / f"seed{seed}"
-            if not (reference / "logits.npz").is_file():
-                raise SystemExit(f"{reference}: no benchmark run for seed {seed}; run bench/train.py --seeds {seed} first")
+            bench_run = BENCH_OUT / data / SHIPPED_METHOD / f"seed{seed}"
+            if not (bench_run / "logits.npz").is_file():
+                raise SystemExit(f"{bench_run}: no benchmark run for seed {seed}; run bench/train.py --seeds {seed} first")
             seeded, settings = f"{name}@seed{seed}", base | settings_of(data, SHIPPED_METHOD) | {"seed": seed}
             precision = resolve_precision((settings | runs[name]).get("precision", "auto"), torch.device("cpu"))
-            if precision != (theirs := trained_precision(read_record(reference / "checkpoint"))):
+            if precision != (theirs := trained_precision(read_record(bench_run / "checkpoint"))):
                 raise SystemExit(f"{seeded} would train in {precision}, the benchmark's seed {seed} trained in {theirs}")
             entry = run(seeded, out, settings, {seeded: runs[name]})
-            mine = np.load(out / seeded / "dev_logits.npz")
-            ref = np.load(reference / "logits.npz")
-            logits, labels, ref_logits = mine["logits"], mine["labels"], ref["dev_logits"]
-            assert (labels == ref["dev_labels"]).all(), "not the benchmark's dev split"
-            correct = {"full_depth": (logits[-1].argmax(-1) == labels, ref_logits[-1].argmax(-1) == labels)}
-            for s in (2, 3):
-                t, t_ref = threshold_for_speedup(logits, labels, s), threshold_for_speedup(ref_logits, labels, s)
-                correct[f"at_{s}x"] = (correct_at(logits, labels, t)[0], correct_at(ref_logits, labels, t_ref)[0])
-            per_seed[str(seed)] = entry | {"minus_shipped": {k: paired_difference(a, b) for k, (a, b) in correct.items()}}
-            for k, (a, b) in correct.items():
-                pairs[k][0].append(a)
-                pairs[k][1].append(b)
-        pooled = {k: paired_difference(np.concatenate(a), np.concatenate(b)) for k, (a, b) in pairs.items()}
-        results[name] = {"seeds": per_seed, "pooled_minus_shipped": pooled}
-        print(f"--- {name} minus the benchmark's shipped recipe, dev, seeds {seeds} pooled: "
-              + ", ".join(f"{k} {100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" for k, d in pooled.items()), flush=True)
+            mine, ref = np.load(out / seeded / "dev_logits.npz"), np.load(bench_run / "logits.npz")
+            assert (mine["labels"] == ref["dev_labels"]).all(), "not the benchmark's dev split"
+            pairs = correct_pairs(mine["logits"], ref["dev_logits"], mine["labels"])
+            per_seed[str(seed)] = entry | {"minus_shipped": {point: paired_difference(*pair) for point, pair in pairs.items()}}
+            pooled_pairs[seed] = pairs
+        results[name] = {"seeds": per_seed, "pooled_minus_shipped": pooled(pooled_pairs.values())}
+        loaded = {n: np.load(out / n / "dev_logits.npz") for n in [name, *shipped] if (out / n / "dev_logits.npz").is_file()}
+        if name in loaded and (ref_name := reference(name, runs, loaded, shipped)):
+            own = correct_pairs(loaded[name]["logits"], loaded[ref_name]["logits"], loaded[name]["labels"])
+            results[name]["search_seed"] = {point: paired_difference(*pair) for point, pair in own.items()}
+            results[name]["pooled_with_search_seed"] = pooled([*pooled_pairs.values(), own])
+        for key in ("pooled_minus_shipped", "pooled_with_search_seed"):
+            if key in results[name]:
+                print(f"--- {name}, dev, {key}: " + ", ".join(f"{k} {100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+                                                           for k, d in results[name][key].items()), flush=True)
     return results
+
+
+def pooled(splits) -> dict:
+    """Paired differences with every split's rows together (each (split, row) one pair), per point
+    that every split reached."""
+    splits = list(splits)
+    points = [p for p in splits[0] if all(p in pairs for pairs in splits)]
+    return {p: paired_difference(np.concatenate([pairs[p][0] for pairs in splits]), np.concatenate([pairs[p][1] for pairs in splits]))
+            for p in points}
 
 
 def main() -> None:
@@ -249,7 +259,7 @@ def main() -> None:
         parser.error(f"unknown runs for {args.data}: {', '.join(unknown)}; known: {', '.join(runs)}")
     if args.seeds:
         results["on_benchmark_seeds"] = results.get("on_benchmark_seeds", {}) | on_seeds(
-            names, [int(s) for s in args.seeds.split(",")], args.data, out, base, runs)
+            names, [int(s) for s in args.seeds.split(",")], args.data, out, base, runs, shipped)
         write_json(results_file, results)
         return
     for name in names if not args.report_only else []:
