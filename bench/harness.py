@@ -51,6 +51,38 @@ def environment() -> dict:
     return {"commit": commit + ("+uncommitted" if dirty else ""), "python": platform.python_version(), "versions": versions, "cpu": cpu}
 
 
+# What a finished run's record may differ in from the config asked for and still be that run: where
+# it was written, how it was resumed and how often it saved, and how its dev split was batched.
+_NOT_THE_RUN = {"output", "resume", "save_every", "crash_after_steps", "eval_batch_size", "precision"}
+
+
+def same_run(checkpoint: Path, cfg) -> bool:
+    """Whether the finished checkpoint was trained with `cfg` (a TrainConfig), precision as resolved:
+    a benchmark whose settings changed since must not report the runs it kept from before."""
+    import dataclasses
+
+    import torch
+
+    from romebert.training.checkpoint import read_record
+    from romebert.training.train import resolve_precision, trained_precision
+
+    record = read_record(checkpoint)
+    if not record:
+        return False
+    asked = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_THE_RUN}
+    had = {k: v for k, v in record["config"].items() if k not in _NOT_THE_RUN}
+    return asked == had and trained_precision(record) == resolve_precision(cfg.precision, torch.device(cfg.device))
+
+
+def trained(cfg) -> Path:
+    """`cfg`'s checkpoint: the finished one at cfg.output when it is that run (so a benchmark killed
+    after training, while it computed logits, does not train again), else trained now, resuming a
+    run that was cut off."""
+    from romebert.training.train import train
+
+    return Path(cfg.output) if same_run(Path(cfg.output), cfg) else train(cfg)
+
+
 def exported(checkpoint: Path, path: Path, **options) -> Path:
     """The bundle at `path`, exported again from `checkpoint` (with export_bundle's `options`)
     unless it loads and holds these very weights: benchmarks reuse their bundles across runs,

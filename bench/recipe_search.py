@@ -4,8 +4,8 @@ rotten_tomatoes (seed 42, max length 64, batch 32) and IMDB (seed 1, bench/train
 settings: 128 tokens, 600 training reviews, 1,000 dev, 2 epochs, batch 16). Each run trains one
 recipe, then keeps the logits of every exit on the dev split, so that exit rules (entropy,
 per-exit temperature calibration, patience) can be compared on the same runs afterwards without
-retraining. A rerun skips the runs it already has (their dev logits are on disk), so a cut-off
-search resumes where it stopped.
+retraining. A rerun skips the runs it already has (their dev logits are on disk, from a checkpoint
+trained with the run's settings as they read today), so a cut-off search resumes where it stopped.
 
     .venv/bin/python bench/recipe_search.py                  # rotten_tomatoes, every run (about 3 h on 2 cores)
     .venv/bin/python bench/recipe_search.py --runs rb_base   # some of them
@@ -38,10 +38,10 @@ from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.checkpoint import read_record  # noqa: E402
-from romebert.training.train import SHIPPED_METHOD, TrainConfig, resolve_precision, task_data, train, trained_precision  # noqa: E402
+from romebert.training.train import SHIPPED_METHOD, TrainConfig, resolve_precision, task_data, trained_precision  # noqa: E402
 from romebert.core.exits import sweep  # noqa: E402
 from romebert.training.intervals import correct_at, paired_difference, threshold_for_speedup  # noqa: E402
-from bench.harness import environment  # noqa: E402
+from bench.harness import environment, same_run, trained  # noqa: E402
 from bench.train import DATASETS  # noqa: E402
 from bench.exit_rules import best_at, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
@@ -75,7 +75,7 @@ RUNS: dict[str, dict] = {
     "rb_klmean_nogr": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", gradient_regularization=False),
     # round 3, in bf16 (how the benchmark trains on a CPU with AMX), where its seeds had the shipped
     # recipe short of fine-tuning's target at 2x (docs/results.md): do more epochs lift it, as on IMDB?
-    "deebert_bf16": dict(method="deebert", lr=1e-4, epochs=3, precision="bf16"),
+    "deebert_bf16": dict(method="deebert", lr=1e-4, epochs=3, precision="bf16", kl_reduction="mean"),  # as it ran (DeeBERT has no KL)
     "rb_bf16": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", precision="bf16"),
     "rb_4ep_bf16": dict(method="romebert", lr=1e-4, epochs=4, kl_reduction="mean", precision="bf16"),
     "rb_5ep_bf16": dict(method="romebert", lr=1e-4, epochs=5, kl_reduction="mean", precision="bf16"),
@@ -125,13 +125,16 @@ SEARCHES = {
 def run(name: str, out: Path, base: dict, runs: dict[str, dict]) -> dict:
     folder = out / name
     logits_file = folder / "dev_logits.npz"
+    overrides = dict(runs[name])
+    if overrides.get("init_from", "").startswith("@"):
+        overrides["init_from"] = str(out / overrides["init_from"][1:] / "checkpoint")
+    cfg = TrainConfig(output=str(folder / "checkpoint"), resume=True, **(base | overrides))
+    if logits_file.is_file() and not same_run(folder / "checkpoint", cfg):
+        print(f"=== {name}: kept from other settings than today's, trained again", flush=True)
+        logits_file.unlink()
     if not logits_file.is_file():
-        overrides = dict(runs[name])
-        if overrides.get("init_from", "").startswith("@"):
-            overrides["init_from"] = str(out / overrides["init_from"][1:] / "checkpoint")
-        cfg = TrainConfig(output=str(folder / "checkpoint"), resume=True, **(base | overrides))
         print(f"=== {name}: {cfg}", flush=True)
-        ckpt = train(cfg)
+        ckpt = trained(cfg)
         encoded, labels = encode_examples(TextEncoder(ckpt / "tokenizer.json", cfg.max_length), task_data(cfg).dev)
         logits = exit_logits(MultiExitBert.from_checkpoint(ckpt), encoded, 256)
         np.savez(logits_file, logits=logits, labels=labels)

@@ -14,8 +14,9 @@ for the report:
 - paired test differences (shipped recipe minus DeeBERT) at those points, with 95% intervals.
 
 Each run keeps its dev and test logits (artifacts/bench/train/<dataset>/<method>/seed<s>/), so a
-rerun skips the runs it already has, and a run cut off mid-training resumes from its last saved
-state. Writes bench/results/train.json and docs/{per_exit_accuracy,accuracy_vs_speedup}_<dataset>.png.
+rerun skips the runs it already has (unless they were trained with other settings than today's:
+those train again), a run cut off mid-training resumes from its last saved state, and one cut off
+after training, while its logits were computed, is not trained again. Writes bench/results/train.json and docs/{per_exit_accuracy,accuracy_vs_speedup}_<dataset>.png.
 
     .venv/bin/python bench/train.py        # both datasets; its time on each CPU measured: docs/results.md
 """
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.exit_rules import best_at, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
-from bench.harness import environment  # noqa: E402
+from bench.harness import environment, same_run, trained  # noqa: E402
 from romebert.core.data import encode_examples  # noqa: E402
 from romebert.core.exits import THRESHOLD_GRID  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -43,7 +44,7 @@ from romebert.training.intervals import correct_at, fine_grid, interval, paired_
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.plots import plot_per_exit, plot_speedup  # noqa: E402
 from romebert.training.checkpoint import read_record  # noqa: E402
-from romebert.training.train import SHIPPED_METHOD, TrainConfig, task_data, train, trained_precision  # noqa: E402
+from romebert.training.train import SHIPPED_METHOD, TrainConfig, task_data, trained_precision  # noqa: E402
 
 SEEDS = (1, 2, 3)
 METHODS = ("finetune", "deebert", SHIPPED_METHOD)
@@ -69,11 +70,14 @@ def run(dataset: str, method: str, seed: int) -> dict:
     """Train (or reuse) one run; its dev and test logits, labels and training time."""
     folder = OUT / dataset / method / f"seed{seed}"
     logits_file = folder / "logits.npz"
+    cfg = TrainConfig(method=method, data=dataset, output=str(folder / "checkpoint"), seed=seed, device="cpu", save_every=50,
+                      resume=True, **settings_of(dataset, method))
+    if logits_file.is_file() and not same_run(folder / "checkpoint", cfg):
+        print(f"=== {dataset} {method} seed {seed}: kept from other settings than today's, trained again", flush=True)
+        logits_file.unlink()
     if not logits_file.is_file():
-        cfg = TrainConfig(method=method, data=dataset, output=str(folder / "checkpoint"), seed=seed, device="cpu", save_every=50,
-                          resume=True, **settings_of(dataset, method))
         print(f"=== {dataset} {method} seed {seed}", flush=True)
-        checkpoint = train(cfg)
+        checkpoint = trained(cfg)
         task = task_data(cfg)
         encoder = TextEncoder(checkpoint / "tokenizer.json", cfg.max_length)
         model = MultiExitBert.from_checkpoint(checkpoint)
