@@ -74,6 +74,15 @@ def same_run(checkpoint: Path, cfg) -> bool:
     return asked == had and trained_precision(record) == resolve_precision(cfg.precision, torch.device(cfg.device))
 
 
+def kept(logits_file: Path, cfg) -> bool:
+    """Whether a benchmark's kept logits are those of the run `cfg` asks for; logits of a run trained
+    with other settings are removed (the run trains again), so they are never reported as today's."""
+    if logits_file.is_file() and not same_run(Path(cfg.output), cfg):
+        print(f"=== {logits_file.parent}: kept from other settings than today's, trained again", flush=True)
+        logits_file.unlink()
+    return logits_file.is_file()
+
+
 def trained(cfg) -> Path:
     """`cfg`'s checkpoint: the finished one at cfg.output when it is that run (so a benchmark killed
     after training, while it computed logits, does not train again), else trained now, resuming a

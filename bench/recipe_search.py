@@ -41,7 +41,7 @@ from romebert.training.checkpoint import read_record  # noqa: E402
 from romebert.training.train import SHIPPED_METHOD, TrainConfig, resolve_precision, task_data, trained_precision  # noqa: E402
 from romebert.core.exits import sweep  # noqa: E402
 from romebert.training.intervals import correct_at, paired_difference, threshold_for_speedup  # noqa: E402
-from bench.harness import environment, same_run, trained  # noqa: E402
+from bench.harness import environment, kept, trained  # noqa: E402
 from bench.train import DATASETS  # noqa: E402
 from bench.exit_rules import best_at, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
@@ -129,10 +129,7 @@ def run(name: str, out: Path, base: dict, runs: dict[str, dict]) -> dict:
     if overrides.get("init_from", "").startswith("@"):
         overrides["init_from"] = str(out / overrides["init_from"][1:] / "checkpoint")
     cfg = TrainConfig(output=str(folder / "checkpoint"), resume=True, **(base | overrides))
-    if logits_file.is_file() and not same_run(folder / "checkpoint", cfg):
-        print(f"=== {name}: kept from other settings than today's, trained again", flush=True)
-        logits_file.unlink()
-    if not logits_file.is_file():
+    if not kept(logits_file, cfg):
         print(f"=== {name}: {cfg}", flush=True)
         ckpt = trained(cfg)
         encoded, labels = encode_examples(TextEncoder(ckpt / "tokenizer.json", cfg.max_length), task_data(cfg).dev)
@@ -214,7 +211,8 @@ def on_seeds(names: list[str], seeds: list[int], data: str, out: Path, base: dic
             if not (bench_run / "logits.npz").is_file():
                 raise SystemExit(f"{bench_run}: no benchmark run for seed {seed}; run bench/train.py --seeds {seed} first")
             seeded, settings = f"{name}@seed{seed}", base | settings_of(data, SHIPPED_METHOD) | {"seed": seed}
-            precision = resolve_precision((settings | runs[name]).get("precision", "auto"), torch.device("cpu"))
+            asked = settings | runs[name]
+            precision = resolve_precision(asked.get("precision", "auto"), torch.device(asked["device"]))
             if precision != (theirs := trained_precision(read_record(bench_run / "checkpoint"))):
                 raise SystemExit(f"{seeded} would train in {precision}, the benchmark's seed {seed} trained in {theirs}")
             entry = run(seeded, out, settings, {seeded: runs[name]})
@@ -231,9 +229,13 @@ def on_seeds(names: list[str], seeds: list[int], data: str, out: Path, base: dic
             results[name]["pooled_with_search_seed"] = pooled([*pooled_pairs.values(), own])
         for key in ("pooled_minus_shipped", "pooled_with_search_seed"):
             if key in results[name]:
-                print(f"--- {name}, dev, {key}: " + ", ".join(f"{k} {100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-                                                           for k, d in results[name][key].items()), flush=True)
+                print(f"--- {name}, dev, {key}: " + ", ".join(f"{k} {shown(d)}" for k, d in results[name][key].items()), flush=True)
     return results
+
+
+def shown(d: dict | None) -> str:
+    """A paired difference as the tables print it: +0.3 [-0.3, +0.9] (points)."""
+    return "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
 
 def pooled(splits) -> dict:
@@ -275,12 +277,11 @@ def main() -> None:
     results["report"] = {n: fresh.get(n, old.get(n)) for n in runs if n in fresh or n in old}
     write_json(results_file, results)
     pct = lambda v: "   -" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-    diff = lambda d: "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"  # noqa: E731
     print(f"{'run':<24}{'full':>6}{'@2x':>6}{'@3x':>6}  {'vs DeeBERT @2x [95%]':<22}{'vs shipped @2x [95%]':<22}"
           f"{'patience @2x/@3x':>18}{'calibrated @2x/@3x':>20}")
     for name, r in results["report"].items():
-        print(f"{name:<24}{pct(r['full_depth'])}{pct(r['at_2x'])}{pct(r['at_3x'])}  {diff(r.get('minus_deebert_at_2x')):<22}"
-              f"{diff(r.get('minus_shipped', {}).get('at_2x')):<22}"
+        print(f"{name:<24}{pct(r['full_depth'])}{pct(r['at_2x'])}{pct(r['at_3x'])}  {shown(r.get('minus_deebert_at_2x')):<22}"
+              f"{shown(r.get('minus_shipped', {}).get('at_2x')):<22}"
               f"{pct(r['patience_at_2x'])}/{pct(r['patience_at_3x']):<11}{pct(r['calibrated_at_2x'])}/{pct(r['calibrated_at_3x'])}")
 
 

@@ -16,7 +16,8 @@ for the report:
 Each run keeps its dev and test logits (artifacts/bench/train/<dataset>/<method>/seed<s>/), so a
 rerun skips the runs it already has (unless they were trained with other settings than today's:
 those train again), a run cut off mid-training resumes from its last saved state, and one cut off
-after training, while its logits were computed, is not trained again. Writes bench/results/train.json and docs/{per_exit_accuracy,accuracy_vs_speedup}_<dataset>.png.
+after training, while its logits were computed, is not trained again. Writes
+bench/results/train.json and docs/{per_exit_accuracy,accuracy_vs_speedup}_<dataset>.png.
 
     .venv/bin/python bench/train.py        # both datasets; its time on each CPU measured: docs/results.md
 """
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.exit_rules import best_at, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
-from bench.harness import environment, same_run, trained  # noqa: E402
+from bench.harness import environment, kept, trained  # noqa: E402
 from romebert.core.data import encode_examples  # noqa: E402
 from romebert.core.exits import THRESHOLD_GRID  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -72,10 +73,7 @@ def run(dataset: str, method: str, seed: int) -> dict:
     logits_file = folder / "logits.npz"
     cfg = TrainConfig(method=method, data=dataset, output=str(folder / "checkpoint"), seed=seed, device="cpu", save_every=50,
                       resume=True, **settings_of(dataset, method))
-    if logits_file.is_file() and not same_run(folder / "checkpoint", cfg):
-        print(f"=== {dataset} {method} seed {seed}: kept from other settings than today's, trained again", flush=True)
-        logits_file.unlink()
-    if not logits_file.is_file():
+    if not kept(logits_file, cfg):
         print(f"=== {dataset} {method} seed {seed}", flush=True)
         checkpoint = trained(cfg)
         task = task_data(cfg)
