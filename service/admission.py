@@ -8,8 +8,8 @@ whose Retry-After comes from the predicted wait. The prediction is the work ahea
 rows plus half the rows in flight, times the measured engine seconds per answered row (early exits
 included), shared out over the workers. It is an estimate; the bound is kept for certain at the
 other end: a row that has waited past it when a worker would take it, or when its length group
-would start (a worker takes a whole batch and runs its length groups one after another), is
-answered 503 instead of run. Past capacity the queue therefore holds about one bound's worth of
+would start (under "regroup" a worker takes new rows as length groups that start one after
+another), is answered 503 instead of run. Past capacity the queue therefore holds about one bound's worth of
 work, the workers stay busy, and the rest is turned away at the door, for the price of parsing and
 tokenizing it.
 
@@ -124,10 +124,11 @@ class Admission:
                 self._cond.wait(remaining)
             return True
 
-    def take(self, n: int) -> list[Row]:
-        """Up to n rows to run, oldest first, skipping (and answering) the ones that must not run."""
+    def take(self, n: int, pick: Callable[[list[Row]], list[Row]] | None = None) -> list[Row]:
+        """Up to n rows to run, oldest first, skipping (and answering) the ones that must not run.
+        With `pick`, only the rows it picks out of those start; the others keep their place in the queue."""
         with self._cond:
-            return self._pop(n, lambda row: True)
+            return self._pop(n, lambda row: True, pick)
 
     def take_urgent(self, must_start_by: float, n: int) -> list[Row]:
         """Up to n budgeted rows whose deadline comes before `must_start_by` (scheduler clock)."""
@@ -136,20 +137,23 @@ class Admission:
                 return []
             return self._pop(n, lambda row: row.deadline < must_start_by)
 
-    def _pop(self, n: int, wanted: Callable[[Row], bool]) -> list[Row]:
+    def _pop(self, n: int, wanted: Callable[[Row], bool], pick: Callable[[list[Row]], list[Row]] | None = None) -> list[Row]:
         now = self.clock()
         taken: list[Row] = []
-        kept: deque[Row] = deque()
+        seen: list[Row] = []  # every runnable row popped, in queue order
         while self._queue and len(taken) < n:
             row = self._queue.popleft()
             if not self._runnable(row, now):
                 self._budgeted -= row.deadline < math.inf
-            elif wanted(row):
+                continue
+            seen.append(row)
+            if wanted(row):
                 taken.append(row)
-                self._budgeted -= row.deadline < math.inf
-            else:
-                kept.append(row)
-        self._queue.extendleft(reversed(kept))
+        if pick is not None and taken:
+            taken = pick(taken)
+        started = {id(row) for row in taken}
+        self._queue.extendleft(reversed([row for row in seen if id(row) not in started]))
+        self._budgeted -= sum(row.deadline < math.inf for row in taken)
         self._in_flight += len(taken)
         self.metrics.queue_depth.set(len(self._queue))
         for row in taken:
@@ -179,8 +183,8 @@ class Admission:
 
     def expire(self, rows: list[Row]) -> np.ndarray:
         """Flag, and answer 503, the rows among `rows` (taken, not yet started) that have now waited
-        past the bound. A worker takes a whole batch and runs its length groups one after another,
-        so a group that starts late is held to the bound again. They leave the in-flight count
+        past the bound: a length group taken with others and started after them is held to the
+        bound again. They leave the in-flight count
         without adding to the service rate (rows that expire in the queue never reach it either)."""
         with self._cond:
             now = self.clock()

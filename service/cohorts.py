@@ -82,6 +82,12 @@ def length_groups(rows: list[Row]) -> list[list[Row]]:
     return groups
 
 
+def oldest_group(rows: list[Row], max_rows: int) -> list[Row]:
+    """The length group of the oldest row (rows come oldest first), its `max_rows` oldest rows."""
+    group = {id(row) for row in next(g for g in length_groups(rows) if rows[0] in g)}
+    return [row for row in rows if id(row) in group][:max_rows]
+
+
 def form(rows: list[Row], engine: EngineLike, order: itertools.count) -> list[Cohort]:
     """Fresh cohorts at depth 0: grouped by length, padded once, embedded."""
     return [Cohort(group, engine.embed(pad([row.tokens for row in group])), next(order)) for group in length_groups(rows)]

@@ -32,13 +32,19 @@ from romebert.core.exits import can_leave_early, confident, entropy
 from romebert.core.tokenization import TokenRow
 from romebert.service import budgets
 from romebert.service.admission import Admission
-from romebert.service.cohorts import Cohort, EngineLike, form, merge_same_depth
+from romebert.service.cohorts import Cohort, EngineLike, form, merge_same_depth, oldest_group
 from romebert.service.cost_model import CostModel
 from romebert.service.metrics import Metrics
 from romebert.service.policy import Policy
 from romebert.service.tickets import EngineFailure, Exit, Rejected, Row, Ticket
 
 log = logging.getLogger("romebert.scheduler")
+
+# An idle worker starts one length group: the oldest queued row's, out of this many batches' worth
+# of the queue's head. Past capacity the queue is deep, so that group is a full batch of one
+# length, and the rows of other lengths wait in the queue (where admission counts them and the
+# wait bound holds) rather than inside the worker behind it.
+LOOKAHEAD = 4
 
 
 class Scheduler:
@@ -128,7 +134,7 @@ class Scheduler:
         if not cohorts:
             if not self.admission.wait_for_rows(self.max_batch, self.max_wait):
                 return None
-            return self.admission.take(self.max_batch)
+            return self.admission.take(LOOKAHEAD * self.max_batch, lambda rows: oldest_group(rows, self.max_batch))
         busy = budgets.busy_time(cohorts, self.cost_model, self.engine.num_layers)
         rows = self.admission.take_urgent(self.clock() + busy, self.max_batch)
         if self.policy.regroup:

@@ -542,16 +542,35 @@ async def test_a_row_that_waited_past_the_bound_is_answered_503_and_never_run():
 
 
 @pytest.mark.asyncio
+async def test_an_idle_worker_starts_only_the_oldest_rows_length_group_and_the_others_keep_their_place_in_the_queue():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=2, max_wait_ms=0.0)
+    running = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    long = submit(scheduler, [4], 0.5, length=200)
+    shorts = [submit(scheduler, [1], 0.5) for _ in range(3)]
+    engine.step(3)  # running ends; the oldest queued row is the long one, alone in its length group
+    await wait_for(lambda: len(engine.calls) == 4)
+    assert engine.calls[3] == (0, [4])
+    assert scheduler.metrics.registry.get_sample_value("romebert_queue_depth") == 3  # the short rows wait in the queue
+    engine.step(3)
+    await done(running, long, *shorts)
+    # then the short rows, a full batch of them (max_batch 2) and the one left
+    assert [codes for _, codes in engine.calls[3:]] == [[4], [1, 1], [1]]
+
+
+@pytest.mark.asyncio
 async def test_a_length_group_that_starts_past_the_bound_is_answered_503_though_it_was_taken_in_time():
+    """Under regroup a worker takes new rows at a layer boundary, as length groups that start one after another."""
     clock = Clock()
-    scheduler, engine = make(FakeEngine(stepping=True), max_wait_ms=0.0, max_queue_wait_s=0.5, seconds_per_row=0.1, clock=clock)
+    scheduler, engine = make(FakeEngine(stepping=True), policy="regroup", max_wait_ms=0.0, max_queue_wait_s=0.5,
+                             seconds_per_row=0.1, clock=clock)
     running = submit(scheduler, [3], 0.0)
     await wait_for(lambda: len(engine.calls) == 1)
     short, long = submit(scheduler, [3], 0.0, length=20), submit(scheduler, [4], 0.0, length=200)
-    engine.step(3)  # the worker takes both at once, on time, as two length groups: the short one runs first
-    await wait_for(lambda: len(engine.calls) == 4)
-    clock.now += 1.0  # the short group takes long: the long one has now waited 1 s
-    engine.step(3)
+    engine.step(1)  # at the boundary the worker takes both, on time, as two fresh cohorts: the short one runs first
+    await wait_for(lambda: len(engine.calls) == 2)
+    clock.now += 1.0  # the short group's layer takes long: the long one has now waited 1 s
+    engine.step(5)
     assert [a.exit_layer for a in await done(running, short)] == [3, 3]
     with pytest.raises(Rejected, match="waited 1000 ms in the queue, over the server's bound of 500 ms"):
         await done(long)
