@@ -23,6 +23,11 @@ slow clients too) on the last one: the servers' behaviour past capacity without 
 taking their cores, which the shared-core runs cannot separate from it.
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
 its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
+With --before PATH --alternate N, only the two servers are compared, both started once and their
+steps taken in turns, N rounds (c32 for 20 s, then 2x and 4x for 30 s each, the order of the two
+servers swapped every round): this machine's speed drifts by tens of percent within minutes,
+which a comparison that measures one server for nine minutes and then the other cannot tell from
+a change. The offered rates are fixed after the first round's capacities (2x and 4x their mean).
 Writes bench/results/overload.json (--out: elsewhere, e.g. a run on another machine kept beside it).
 
     .venv/bin/python bench/overload.py [--bundle artifacts/default-bundle] [--also "--workers 2 --threads 1" --also "--spin off"] [--before /tmp/before] [--pin]
@@ -243,6 +248,49 @@ def measure(command: list[str], log: Path, workload: Workload, rates: list[float
     return out
 
 
+def older_serve(cli: str, bundle: Path) -> list[str]:
+    """An older checkout's server command line (`cli` from bench.harness.older_checkout)."""
+    return [sys.executable, "-m", cli, "serve", str(bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
+
+
+def alternate(bundle: Path, before: Path, rounds: int, workload: Workload, logs: Path, cores: list[int] | None) -> dict:
+    """Both servers up at once, their steps in turns (see the module's doc): per round and medians."""
+    steps = {"ours": [], "before": []}
+    with older_checkout(before) as (cli, env), \
+            running(on_cores(romebert_serve(bundle), cores), logs / "overload-ours.log") as (ours_proc, ours_url), \
+            running(on_cores(older_serve(cli, bundle), cores), logs / "overload-before.log", env, before) as (before_proc, before_url):
+        servers = {"ours": (ours_url, ours_proc.pid), "before": (before_url, before_proc.pid)}
+        for url, _ in servers.values():
+            closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
+        rates = None
+        for k in range(rounds):
+            capacity = {}
+            for name in (["ours", "before"] if k % 2 == 0 else ["before", "ours"]):
+                url, pid = servers[name]
+                capacity[name] = closed_loop(url, workload, 32, 20, pid)
+                steps[name].append({"round": k + 1, "capacity": capacity[name]})
+            rates = rates or [f * (capacity["ours"]["requests_per_s"] + capacity["before"]["requests_per_s"]) / 2 for f in (2, 4)]
+            for factor, rate in zip((2, 4), rates):
+                for name in (["ours", "before"] if k % 2 == 0 else ["before", "ours"]):
+                    url, pid = servers[name]
+                    steps[name][-1][f"x{factor}"] = open_loop(url, pid, workload, rate, 30)
+                    time.sleep(2)
+            print(f"  round {k + 1}: " + "; ".join(
+                f"{name} c32 {steps[name][-1]['capacity']['requests_per_s']}, 2x {steps[name][-1]['x2']['goodput_rps']}, 4x {steps[name][-1]['x4']['goodput_rps']}"
+                for name in steps), flush=True)
+    median = lambda name, get: round(float(np.median([get(step) for step in steps[name]])), 1)  # noqa: E731
+    figures = {
+        "capacity_rps": lambda s: s["capacity"]["requests_per_s"], "capacity_p99_ms": lambda s: s["capacity"]["p99_ms"],
+        "goodput_2x_rps": lambda s: s["x2"]["goodput_rps"], "goodput_4x_rps": lambda s: s["x4"]["goodput_rps"],
+        "admitted_p99_2x_ms": lambda s: s["x2"]["admitted_p99_ms"], "admitted_p99_4x_ms": lambda s: s["x4"]["admitted_p99_ms"],
+        "server_cpu_ms_per_answer_c32": lambda s: s["capacity"]["cpu"]["server_cpu_ms_per_answer"],
+        "rows_per_layer_call_2x": lambda s: s["x2"]["server"]["mean_batch_size"],
+    }
+    medians = {name: {figure: median(name, get) for figure, get in figures.items()} for name in steps}
+    ratios = {figure: [round(get(a) / get(b), 3) for a, b in zip(steps["ours"], steps["before"])] for figure, get in figures.items()}
+    return {"offered_rps": [round(r, 1) for r in rates], "rounds": rounds, "medians": medians, "ours_over_before_by_round": ratios, "steps": steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=ROOT / "artifacts" / "default-bundle")
@@ -250,8 +298,12 @@ def main() -> None:
     parser.add_argument("--also", action="append", default=[], metavar="FLAGS",
                         help='this server with other flags too (e.g. "--workers 2 --threads 1"), at 2x and 4x its own capacity; repeatable')
     parser.add_argument("--pin", action="store_true", help="the servers on all cores but the last, the load generator on the last")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="with --before: only the two servers, up at once, their steps in turns for N rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
+    if args.alternate and not args.before:
+        parser.error("--alternate compares with --before PATH's server")
     machine = environment()  # before --pin narrows this process to one core
     cores = pin_generator_apart() if args.pin else None
     bundle = load_bundle(args.bundle)
@@ -259,6 +311,14 @@ def main() -> None:
     workload = Workload([TextItem(e.text) for e in task.test], [Profile("default")], batch=1, seed=0)
     logs = ROOT / "artifacts" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
+    if args.alternate:
+        result = alternate(args.bundle, args.before, args.alternate, workload, logs, cores)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
+        result |= {"before": {"checkout": str(args.before), "commit": commit}, "bundle": str(args.bundle),
+                   "pinned": {"server_cores": cores, "generator_cores": sorted(os.sched_getaffinity(0))} if cores else None, "environment": machine}
+        write_json(args.out, result)
+        print(json.dumps({k: result[k] for k in ("offered_rps", "medians", "ours_over_before_by_round")}, indent=1))
+        return
     print("this server:", flush=True)
     now = measure(romebert_serve(args.bundle), logs / "overload-server.log", workload, None, slow=True, cores=cores)
     # The serving core against the one it replaced, on the same backend (onnxruntime fp32): the
@@ -284,8 +344,7 @@ def main() -> None:
         print(f"the server of {args.before}:", flush=True)
         rates = [row["offered_rps"] for row in now["rows"]]
         with older_checkout(args.before) as (cli, env):
-            command = [sys.executable, "-m", cli, "serve", str(args.bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
-            before = measure(command, logs / "overload-before.log", workload, rates, env=env, cwd=args.before, cores=cores)
+            before = measure(older_serve(cli, args.bundle), logs / "overload-before.log", workload, rates, env=env, cwd=args.before, cores=cores)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
         result["before"] = before | {"checkout": str(args.before), "commit": commit}
     write_json(args.out, result)
