@@ -42,7 +42,6 @@ import multiprocessing
 import os
 import selectors
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -55,7 +54,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, older_checkout, romebert_serve, running  # noqa: E402
+from bench.harness import checkout_commit, environment, older_checkout, romebert_serve, running  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -264,14 +263,15 @@ def alternate(bundle: Path, before: Path, rounds: int, workload: Workload, logs:
             closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         rates = None
         for k in range(rounds):
+            order = ["ours", "before"] if k % 2 == 0 else ["before", "ours"]
             capacity = {}
-            for name in (["ours", "before"] if k % 2 == 0 else ["before", "ours"]):
+            for name in order:
                 url, pid = servers[name]
                 capacity[name] = closed_loop(url, workload, 32, 20, pid)
                 steps[name].append({"round": k + 1, "capacity": capacity[name]})
             rates = rates or [f * (capacity["ours"]["requests_per_s"] + capacity["before"]["requests_per_s"]) / 2 for f in (2, 4)]
             for factor, rate in zip((2, 4), rates):
-                for name in (["ours", "before"] if k % 2 == 0 else ["before", "ours"]):
+                for name in order:
                     url, pid = servers[name]
                     steps[name][-1][f"x{factor}"] = open_loop(url, pid, workload, rate, 30)
                     time.sleep(2)
@@ -313,8 +313,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     if args.alternate:
         result = alternate(args.bundle, args.before, args.alternate, workload, logs, cores)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
-        result |= {"before": {"checkout": str(args.before), "commit": commit}, "bundle": str(args.bundle),
+        result |= {"before": {"checkout": str(args.before), "commit": checkout_commit(args.before)}, "bundle": str(args.bundle),
                    "pinned": {"server_cores": cores, "generator_cores": sorted(os.sched_getaffinity(0))} if cores else None, "environment": machine}
         write_json(args.out, result)
         print(json.dumps({k: result[k] for k in ("offered_rps", "medians", "ours_over_before_by_round")}, indent=1))
@@ -345,8 +344,7 @@ def main() -> None:
         rates = [row["offered_rps"] for row in now["rows"]]
         with older_checkout(args.before) as (cli, env):
             before = measure(older_serve(cli, args.bundle), logs / "overload-before.log", workload, rates, env=env, cwd=args.before, cores=cores)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True, text=True).stdout.strip()
-        result["before"] = before | {"checkout": str(args.before), "commit": commit}
+        result["before"] = before | {"checkout": str(args.before), "commit": checkout_commit(args.before)}
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=1))
 

@@ -9,9 +9,9 @@ rows plus half the rows in flight, times the measured engine seconds per answere
 included), shared out over the workers. It is an estimate; the bound is kept for certain at the
 other end: a row that has waited past it when a worker would take it, or when its length group
 would start (under "regroup" a worker takes new rows as length groups that start one after
-another), is answered 503 instead of run. Past capacity the queue therefore holds about one bound's worth of
-work, the workers stay busy, and the rest is turned away at the door, for the price of parsing and
-tokenizing it.
+another), is answered 503 instead of run. Past capacity the queue therefore holds about one
+bound's worth of work, the workers stay busy, and the rest is turned away at the door, for the
+price of parsing and tokenizing it.
 
 Rows whose ticket is closed (the client left, the request's deadline passed) are dropped when a
 worker reaches them, so no work is done for clients that have gone.
@@ -151,8 +151,8 @@ class Admission:
                 taken.append(row)
         if pick is not None and taken:
             taken = pick(taken)
-        started = {id(row) for row in taken}
-        self._queue.extendleft(reversed([row for row in seen if id(row) not in started]))
+        started = set(taken)  # rows compare by identity
+        self._queue.extendleft(reversed([row for row in seen if row not in started]))
         self._budgeted -= sum(row.deadline < math.inf for row in taken)
         self._in_flight += len(taken)
         self.metrics.queue_depth.set(len(self._queue))
@@ -184,8 +184,8 @@ class Admission:
     def expire(self, rows: list[Row]) -> np.ndarray:
         """Flag, and answer 503, the rows among `rows` (taken, not yet started) that have now waited
         past the bound: a length group taken with others and started after them is held to the
-        bound again. They leave the in-flight count
-        without adding to the service rate (rows that expire in the queue never reach it either)."""
+        bound again. They leave the in-flight count without adding to the service rate (rows that
+        expire in the queue never reach it either)."""
         with self._cond:
             now = self.clock()
             late = np.fromiter((self._late(row, now) for row in rows), dtype=bool, count=len(rows))

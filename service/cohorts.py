@@ -84,8 +84,8 @@ def length_groups(rows: list[Row]) -> list[list[Row]]:
 
 def oldest_group(rows: list[Row], max_rows: int) -> list[Row]:
     """The length group of the oldest row (rows come oldest first), its `max_rows` oldest rows."""
-    group = {id(row) for row in next(g for g in length_groups(rows) if rows[0] in g)}
-    return [row for row in rows if id(row) in group][:max_rows]
+    group = set(next(g for g in length_groups(rows) if rows[0] in g))  # rows compare by identity
+    return [row for row in rows if row in group][:max_rows]
 
 
 def form(rows: list[Row], engine: EngineLike, order: itertools.count) -> list[Cohort]:
