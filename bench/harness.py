@@ -74,7 +74,10 @@ def same_run(checkpoint: Path, cfg) -> bool:
     if not record:
         return False
     asked = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_THE_RUN}
-    had = {k: v for k, v in record["config"].items() if k not in _NOT_THE_RUN}
+    # a field added since the run trained is missing from its record; its default is the
+    # behaviour from before it existed, so the run counts as trained with the default
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    had = {k: v for k, v in (defaults | record["config"]).items() if k not in _NOT_THE_RUN}
     return asked == had and trained_precision(record) == resolve_precision(cfg.precision, torch.device(cfg.device))
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +20,7 @@ from romebert.training.checkpoint import load_training_state, read_record, save_
 from romebert.training.evaluate import exit_logits, per_exit_metrics
 from romebert.training.model import MultiExitBert
 from tiny_backbone import make_tiny_backbone, tiny_train_config
-from romebert.training.train import SimulatedCrash, TrainConfig, Trainer, task_data, train, trained_precision
+from romebert.training.train import SimulatedCrash, TrainConfig, Trainer, phases_for, task_data, train, trained_precision
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -148,6 +149,7 @@ def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbon
     ({"grad_accum": 0}, "must be >= 1"),
     ({"epochs": 0}, "must be >= 1"),
     ({"precision": "fp16"}, "unknown precision 'fp16'"),
+    ({"exit_weight": 0.0}, "exit_weight must be > 0"),
     ({"batch_size": 48, "grad_accum": 2}, r"64 examples, fewer than one optimizer step takes \(batch_size 48 x grad_accum 2 x 1 processes = 96\)"),
 ])
 def test_a_config_that_cannot_train_is_refused_before_any_work(tiny_backbone, tmp_path, bad, says):
@@ -230,6 +232,21 @@ def test_romebert_trains_the_encoder_and_every_exit_the_last_included_in_one_sta
     assert {entry["phase"] for entry in record["history"]} == {"romebert"}
 
 
+def test_exit_weight_scales_the_early_exits_pull_and_leaves_the_final_exits_alone(tmp_path):
+    """Dropout off, so that both passes see the same network; GR off, so the gradients are the plain sums."""
+    tiny_backbone = make_tiny_backbone(tmp_path / "no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    grads = {}
+    for w in (1.0, 0.25):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_train_config(tiny_backbone, tmp_path / str(w), exit_weight=w, gradient_regularization=False))
+        phase = phases_for(trainer.cfg, 3)[0]
+        idx = np.arange(8)
+        trainer._micro_step(phase, trainer.train_set[0].rows(idx), torch.from_numpy(trainer.train_set[1][idx]), None)
+        grads[w] = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(grads[0.25]["exits.0.classifier.weight"], 0.25 * grads[1.0]["exits.0.classifier.weight"])
+    torch.testing.assert_close(grads[0.25]["exits.2.classifier.weight"], grads[1.0]["exits.2.classifier.weight"])
+
+
 def test_gradient_regularization_runs_with_accumulation_on_cpu(tiny_backbone, tmp_path):
     out = train(tiny_train_config(tiny_backbone, tmp_path / "gr", grad_accum=4, batch_size=4))
     history = read_record(out)["history"]
@@ -274,7 +291,6 @@ def test_two_process_torchrun_with_gloo_matches_one_process_on_the_same_global_b
 
 
 def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
-    import numpy as np
 
     from romebert.training.train import length_grouped_order
 

@@ -26,6 +26,7 @@ def _train_parser() -> argparse.ArgumentParser:
         "epochs": "epochs per stage (deebert has two stages)",
         "gamma": "self-distillation weight",
         "temperature": "distillation temperature T",
+        "exit_weight": "weight of the early exits' losses (A) against the final exit's cross-entropy (B)",
         "save_every": "optimizer steps between training-state saves (what a crash can lose)",
         "resume": "continue an interrupted run from its saved state",
         "limit": "cap every split at this many examples (quick runs)",

@@ -67,6 +67,7 @@ class TrainConfig:
     max_length: int = 128
     gamma: float = 0.9  # self-distillation weight
     temperature: float = 3.0
+    exit_weight: float = 1.0  # scales A, the early exits' losses, against the final exit's CE
     gradient_regularization: bool = True
     gr_swap: bool = False  # the reference swaps A and B for MNLI and QQP
     gradient_equilibrium: bool = False
@@ -190,6 +191,8 @@ class Trainer:
             raise ValueError("batch_size, grad_accum and epochs must be >= 1")
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
+        if not cfg.exit_weight > 0:
+            raise ValueError(f"exit_weight must be > 0, not {cfg.exit_weight}")
         self.cfg = cfg
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
@@ -248,6 +251,7 @@ class Trainer:
             loss = losses.early_exits_loss(logits, labels)
         else:
             loss_exits, loss_final = losses.romebert_losses(logits, labels, self.cfg.gamma, self.cfg.temperature, self.cfg.kl_reduction)
+            loss_exits = self.cfg.exit_weight * loss_exits
             if self.cfg.gr_swap:
                 loss_exits, loss_final = loss_final, loss_exits
             if projector is not None:
