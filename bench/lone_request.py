@@ -1,0 +1,132 @@
+"""A lone request's latency over HTTP, and how much of it is the load generator's (issue 14's c1 target).
+
+bench/serve.py measures concurrency 1 with the project's load generator (loadtest/driver.py:
+asyncio and aiohttp), which runs on the same two cores as the server, so its own work per request
+lies on every request's path. Here one server (`romebert serve` on the default bundle, its
+defaults) is measured by that generator and by a plain blocking client (the standard library's
+http.client on one kept-alive connection: no event loop, no session, no cookie jar), in turns,
+the order swapped every round, next to the target's reference: the in-process engine's batch-1
+p50, back to back, measured first in a fresh process. Both clients draw the same kind of requests
+(one rotten_tomatoes test text each, the server's default threshold); the server's own time per
+request (`latency_ms` in its answer: route arrival to answer) is kept for each. The plain client
+also times GET /healthz, the HTTP stack's floor (uvicorn, the middlewares, routing; no model, no
+scheduler). Writes bench/results/lone_request.json.
+
+    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500]    # about 3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import environment, romebert_serve, running  # noqa: E402
+from bench.serve import BUNDLE, engine_batch1_p50_ms, split_seed, test_split  # noqa: E402
+from bench.workers import in_fresh_process  # noqa: E402
+from romebert.core.bundle import load_bundle  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
+from romebert.loadtest.driver import run_load  # noqa: E402
+from romebert.loadtest.profiles import Profile  # noqa: E402
+from romebert.loadtest.texts import TextItem  # noqa: E402
+from romebert.loadtest.workload import Workload  # noqa: E402
+
+WARM_UP = 200  # requests each client sends before a round counts (first calls at new shapes)
+
+
+def generator_client(url: str, workload: Workload, n: int) -> tuple[list[float], list[float]]:
+    """(client ms, server ms) of n requests, one at a time, from the project's load generator."""
+    run = run_load(url, workload, 1, None, 3600.0, n, 30.0)
+    ok = [r for r in run.records if r.status == 200]
+    if len(ok) != n:
+        raise RuntimeError(f"the load generator got {n - len(ok)} answers other than 200")
+    return [r.latency_ms for r in ok], [r.server_latency_ms for r in ok]
+
+
+def plain_client(url: str, workload: Workload | None, n: int, seed: int) -> tuple[list[float], list[float]]:
+    """(client ms, server ms) of n requests, one at a time, over one kept-alive http.client
+    connection: POST /classify, or with no workload GET /healthz (the HTTP stack's own floor,
+    no model and no scheduler; its server ms are left empty)."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port)
+    rng = random.Random(seed)
+    client, server = [], []
+    try:
+        for _ in range(n):
+            body = None if workload is None else json.dumps(workload.draw(rng).body).encode()
+            started = time.perf_counter()
+            if body is None:
+                connection.request("GET", "/healthz")
+            else:
+                connection.request("POST", "/classify", body, {"content-type": "application/json"})
+            response = connection.getresponse()
+            data = response.read()
+            client.append((time.perf_counter() - started) * 1000)
+            if response.status != 200:
+                raise RuntimeError(f"the plain client got {response.status}: {data[:200]!r}")
+            if body is not None:
+                server.append(json.loads(data)["latency_ms"])
+    finally:
+        connection.close()
+    return client, server
+
+
+def p50(values: list[float]) -> float:
+    return round(float(np.median(values)), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=1500, help="per client and round")
+    args = parser.parse_args()
+    bundle = load_bundle(BUNDLE)
+    texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
+    workload = Workload([TextItem(t) for t in texts], [Profile("default")], batch=1, seed=0)
+    chosen = bundle.manifest.get("backend") or {"backend": "onnxruntime", "precision": bundle.precision}
+    engine_p50 = in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts)
+    print(f"in-process engine batch-1 p50 (back to back): {engine_p50:.2f} ms; the target: c1 p50 <= {engine_p50 + 1:.2f} ms", flush=True)
+    rounds = []
+    with running(romebert_serve(BUNDLE), ROOT / "artifacts" / "bench" / "lone-request-server.log") as (_, url):
+        clients = {
+            "load_generator": lambda n, k: generator_client(url, workload, n),
+            "plain_http_client": lambda n, k: plain_client(url, workload, n, k),
+            "plain_http_client_healthz": lambda n, k: plain_client(url, None, n, k),
+        }
+        for run in clients.values():
+            run(WARM_UP, -1)
+        for k in range(args.rounds):
+            order = list(clients) if k % 2 == 0 else list(reversed(clients))
+            row = {"round": k + 1, "order": order}
+            for name in order:
+                client_ms, server_ms = clients[name](args.requests, k)
+                row[name] = {"client_p50_ms": p50(client_ms), "server_p50_ms": p50(server_ms) if server_ms else None,
+                             "client_p99_ms": round(float(np.percentile(client_ms, 99)), 3)}
+            rounds.append(row)
+            print(row, flush=True)
+    summary = {name: {key: p50([r[name][key] for r in rounds]) if rounds[0][name][key] is not None else None
+                      for key in ("client_p50_ms", "server_p50_ms")} for name in clients}
+    print(f"\n{'client':<28}{'c1 p50 ms (median of rounds)':>30}{'server own p50 ms':>20}{'minus engine ms':>18}")
+    for name, s in summary.items():
+        server = "-" if s["server_p50_ms"] is None else f"{s['server_p50_ms']:.2f}"
+        print(f"{name:<28}{s['client_p50_ms']:>30.2f}{server:>20}{s['client_p50_ms'] - engine_p50:>18.2f}")
+    write_json(ROOT / "bench" / "results" / "lone_request.json", {
+        "bundle_backend": chosen, "engine_p50_ms_batch1": round(engine_p50, 3), "requests_per_round": args.requests,
+        "rounds": rounds, "median_of_rounds": summary,
+        "c1_p50_minus_engine_batch1_p50_ms": {name: round(s["client_p50_ms"] - engine_p50, 3) for name, s in summary.items() if s["server_p50_ms"] is not None},
+        "environment": environment(),
+    })
+
+
+if __name__ == "__main__":
+    main()
