@@ -23,8 +23,8 @@ slow clients too) on the last one: the servers' behaviour past capacity without 
 taking their cores, which the shared-core runs cannot separate from it.
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
 its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
-With --before PATH --alternate N, only the two servers are compared, both started once and their
-steps taken in turns, N rounds (c32 for 20 s, then 2x and 4x for 30 s each, the order of the two
+With --before PATH --alternate N (or --also FLAGS --alternate N: this server with and without
+FLAGS), only the two servers are compared, both started once and their steps taken in turns, N rounds (c32 for 20 s, then 2x and 4x for 30 s each, the order of the two
 servers swapped every round): this machine's speed drifts by tens of percent within minutes,
 which a comparison that measures one server for nine minutes and then the other cannot tell from
 a change. The offered rates are fixed after the first round's capacities (2x and 4x their mean).
@@ -36,6 +36,7 @@ Writes bench/results/overload.json (--out: elsewhere, e.g. a run on another mach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import multiprocessing
@@ -252,24 +253,26 @@ def older_serve(cli: str, bundle: Path) -> list[str]:
     return [sys.executable, "-m", cli, "serve", str(bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
 
 
-def alternate(bundle: Path, before: Path, rounds: int, workload: Workload, logs: Path, cores: list[int] | None) -> dict:
-    """Both servers up at once, their steps in turns (see the module's doc): per round and medians."""
-    steps = {"ours": [], "before": []}
-    with older_checkout(before) as (cli, env), \
-            running(on_cores(romebert_serve(bundle), cores), logs / "overload-ours.log") as (ours_proc, ours_url), \
-            running(on_cores(older_serve(cli, bundle), cores), logs / "overload-before.log", env, before) as (before_proc, before_url):
-        servers = {"ours": (ours_url, ours_proc.pid), "before": (before_url, before_proc.pid)}
+def alternate(bundle: Path, other: tuple[str, list[str], dict | None, Path | None], rounds: int, workload: Workload, logs: Path,
+              cores: list[int] | None) -> dict:
+    """This server and `other` (name, command, env, cwd) up at once, their steps in turns (see the
+    module's doc): per round and medians."""
+    name_other, command, env, cwd = other
+    steps = {"ours": [], name_other: []}
+    with running(on_cores(romebert_serve(bundle), cores), logs / "overload-ours.log") as (ours_proc, ours_url), \
+            running(on_cores(command, cores), logs / f"overload-{name_other}.log", env, cwd) as (other_proc, other_url):
+        servers = {"ours": (ours_url, ours_proc.pid), name_other: (other_url, other_proc.pid)}
         for url, _ in servers.values():
             closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         rates = None
         for k in range(rounds):
-            order = ["ours", "before"] if k % 2 == 0 else ["before", "ours"]
+            order = list(servers) if k % 2 == 0 else list(reversed(servers))
             capacity = {}
             for name in order:
                 url, pid = servers[name]
                 capacity[name] = closed_loop(url, workload, 32, 20, pid)
                 steps[name].append({"round": k + 1, "capacity": capacity[name]})
-            rates = rates or [f * (capacity["ours"]["requests_per_s"] + capacity["before"]["requests_per_s"]) / 2 for f in (2, 4)]
+            rates = rates or [f * float(np.mean([c["requests_per_s"] for c in capacity.values()])) for f in (2, 4)]
             for factor, rate in zip((2, 4), rates):
                 for name in order:
                     url, pid = servers[name]
@@ -287,8 +290,9 @@ def alternate(bundle: Path, before: Path, rounds: int, workload: Workload, logs:
         "rows_per_layer_call_2x": lambda s: s["x2"]["server"]["mean_batch_size"],
     }
     medians = {name: {figure: median(name, get) for figure, get in figures.items()} for name in steps}
-    ratios = {figure: [round(get(a) / get(b), 3) for a, b in zip(steps["ours"], steps["before"])] for figure, get in figures.items()}
-    return {"offered_rps": [round(r, 1) for r in rates], "rounds": rounds, "medians": medians, "ours_over_before_by_round": ratios, "steps": steps}
+    ratios = {figure: [round(get(a) / get(b), 3) for a, b in zip(steps["ours"], steps[name_other])] for figure, get in figures.items()}
+    return {"offered_rps": [round(r, 1) for r in rates], "rounds": rounds, "medians": medians, f"ours_over_{name_other}_by_round": ratios,
+            "steps": steps}
 
 
 def main() -> None:
@@ -302,8 +306,8 @@ def main() -> None:
                         help="with --before: only the two servers, up at once, their steps in turns for N rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
-    if args.alternate and not args.before:
-        parser.error("--alternate compares with --before PATH's server")
+    if args.alternate and bool(args.before) + len(args.also) != 1:
+        parser.error("--alternate compares with one other server: --before PATH's, or this one with one --also FLAGS")
     machine = environment()  # before --pin narrows this process to one core
     cores = pin_generator_apart() if args.pin else None
     bundle = load_bundle(args.bundle)
@@ -312,11 +316,19 @@ def main() -> None:
     logs = ROOT / "artifacts" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
     if args.alternate:
-        result = alternate(args.bundle, args.before, args.alternate, workload, logs, cores)
-        result |= {"before": {"checkout": str(args.before), "commit": checkout_commit(args.before)}, "bundle": str(args.bundle),
-                   "pinned": {"server_cores": cores, "generator_cores": sorted(os.sched_getaffinity(0))} if cores else None, "environment": machine}
+        with contextlib.ExitStack() as stack:
+            if args.before:
+                cli, env = stack.enter_context(older_checkout(args.before))
+                other = ("before", older_serve(cli, args.bundle), env, args.before)
+                about = {"before": {"checkout": str(args.before), "commit": checkout_commit(args.before)}}
+            else:
+                other = ("also", romebert_serve(args.bundle, *args.also[0].split()), None, None)
+                about = {"also": {"flags": args.also[0]}}
+            result = alternate(args.bundle, other, args.alternate, workload, logs, cores)
+        result |= about | {"bundle": str(args.bundle), "environment": machine,
+                           "pinned": {"server_cores": cores, "generator_cores": sorted(os.sched_getaffinity(0))} if cores else None}
         write_json(args.out, result)
-        print(json.dumps({k: result[k] for k in ("offered_rps", "medians", "ours_over_before_by_round")}, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k in ("offered_rps", "medians") or k.startswith("ours_over_")}, indent=1))
         return
     print("this server:", flush=True)
     now = measure(romebert_serve(args.bundle), logs / "overload-server.log", workload, None, slow=True, cores=cores)
