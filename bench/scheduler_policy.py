@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import sys
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime  # noqa: E402
 
 from romebert.core.bundle import load_bundle  # noqa: E402
+from romebert.service.cohorts import BatchLimit  # noqa: E402
 from romebert.service.cost_model import EwmaCostModel, warm_up  # noqa: E402
 from romebert.core.engine import Engine, default_threads  # noqa: E402
 from romebert.service.metrics import Metrics  # noqa: E402
@@ -174,7 +176,7 @@ async def main() -> None:
     task = load_task(bundle.manifest["source"]["data"])
     encoded = encoder.tokenize([e.text for e in task.test], [e.text_pair for e in task.test] if task.is_pair else None)
     cost_model = EwmaCostModel(engine.num_layers)
-    warm_up(engine, cost_model, MAX_BATCH, bundle.max_length)
+    warm_up(engine, cost_model, BatchLimit(MAX_BATCH, math.inf, engine.padded_shape), bundle.max_length)
     capacities = {name: await capacity(name, engine, cost_model, encoded, bundle.default_threshold) for name in SCHEDULERS}
     print("capacity of the mix (closed loop), items/s: " + ", ".join(f"{k} {v:.0f}" for k, v in capacities.items()))
     cap = capacities["complete"]

@@ -288,6 +288,10 @@ class Engine:
     def _bucket(self, rows: int, width: int) -> tuple[int, int]:
         return _up_to(rows, ROW_BUCKETS), -(-width // WIDTH_STEP) * WIDTH_STEP
 
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """The (rows, width) this engine runs a batch of `rows` rows `width` tokens wide at."""
+        return self._bucket(rows, width) if self.bucketed else (rows, width)
+
     def embed(self, batch: Encoded) -> HiddenBatch:
         n = len(batch.lengths)
         ids, types, mask = batch.input_ids, batch.token_type_ids, batch.attention_mask

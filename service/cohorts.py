@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -27,6 +27,7 @@ SMALL_WIDTH = 16
 class EngineLike(Protocol):
     num_layers: int
 
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]: ...
     def embed(self, batch: Encoded) -> HiddenBatch: ...
     def layer(self, i: int, state: HiddenBatch) -> tuple[HiddenBatch, np.ndarray]: ...
     def keep(self, state: HiddenBatch, rows: np.ndarray) -> HiddenBatch: ...
@@ -64,16 +65,36 @@ class Cohort:
                 self.logits = self.logits[index]
 
 
-def _fits(rows: int, width: int, tokens: int) -> bool:
-    return width <= SMALL_WIDTH or rows * width <= PAD_SLACK * tokens
+class BatchLimit:
+    """How many rows one batch may hold: at most `max_rows`, and, as the engine pads it, at most
+    `max_tokens` rows x tokens, so that wide rows come in smaller batches. The engine's largest
+    shape, and with it the memory OpenVINO keeps for it, follows from `max_tokens` rather than
+    from `max_rows` x the bundle's max length. One row of any width always fits."""
+
+    def __init__(self, max_rows: int, max_tokens: float, padded_shape: Callable[[int, int], tuple[int, int]]):
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.padded_shape = padded_shape  # the engine's: the shape it runs a batch at
+        self._rows_at: dict[int, int] = {}
+
+    def rows_at(self, width: int) -> int:
+        """The most rows a batch `width` tokens wide may hold."""
+        if width not in self._rows_at:
+            fits = lambda n: math.prod(self.padded_shape(n, width)) <= self.max_tokens  # noqa: E731
+            self._rows_at[width] = next((n for n in range(self.max_rows, 1, -1) if fits(n)), 1)
+        return self._rows_at[width]
 
 
-def length_groups(rows: list[Row]) -> list[list[Row]]:
-    """Rows in groups of similar length (see PAD_SLACK)."""
+def _fits(rows: int, width: int, tokens: int, limit: BatchLimit) -> bool:
+    return rows <= limit.rows_at(width) and (width <= SMALL_WIDTH or rows * width <= PAD_SLACK * tokens)
+
+
+def length_groups(rows: list[Row], limit: BatchLimit) -> list[list[Row]]:
+    """Rows in groups of similar length (see PAD_SLACK), each within the batch limit."""
     groups: list[list[Row]] = []
     tokens = 0
     for row in sorted(rows, key=len):
-        if groups and _fits(len(groups[-1]) + 1, len(row), tokens + len(row)):
+        if groups and _fits(len(groups[-1]) + 1, len(row), tokens + len(row), limit):
             groups[-1].append(row)
             tokens += len(row)
         else:
@@ -82,19 +103,21 @@ def length_groups(rows: list[Row]) -> list[list[Row]]:
     return groups
 
 
-def oldest_group(rows: list[Row], max_rows: int) -> list[Row]:
-    """The length group of the oldest row (rows come oldest first), its `max_rows` oldest rows."""
-    group = set(next(g for g in length_groups(rows) if rows[0] in g))  # rows compare by identity
-    return [row for row in rows if row in group][:max_rows]
+def oldest_group(rows: list[Row], limit: BatchLimit) -> list[Row]:
+    """The length group of the oldest row (rows come oldest first): its oldest rows, as many as
+    the batch limit lets a batch of the group's width hold."""
+    unlimited = BatchLimit(len(rows), math.inf, limit.padded_shape)  # grouped by length alone, then cut by age
+    group = set(next(g for g in length_groups(rows, unlimited) if rows[0] in g))  # rows compare by identity
+    return [row for row in rows if row in group][: limit.rows_at(max(len(row) for row in group))]
 
 
-def form(rows: list[Row], engine: EngineLike, order: itertools.count) -> list[Cohort]:
+def form(rows: list[Row], engine: EngineLike, order: itertools.count, limit: BatchLimit) -> list[Cohort]:
     """Fresh cohorts at depth 0: grouped by length, padded once, embedded."""
-    return [Cohort(group, engine.embed(pad([row.tokens for row in group])), next(order)) for group in length_groups(rows)]
+    return [Cohort(group, engine.embed(pad([row.tokens for row in group])), next(order)) for group in length_groups(rows, limit)]
 
 
-def merge_same_depth(cohorts: list[Cohort], engine: EngineLike, max_batch: int) -> list[Cohort]:
-    """Merge cohorts at the same depth while the result stays within max_batch rows and PAD_SLACK."""
+def merge_same_depth(cohorts: list[Cohort], engine: EngineLike, limit: BatchLimit) -> list[Cohort]:
+    """Merge cohorts at the same depth while the result stays within the batch limit and PAD_SLACK."""
     out: list[Cohort] = []
     for _, same_depth in itertools.groupby(sorted(cohorts, key=lambda c: (c.depth, c.width)), key=lambda c: c.depth):
         runs: list[list[Cohort]] = []
@@ -102,7 +125,7 @@ def merge_same_depth(cohorts: list[Cohort], engine: EngineLike, max_batch: int) 
             run = runs[-1] if runs else []
             rows = sum(len(c.rows) for c in run) + len(cohort.rows)
             tokens = sum(len(row) for c in run + [cohort] for row in c.rows)
-            if run and rows <= max_batch and _fits(rows, cohort.width, tokens):
+            if run and _fits(rows, cohort.width, tokens, limit):
                 run.append(cohort)
             else:
                 runs.append([cohort])

@@ -97,26 +97,39 @@ class ServiceRate:
             self._seconds, self._rows = 0.0, 0
 
 
-def warm_up(engine, cost_model: CostModel, max_batch: int, max_length: int, min_width: int = 8) -> float:
+class Limit(Protocol):
+    """The scheduler's batch limit (cohorts.BatchLimit): the warm-up runs what it lets through."""
+
+    max_rows: int
+
+    def rows_at(self, width: int) -> int: ...
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]: ...
+
+
+def warm_up(engine, cost_model: CostModel, limit: Limit, max_length: int, min_width: int = 8) -> float:
     """Run every layer once per (rows, width) bucket the server will see, recording each cost.
 
     This also pays onnxruntime's first-call costs (memory arenas, kernel selection) before the
     first request does; the very first pass is not recorded, since it measures those costs and
-    not a layer's. Returns the seconds per row of a full-depth batch of max_batch rows of
-    min(32, max_length) tokens: the first estimate of the service rate, on the slow side (no early
-    exit), until traffic measures the real one.
+    not a layer's. No shape is run that the batch limit keeps the scheduler from running (each
+    bucket's rows are cut to it), so the warm-up grows no buffer that serving would not. Returns
+    the seconds per row of a full-depth batch of min(32, max_length) tokens, as many rows as the
+    limit allows: the first estimate of the service rate, on the slow side (no early exit), until
+    traffic measures the real one.
     """
     smallest = min(min_width, max_length)
     _layer_seconds(engine, _dummy_batch(1, smallest))
     # An engine that pads to shape buckets (OpenVINO) lists every shape it will run: each is
     # compiled here, at start, and never on a request.
-    grid = getattr(engine, "shapes", lambda *_: None)(max_batch, max_length) or \
-        [(rows, width) for rows in buckets_up_to(max_batch) for width in buckets_up_to(max_length, start=smallest)]
+    grid = getattr(engine, "shapes", lambda *_: None)(limit.max_rows, max_length) or \
+        [(rows, width) for rows in buckets_up_to(limit.max_rows) for width in buckets_up_to(max_length, start=smallest)]
+    grid = list({(min(rows, limit.padded_shape(limit.rows_at(width), width)[0]), width) for rows, width in grid})
     for rows, width in largest_first(grid):
         for i, seconds in enumerate(_layer_seconds(engine, _dummy_batch(rows, width))):
             cost_model.observe(i, rows, width, seconds)
     typical = min(32, max_length)
-    return sum(cost_model.predict(i, max_batch, typical) for i in range(engine.num_layers)) / max_batch
+    rows = limit.rows_at(typical)
+    return sum(cost_model.predict(i, rows, typical) for i in range(engine.num_layers)) / rows
 
 
 def largest_first(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:

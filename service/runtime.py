@@ -26,7 +26,7 @@ from romebert.core.bundle import Bundle, load_bundle
 from romebert.core.engine import Engine, default_threads, openvino_device, set_pool_spinning
 from romebert.core.tokenization import TextEncoder
 from romebert.service.admission import Admission
-from romebert.service.cohorts import EngineLike
+from romebert.service.cohorts import BatchLimit, EngineLike
 from romebert.service.cost_model import CostModel, EwmaCostModel, warm_up
 from romebert.service.loop_lag import LoopLag
 from romebert.service.metrics import Metrics
@@ -127,7 +127,8 @@ class Runtime:
             engine = self.engine_factory(bundle, self.settings)
             encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
             cost_model = self.cost_model or EwmaCostModel(engine.num_layers)
-            seconds_per_row = warm_up(engine, cost_model, self.settings.max_batch, bundle.max_length)
+            limit = BatchLimit(self.settings.max_batch, self.settings.max_batch_tokens, engine.padded_shape)
+            seconds_per_row = warm_up(engine, cost_model, limit, bundle.max_length)
             admission = Admission(
                 self.metrics, max_queue=self.settings.max_queue, max_queue_wait_s=self.settings.max_queue_wait_ms / 1000,
                 workers=self.settings.workers, seconds_per_row=seconds_per_row, loop_lag_s=lambda: self.loop_lag.seconds,
@@ -135,6 +136,7 @@ class Runtime:
             )
             scheduler = Scheduler(
                 engine, admission, self.metrics, cost_model, policy=POLICIES[self.settings.policy], max_batch=self.settings.max_batch,
+                max_batch_tokens=self.settings.max_batch_tokens,
                 max_wait_ms=self.settings.max_wait_ms, workers=self.settings.workers, clock=self.clock, on_failure=self._worker_died,
             )
             device = getattr(engine, "device", "cpu")

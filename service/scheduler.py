@@ -32,7 +32,7 @@ from romebert.core.exits import can_leave_early, confident, entropy
 from romebert.core.tokenization import TokenRow
 from romebert.service import budgets
 from romebert.service.admission import Admission
-from romebert.service.cohorts import Cohort, EngineLike, form, merge_same_depth, oldest_group
+from romebert.service.cohorts import BatchLimit, Cohort, EngineLike, form, merge_same_depth, oldest_group
 from romebert.service.cost_model import CostModel
 from romebert.service.metrics import Metrics
 from romebert.service.policy import Policy
@@ -57,6 +57,7 @@ class Scheduler:
         *,
         policy: Policy,
         max_batch: int = 32,
+        max_batch_tokens: float = math.inf,
         max_wait_ms: float = 0.0,
         workers: int = 1,
         clock: Callable[[], float] = time.perf_counter,
@@ -70,6 +71,7 @@ class Scheduler:
         self.cost_model = cost_model
         self.policy = policy
         self.max_batch = max_batch
+        self.limit = BatchLimit(max_batch, max_batch_tokens, engine.padded_shape)
         self.max_wait = max_wait_ms / 1000
         self.clock = clock
         self.on_failure = on_failure
@@ -134,7 +136,7 @@ class Scheduler:
         if not cohorts:
             if not self.admission.wait_for_rows(self.max_batch, self.max_wait):
                 return None
-            return self.admission.take(LOOKAHEAD * self.max_batch, lambda rows: oldest_group(rows, self.max_batch))
+            return self.admission.take(LOOKAHEAD * self.max_batch, lambda rows: oldest_group(rows, self.limit))
         busy = budgets.busy_time(cohorts, self.cost_model, self.engine.num_layers)
         rows = self.admission.take_urgent(self.clock() + busy, self.max_batch)
         if self.policy.regroup:
@@ -144,9 +146,9 @@ class Scheduler:
     def _advance(self, cohorts: list[Cohort], fresh: list[Row]) -> list[Cohort]:
         """Form the fresh rows into cohorts, then run one layer for the policy's choice."""
         started = time.perf_counter()  # the service rate counts forming too: it runs the embedding
-        cohorts = cohorts + form(fresh, self.engine, self._order) if fresh else cohorts
+        cohorts = cohorts + form(fresh, self.engine, self._order, self.limit) if fresh else cohorts
         if self.policy.regroup:
-            cohorts = merge_same_depth(cohorts, self.engine, self.max_batch)
+            cohorts = merge_same_depth(cohorts, self.engine, self.limit)
         if not cohorts:
             return cohorts
         left = sum(self._drop_closed(c) for c in cohorts)

@@ -42,6 +42,9 @@ class Settings:
                            "off: each session's own pool, whose threads sleep (less CPU per request, more left for the HTTP "
                            "side under load)")
     max_batch: int = _setting(32, "rows the engine runs together at most")
+    max_batch_tokens: int = _setting(2048, "rows x padded tokens the engine runs together at most (wider rows come in smaller "
+                                     "batches; one row of any length always runs): bounds the largest shape, and so the memory "
+                                     "OpenVINO keeps for it")
     max_wait_ms: float = _setting(0.0, "how long an idle worker waits for a batch to fill (0: a lone request starts at once; "
                                   "under load, batches fill while the engine runs)")
     max_queue_wait_ms: float = _setting(250.0, "admission bound: a request is let in only when its predicted queue wait fits, "
@@ -62,7 +65,7 @@ class Settings:
     log_level: str = _setting("info", "critical, error, warning, info or debug")
 
     def __post_init__(self) -> None:
-        positive = ("port", "workers", "max_batch", "max_queue", "max_items", "max_body_bytes")
+        positive = ("port", "workers", "max_batch", "max_batch_tokens", "max_queue", "max_items", "max_body_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")

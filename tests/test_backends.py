@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ from romebert.core.bundle import load_bundle
 from romebert.core.engine import Engine, openvino_device, run_early_exit
 from romebert.core.tokenization import TextEncoder
 from romebert.model_export import backends
+from romebert.service.cohorts import BatchLimit
 from romebert.service.cost_model import EwmaCostModel, warm_up
 from romebert.service import runtime as runtime_module
 from romebert.service.runtime import default_engine
@@ -68,7 +70,7 @@ def test_a_bucketed_engine_runs_only_listed_shapes_and_the_warm_up_runs_them_all
         return layer(i, state)
 
     bucketed.layer = recording
-    warm_up(bucketed, EwmaCostModel(bucketed.num_layers), 32, bundle.max_length)
+    warm_up(bucketed, EwmaCostModel(bucketed.num_layers), BatchLimit(32, math.inf, bucketed.padded_shape), bundle.max_length)
     assert listed <= set(seen)
     seen.clear()
     for n in (1, 3, 5, 7, 13, 32):  # batches of many sizes and widths; every other row leaves at exit 1 (entropy < ln 2 < 0.7)

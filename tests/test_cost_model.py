@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, strategies as st
 
+from romebert.service.cohorts import BatchLimit
 from romebert.service.cost_model import EwmaCostModel, ServiceRate, bucket, buckets_up_to, warm_up
 
 
@@ -37,16 +40,29 @@ class ShapeRecorder:
         return state, None
 
 
+def as_given(rows: int, width: int) -> tuple[int, int]:
+    return rows, width
+
+
 def test_the_warm_up_runs_every_shape_once_largest_first_so_buffers_grow_once():
     engine = ShapeRecorder()
     model = EwmaCostModel(engine.num_layers)
-    warm_up(engine, model, max_batch=32, max_length=64)
+    warm_up(engine, model, BatchLimit(32, math.inf, as_given), max_length=64)
     first_pass, *grid = engine.ran
     assert first_pass == (1, 8)  # the unrecorded pass that pays first-call costs
     assert sorted(grid) == sorted((r, w) for r in buckets_up_to(32) for w in buckets_up_to(64, start=8))
     assert grid[0] == (32, 64)
     tokens = [r * w for r, w in grid]
     assert tokens == sorted(tokens, reverse=True)
+
+
+def test_the_warm_up_runs_no_shape_past_the_batch_limit_but_the_largest_each_width_allows():
+    engine = ShapeRecorder()
+    warm_up(engine, EwmaCostModel(engine.num_layers), BatchLimit(64, 2048, as_given), max_length=64)
+    grid = engine.ran[1:]
+    assert max(r * w for r, w in grid) == 2048
+    assert {(64, 32), (32, 64)} <= set(grid)  # short rows in batches of 64, the longest in batches of 32
+    assert len(grid) == len(set(grid))
 
 
 def test_a_layer_cost_starts_at_its_first_measurement_then_follows_an_ewma():

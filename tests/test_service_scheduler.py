@@ -21,7 +21,7 @@ from romebert.core.engine import HiddenBatch
 from romebert.core.exits import entropy, exit_layers
 from romebert.core.tokenization import Encoded, TokenRow, pad
 from romebert.service.admission import Admission
-from romebert.service.cohorts import PAD_SLACK, SMALL_WIDTH, length_groups
+from romebert.service.cohorts import PAD_SLACK, SMALL_WIDTH, BatchLimit, length_groups
 from romebert.service.cost_model import EwmaCostModel
 from romebert.service.metrics import Metrics
 from romebert.service.policy import POLICIES
@@ -55,6 +55,9 @@ class FakeEngine:
     def step(self, n: int = 1) -> None:
         for _ in range(n):
             self._steps.release()
+
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        return rows, width
 
     def embed(self, batch: Encoded) -> HiddenBatch:
         return HiddenBatch(batch.input_ids[:, :, None].astype(np.float32), batch.attention_mask)
@@ -326,19 +329,28 @@ async def test_rows_of_very_different_lengths_are_not_padded_into_one_batch():
     assert all(len(codes) == 1 for _, codes in engine.calls)
 
 
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=40))
-@example([1, SMALL_WIDTH]).via("at the small width, padding is free")
-@example([20, 60]).via("padding exactly at the slack: 2 x 60 = 1.5 x 80")
-def test_length_groups_grow_while_their_padding_stays_within_the_slack_and_no_longer(lengths):
+def in_fours(rows: int, width: int) -> tuple[int, int]:
+    """A bucketing engine's padded shape: rows up to a multiple of 4."""
+    return -(-rows // 4) * 4, width
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.sampled_from([math.inf, 64, 600, 2048]))
+@example([1, SMALL_WIDTH], math.inf).via("at the small width, padding is free")
+@example([20, 60], math.inf).via("padding exactly at the slack: 2 x 60 = 1.5 x 80")
+@example([10] * 12, 64).via("the token limit, not padding, ends a group of equal rows: 4 rows pad to 4 x 10 < 64 < 8 x 10")
+@example([300], 64).via("one row wider than the token limit still forms a group")
+def test_length_groups_grow_while_their_padding_stays_within_the_slack_and_the_batch_limit_and_no_longer(lengths, max_tokens):
     fresh = [Row(token_row, 0.0, 0.0, math.inf, None, i) for i, token_row in enumerate(  # grouping reads lengths only
         TokenRow(np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64), False) for n in lengths)]
-    groups = length_groups(fresh)
+    groups = length_groups(fresh, BatchLimit(16, max_tokens, in_fours))
     sizes = [[len(row) for row in group] for group in groups]
     assert sorted(n for group in sizes for n in group) == sorted(lengths)  # every row once
     assert [n for group in sizes for n in group] == sorted(lengths)  # groups of neighbours in length
 
     def fits(group: list[int]) -> bool:
-        return max(group) <= SMALL_WIDTH or len(group) * max(group) <= PAD_SLACK * sum(group)
+        padded_rows = in_fours(len(group), max(group))[0]
+        within_limit = len(group) == 1 or (len(group) <= 16 and padded_rows * max(group) <= max_tokens)
+        return within_limit and (max(group) <= SMALL_WIDTH or len(group) * max(group) <= PAD_SLACK * sum(group))
 
     assert all(fits(group) for group in sizes)
     # a group ends only where its next row would break the rule
@@ -556,6 +568,18 @@ async def test_an_idle_worker_starts_only_the_oldest_rows_length_group_and_the_o
     await done(running, long, *shorts)
     # then the short rows, a full batch of them (max_batch 2) and the one left
     assert [codes for _, codes in engine.calls[3:]] == [[4], [1, 1], [1]]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_holds_at_most_max_batch_tokens_rows_x_tokens_so_wide_rows_come_in_smaller_batches():
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=8, max_batch_tokens=100, max_wait_ms=0.0)
+    running = submit(scheduler, [3], 0.0)
+    await wait_for(lambda: len(engine.calls) == 1)
+    wide = [submit(scheduler, [1], 0.5, length=30) for _ in range(4)]  # 3 x 30 = 90 fits 100, 4 x 30 does not
+    narrow = [submit(scheduler, [1], 0.5, length=10) for _ in range(8)]  # 8 x 10 = 80: max_batch rows
+    engine.step(6)
+    await done(running, *wide, *narrow)
+    assert [codes for _, codes in engine.calls[3:]] == [[1] * 3, [1], [1] * 8]
 
 
 @pytest.mark.asyncio
