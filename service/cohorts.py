@@ -79,6 +79,8 @@ class BatchLimit:
 
     def rows_at(self, width: int) -> int:
         """The most rows a batch `width` tokens wide may hold."""
+        if self.max_tokens == math.inf:
+            return self.max_rows
         if width not in self._rows_at:
             fits = lambda n: math.prod(self.padded_shape(n, width)) <= self.max_tokens  # noqa: E731
             self._rows_at[width] = next((n for n in range(self.max_rows, 1, -1) if fits(n)), 1)
@@ -93,13 +95,13 @@ def length_groups(rows: list[Row], limit: BatchLimit) -> list[list[Row]]:
     """Rows in groups of similar length (see PAD_SLACK), each within the batch limit."""
     groups: list[list[Row]] = []
     tokens = 0
-    for row in sorted(rows, key=len):
-        if groups and _fits(len(groups[-1]) + 1, len(row), tokens + len(row), limit):
+    for n, row in sorted(((len(row), row) for row in rows), key=lambda pair: pair[0]):
+        if groups and _fits(len(groups[-1]) + 1, n, tokens + n, limit):
             groups[-1].append(row)
-            tokens += len(row)
+            tokens += n
         else:
             groups.append([row])
-            tokens = len(row)
+            tokens = n
     return groups
 
 
