@@ -89,11 +89,17 @@ def make_stream(encoded: list[TokenRow], default_threshold: float, items_per_s: 
         stream.append(Request(t, kind, rows, 0.0 if kind == "full" else default_threshold, budget_s))
 
 
+def batch_limit(engine: Engine) -> BatchLimit:
+    """MAX_BATCH rows, no token cap: the batches this benchmark's results were measured with."""
+    return BatchLimit(MAX_BATCH, math.inf, engine.padded_shape)
+
+
 def new_scheduler(name: str, engine: Engine, cost_model: EwmaCostModel) -> Scheduler:
     """In process, no admission bound: the policies are compared on the same work, none turned away."""
     metrics = Metrics(engine.num_layers)
     admission = Admission(metrics, max_queue=1 << 20, max_queue_wait_s=3600.0, workers=1, seconds_per_row=0.0)
-    scheduler = Scheduler(engine, admission, metrics, cost_model, policy=SCHEDULERS[name], max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS)
+    scheduler = Scheduler(engine, admission, metrics, cost_model, policy=SCHEDULERS[name],
+                          limit=batch_limit(engine), max_wait_ms=MAX_WAIT_MS)
     scheduler.start()
     return scheduler
 
@@ -176,7 +182,7 @@ async def main() -> None:
     task = load_task(bundle.manifest["source"]["data"])
     encoded = encoder.tokenize([e.text for e in task.test], [e.text_pair for e in task.test] if task.is_pair else None)
     cost_model = EwmaCostModel(engine.num_layers)
-    warm_up(engine, cost_model, BatchLimit(MAX_BATCH, math.inf, engine.padded_shape), bundle.max_length)
+    warm_up(engine, cost_model, batch_limit(engine), bundle.max_length)
     capacities = {name: await capacity(name, engine, cost_model, encoded, bundle.default_threshold) for name in SCHEDULERS}
     print("capacity of the mix (closed loop), items/s: " + ", ".join(f"{k} {v:.0f}" for k, v in capacities.items()))
     cap = capacities["complete"]

@@ -135,8 +135,7 @@ class Runtime:
                 max_loop_lag_s=self.settings.max_loop_lag_ms / 1000, clock=self.clock,
             )
             scheduler = Scheduler(
-                engine, admission, self.metrics, cost_model, policy=POLICIES[self.settings.policy], max_batch=self.settings.max_batch,
-                max_batch_tokens=self.settings.max_batch_tokens,
+                engine, admission, self.metrics, cost_model, policy=POLICIES[self.settings.policy], limit=limit,
                 max_wait_ms=self.settings.max_wait_ms, workers=self.settings.workers, clock=self.clock, on_failure=self._worker_died,
             )
             device = getattr(engine, "device", "cpu")

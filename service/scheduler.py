@@ -56,8 +56,7 @@ class Scheduler:
         cost_model: CostModel,
         *,
         policy: Policy,
-        max_batch: int = 32,
-        max_batch_tokens: float = math.inf,
+        limit: BatchLimit,
         max_wait_ms: float = 0.0,
         workers: int = 1,
         clock: Callable[[], float] = time.perf_counter,
@@ -70,8 +69,8 @@ class Scheduler:
         self.metrics = metrics
         self.cost_model = cost_model
         self.policy = policy
-        self.max_batch = max_batch
-        self.limit = BatchLimit(max_batch, max_batch_tokens, engine.padded_shape)
+        self.limit = limit  # the one the warm-up ran its shapes by
+        self.max_batch = limit.max_rows
         self.max_wait = max_wait_ms / 1000
         self.clock = clock
         self.on_failure = on_failure

@@ -88,14 +88,15 @@ def rows(codes: list[int], length: int = 5) -> list[TokenRow]:
 
 
 def make(engine=None, *, max_queue: int = 64, max_queue_wait_s: float = 60.0, seconds_per_row: float = 0.0,
-         policy: str = "complete", cost_model=None, clock=time.perf_counter, workers: int = 1, **kwargs) -> tuple[Scheduler, FakeEngine]:
+         policy: str = "complete", cost_model=None, clock=time.perf_counter, workers: int = 1, max_batch: int = 8,
+         max_batch_tokens: float = math.inf, **kwargs) -> tuple[Scheduler, FakeEngine]:
     engine = engine or FakeEngine()
     metrics = Metrics(engine.num_layers)
     admission = Admission(metrics, max_queue=max_queue, max_queue_wait_s=max_queue_wait_s, workers=workers,
                           seconds_per_row=seconds_per_row, clock=clock)
-    options = dict(max_batch=8, max_wait_ms=20.0) | kwargs
+    options = dict(max_wait_ms=20.0) | kwargs
     scheduler = Scheduler(engine, admission, metrics, cost_model or EwmaCostModel(engine.num_layers), policy=POLICIES[policy],
-                          workers=workers, clock=clock, **options)
+                          limit=BatchLimit(max_batch, max_batch_tokens, engine.padded_shape), workers=workers, clock=clock, **options)
     scheduler.failures = []
     scheduler.on_failure = scheduler.failures.append
     scheduler.start()
