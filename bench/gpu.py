@@ -34,16 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime  # noqa: E402
 
-from bench.harness import environment, measure_side_by_side, padded, romebert_serve, running  # noqa: E402
+from bench.harness import environment, measure_side_by_side, one_text_each, padded, romebert_serve, running  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.engine import Engine, open_session, run_early_exit  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
-from romebert.loadtest.profiles import Profile  # noqa: E402
-from romebert.loadtest.texts import TextItem  # noqa: E402
-from romebert.loadtest.workload import Workload  # noqa: E402
 
 BATCHES = (1, 8, 32, 128)
 ROWS_PER_POINT = 1024  # texts timed per (precision, batch) point
@@ -92,7 +89,7 @@ def engine_rows(bundles: dict[str, Path], device: str, texts: list[str], labels:
 
 
 def serve_rows(bundle: Path, device: str, texts: list[str], out: Path) -> list[dict]:
-    workload = Workload([TextItem(t) for t in texts], [Profile("default")], batch=1, seed=0)
+    workload = one_text_each(texts)
     rows = []
     with running(romebert_serve(bundle, "--device", device), out / "gpu-server.log") as (_, url):
         run_load(url, workload, 8, None, 3, None, 10)  # warm

@@ -22,8 +22,11 @@ from typing import Iterator
 
 import numpy as np
 
-from romebert.core.bundle import BundleError, load_bundle
+from romebert.core.bundle import Bundle, BundleError, load_bundle
 from romebert.core.tokenization import Encoded, TextEncoder
+from romebert.loadtest.profiles import Profile
+from romebert.loadtest.texts import TextItem
+from romebert.loadtest.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 64  # the engine benchmarks pad every row to this many tokens
@@ -112,6 +115,16 @@ def exported(checkpoint: Path, path: Path, **options) -> Path:
     except BundleError:
         pass
     return export_bundle(checkpoint, path, force=path.exists(), **options)
+
+
+def one_text_each(texts: list[str]) -> Workload:
+    """The serving benchmarks' load: one text per request, at the bundle's default threshold."""
+    return Workload([TextItem(t) for t in texts], [Profile("default")], batch=1, seed=0)
+
+
+def served_backend(bundle: Bundle) -> dict:
+    """The backend and precision `romebert serve --backend auto` runs this bundle on (the export's choice)."""
+    return bundle.manifest.get("backend") or {"backend": "onnxruntime", "precision": bundle.precision}
 
 
 def free_port() -> int:

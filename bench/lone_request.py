@@ -31,14 +31,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, romebert_serve, running  # noqa: E402
+from bench.harness import environment, one_text_each, romebert_serve, running, served_backend  # noqa: E402
 from bench.serve import BUNDLE, engine_batch1_p50_ms, split_seed, test_split  # noqa: E402
 from bench.workers import in_fresh_process  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
-from romebert.loadtest.profiles import Profile  # noqa: E402
-from romebert.loadtest.texts import TextItem  # noqa: E402
 from romebert.loadtest.workload import Workload  # noqa: E402
 
 WARM_UP = 200  # requests each client sends before a round counts (first calls at new shapes)
@@ -92,8 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_bundle(BUNDLE)
     texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
-    workload = Workload([TextItem(t) for t in texts], [Profile("default")], batch=1, seed=0)
-    chosen = bundle.manifest.get("backend") or {"backend": "onnxruntime", "precision": bundle.precision}
+    workload = one_text_each(texts)
+    chosen = served_backend(bundle)
     engine_p50 = in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts)
     print(f"in-process engine batch-1 p50 (back to back): {engine_p50:.2f} ms; the target: c1 p50 <= {engine_p50 + 1:.2f} ms", flush=True)
     rounds = []

@@ -55,14 +55,12 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import checkout_commit, environment, older_checkout, romebert_serve, running  # noqa: E402
+from bench.harness import checkout_commit, environment, older_checkout, one_text_each, romebert_serve, running  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
 from romebert.loadtest.metrics_scrape import MetricsWatch  # noqa: E402
-from romebert.loadtest.profiles import Profile  # noqa: E402
-from romebert.loadtest.texts import TextItem  # noqa: E402
 from romebert.loadtest.workload import Workload  # noqa: E402
 from romebert.service.settings import Settings  # noqa: E402
 
@@ -312,7 +310,7 @@ def main() -> None:
     cores = pin_generator_apart() if args.pin else None
     bundle = load_bundle(args.bundle)
     task = load_task("rotten_tomatoes")
-    workload = Workload([TextItem(e.text) for e in task.test], [Profile("default")], batch=1, seed=0)
+    workload = one_text_each([e.text for e in task.test])
     logs = ROOT / "artifacts" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
     if args.alternate:

@@ -24,13 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, romebert_serve, running  # noqa: E402
+from bench.harness import environment, one_text_each, romebert_serve, running  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
-from romebert.loadtest.profiles import Profile  # noqa: E402
-from romebert.loadtest.texts import TextItem  # noqa: E402
-from romebert.loadtest.workload import Workload  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "default-bundle"
 
@@ -71,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     task = load_task("rotten_tomatoes")
-    workload = Workload([TextItem(e.text) for e in task.test], [Profile("default")], batch=1, seed=0)
+    workload = one_text_each([e.text for e in task.test])
     out = ROOT / "artifacts" / "bench" / "profile.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     with running(romebert_serve(args.bundle), out.with_suffix(".log")) as (proc, url):

@@ -40,15 +40,13 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, exported, romebert_serve, running  # noqa: E402
+from bench.harness import environment, exported, one_text_each, romebert_serve, running, served_backend  # noqa: E402
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.engine import openvino_device  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
-from romebert.loadtest.profiles import Profile  # noqa: E402
-from romebert.loadtest.texts import TextItem  # noqa: E402
 from romebert.loadtest.workload import Workload  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "default-bundle"
@@ -129,8 +127,8 @@ def main() -> None:
     seeds = {"ours": split_seed(ROOT / bundle.manifest["source"]["checkpoint"]), "fine-tuned": split_seed(FINETUNED)}
     splits = {seed: test_split(seed) for seed in set(seeds.values())}
     texts, _ = splits[seeds["ours"]]
-    workload = Workload([TextItem(t) for t in texts], [Profile("default")], batch=1, seed=0)
-    chosen = bundle.manifest.get("backend") or {"backend": "onnxruntime", "precision": bundle.precision}
+    workload = one_text_each(texts)
+    chosen = served_backend(bundle)
     backend, precision = chosen["backend"], chosen["precision"]
     engine_p50 = in_fresh_process(engine_batch1_p50_ms, BUNDLE, backend, precision, texts)
     # The model's own core time per item, offline: one one-thread worker (its wall time is its

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, romebert_serve, running  # noqa: E402
+from bench.harness import environment, one_text_each, romebert_serve, running  # noqa: E402
 from bench.workers import in_fresh_process, rival  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 
@@ -103,12 +103,9 @@ def in_process(mode: str, batch: int) -> dict:
 def over_http(seconds: float) -> list[dict]:
     from bench.serve import measure, test_split
     from romebert.loadtest.driver import run_load
-    from romebert.loadtest.profiles import Profile
-    from romebert.loadtest.texts import TextItem
-    from romebert.loadtest.workload import Workload
 
     texts, _ = test_split(42)
-    workload = Workload([TextItem(t) for t in texts], [Profile("default")], batch=1, seed=0)
+    workload = one_text_each(texts)
     serve = romebert_serve(BUNDLE)
     servers = {
         "defaults (global pool, 1 worker x 2 threads)": serve,
