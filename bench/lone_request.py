@@ -12,7 +12,7 @@ request (`latency_ms` in its answer: route arrival to answer) is kept for each. 
 also times GET /healthz, the HTTP stack's floor (uvicorn, the middlewares, routing; no model, no
 scheduler). Writes bench/results/lone_request.json.
 
-    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500]    # about 3 minutes
+    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500]    # about 4 minutes
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ taking their cores, which the shared-core runs cannot separate from it.
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/before ed35dab`),
 its server runs steps 1 and 2 too, on the same bundle and the same offered rates, in the same run.
 With --before PATH --alternate N (or --also FLAGS --alternate N: this server with and without
-FLAGS), only the two servers are compared, both started once and their steps taken in turns, N rounds (c32 for 20 s, then 2x and 4x for 30 s each, the order of the two
-servers swapped every round): this machine's speed drifts by tens of percent within minutes,
+FLAGS), only the two servers are compared, both started once and their steps taken in turns, N
+rounds (c32 for 20 s, then 2x and 4x for 30 s each, the order of the two servers swapped every
+round): this machine's speed drifts by tens of percent within minutes,
 which a comparison that measures one server for nine minutes and then the other cannot tell from
 a change. The offered rates are fixed after the first round's capacities (2x and 4x their mean).
 Writes bench/results/overload.json (--out: elsewhere, e.g. a run on another machine kept beside it).
