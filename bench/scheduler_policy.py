@@ -12,8 +12,9 @@ The stream mixes four kinds of request: "easy" (1 text, the bundle's default thr
 auditing client) and "batch" (8 texts, default threshold). First the closed-loop capacity of each
 policy (every request of a ~800-item stream submitted at once, best of two), then the stream at
 two loads, as fractions of the capacity of "complete".
-Latency is per request, from its arrival to its last answer. Writes
-bench/results/scheduler_policy.json.
+Latency is per answered request, from its arrival to its last answer. Admission is the server's:
+a budgeted request whose predicted queue wait exceeds its budget is refused (503 over HTTP), and
+each kind's refusals are counted beside its latencies. Writes bench/results/scheduler_policy.json.
 
     .venv/bin/python bench/scheduler_policy.py     # ~1.5 min; needs artifacts/bench/bundle-fp32
 """
@@ -22,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -35,8 +34,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import onnxruntime  # noqa: E402
 
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.service.cohorts import BatchLimit  # noqa: E402
@@ -48,6 +45,9 @@ from romebert.service.policy import POLICIES, Policy  # noqa: E402
 from romebert.service.scheduler import Scheduler  # noqa: E402
 from romebert.core.tokenization import TokenRow, TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
+from romebert.core.files import write_json  # noqa: E402
+from romebert.service.tickets import Rejected  # noqa: E402
+from bench.harness import environment  # noqa: E402
 
 KINDS = {"easy": (0.5, 1), "budget": (0.2, 1), "full": (0.2, 1), "batch": (0.1, 8)}  # kind -> (share of requests, texts)
 BUDGET_MS = 15.0  # the "budget" kind's latency budget
@@ -104,12 +104,15 @@ def new_scheduler(name: str, engine: Engine, cost_model: EwmaCostModel) -> Sched
     return scheduler
 
 
-async def replay(scheduler: Scheduler, stream: list[Request]) -> list[float]:
-    """Submit each request at its time; the latency of each, in seconds."""
+async def replay(scheduler: Scheduler, stream: list[Request]) -> list[float | None]:
+    """Submit each request at its time; the latency of each in seconds, None where admission refused it."""
 
-    async def one(request: Request) -> float:
+    async def one(request: Request) -> float | None:
         arrival = scheduler.clock()
-        await scheduler.submit(request.rows, request.threshold, request.budget_s, arrival).future
+        try:
+            await scheduler.submit(request.rows, request.threshold, request.budget_s, arrival).future
+        except Rejected:
+            return None
         return scheduler.clock() - arrival
 
     start, tasks = time.perf_counter(), []
@@ -119,11 +122,16 @@ async def replay(scheduler: Scheduler, stream: list[Request]) -> list[float]:
     return list(await asyncio.gather(*tasks))
 
 
-def summary(latencies: list[float], scheduler: Scheduler, elapsed: float, items: int) -> dict:
-    ms = 1000 * np.array(latencies)
+def answered_ms(latencies: list[float | None]) -> np.ndarray:
+    return 1000 * np.array([lat for lat in latencies if lat is not None])
+
+
+def summary(latencies: list[float | None], scheduler: Scheduler, elapsed: float, items: int) -> dict:
+    ms = answered_ms(latencies)
     sample = scheduler.metrics.registry.get_sample_value
     return {
-        "requests": len(ms),
+        "requests": len(latencies),
+        "refused": len(latencies) - len(ms),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p90_ms": round(float(np.percentile(ms, 90)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
@@ -145,10 +153,12 @@ async def run_policy(name: str, engine: Engine, cost_model: EwmaCostModel, strea
     scheduler.join()
     out = summary(latencies, scheduler, elapsed, sum(len(r.rows) for r in stream))
     for kind in KINDS:
-        ms = 1000 * np.array([lat for lat, r in zip(latencies, stream) if r.kind == kind])
-        out[kind] = {"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+        of_kind = [lat for lat, r in zip(latencies, stream) if r.kind == kind]
+        ms = answered_ms(of_kind)
+        out[kind] = {"requests": len(of_kind), "refused": len(of_kind) - len(ms),
+                     "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
         if kind == "budget":
-            out[kind]["share_over_budget"] = round(float((ms > BUDGET_MS).mean()), 3)
+            out[kind]["answered_over_budget"] = round(float((ms > BUDGET_MS).mean()), 3)
     return out
 
 
@@ -172,6 +182,8 @@ async def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / "artifacts" / "bench" / "bundle-fp32")
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each stream")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8], help="arrival rates as fractions of capacity")
+    parser.add_argument("--policies", nargs="+", choices=list(SCHEDULERS), default=list(SCHEDULERS), help="which to run (loads are fractions of the first's capacity)")
+    parser.add_argument("--capacity", type=float, help="items/s to take the loads' fractions of, instead of measuring it (to replay the same streams against another checkout)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scheduler_policy.json")
     args = parser.parse_args()
 
@@ -183,20 +195,24 @@ async def main() -> None:
     encoded = encoder.tokenize([e.text for e in task.test], [e.text_pair for e in task.test] if task.is_pair else None)
     cost_model = EwmaCostModel(engine.num_layers)
     warm_up(engine, cost_model, batch_limit(engine), bundle.max_length)
-    capacities = {name: await capacity(name, engine, cost_model, encoded, bundle.default_threshold) for name in SCHEDULERS}
-    print("capacity of the mix (closed loop), items/s: " + ", ".join(f"{k} {v:.0f}" for k, v in capacities.items()))
-    cap = capacities["complete"]
+    if args.capacity:
+        capacities, cap = {}, args.capacity
+    else:
+        capacities = {name: await capacity(name, engine, cost_model, encoded, bundle.default_threshold) for name in args.policies}
+        print("capacity of the mix (closed loop), items/s: " + ", ".join(f"{k} {v:.0f}" for k, v in capacities.items()))
+        cap = capacities[args.policies[0]]
 
     results = {}
     for load in args.loads:
         stream = make_stream(encoded, bundle.default_threshold, load * cap, args.seconds, seed=0)
         results[f"load_{load}"] = {"arrival_items_per_s": round(load * cap, 1), "requests": len(stream)}
-        for name in SCHEDULERS:
+        for name in args.policies:
             r = await run_policy(name, engine, cost_model, stream)
             results[f"load_{load}"][name] = r
             print(f"load {load:.1f} {name:<16} p50 {r['p50_ms']:7.2f} ms  p90 {r['p90_ms']:7.2f}  p99 {r['p99_ms']:7.2f}  "
                   f"easy p50 {r['easy']['p50_ms']:6.2f}  full p50 {r['full']['p50_ms']:6.2f}  "
-                  f"budget p99 {r['budget']['p99_ms']:6.2f} over {r['budget']['share_over_budget']:6.1%}  "
+                  f"budget p99 {r['budget']['p99_ms']:6.2f} over {r['budget']['answered_over_budget']:6.1%} "
+                  f"refused {r['budget']['refused']}/{r['budget']['requests']}  "
                   f"rows/call {r['rows_per_layer_call']:5.2f}  exit {r['avg_exit_layer']:.2f}")
 
     report = {
@@ -208,14 +224,12 @@ async def main() -> None:
         "mix": {kind: {"share": share, "texts": n, "threshold": "0 (full depth)" if kind == "full" else "bundle default",
                        "budget_ms": BUDGET_MS if kind == "budget" else None} for kind, (share, n) in KINDS.items()},
         "max_batch": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS, "stream_seconds": args.seconds,
-        "capacity_items_per_s": {name: round(v, 1) for name, v in capacities.items()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "onnxruntime_threads": default_threads(),
-                    "onnxruntime": onnxruntime.__version__, "loadavg_1min_at_start": load_at_start},
+        "capacity_items_per_s": {name: round(v, 1) for name, v in capacities.items()} or {"given": cap},
+        "onnxruntime_threads": default_threads(), "loadavg_1min_at_start": load_at_start, "environment": environment(),
         "results": results,
         "run_seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out} in {report['run_seconds']} s")
 
 

@@ -3,10 +3,11 @@
 A request is let in only when the queue wait predicted for it fits the server's bound
 (`max_queue_wait_ms`) and, when it has one, its own latency budget (a budgeted row that starts
 gets at least exit 1's answer, so only a wait longer than the budget makes it hopeless);
-otherwise it gets a fast 503
-whose Retry-After comes from the predicted wait. The prediction is the work ahead of it, queued
-rows plus half the rows in flight, times the measured engine seconds per answered row (early exits
-included), shared out over the workers. It is an estimate; the bound is kept for certain at the
+otherwise it gets a fast 503 whose Retry-After comes from the predicted wait. The prediction is
+the work ahead of it, queued rows plus half the rows in flight, times the measured engine seconds
+per answered row (early exits included), shared out over the workers. A budgeted row has less
+ahead of it: the workers take it at a layer boundary once it cannot wait (budgets.py), so it
+waits for the budgeted rows queued before it and half a step. It is an estimate; the bound is kept for certain at the
 other end: a row that has waited past it when a worker would take it, or when its length group
 would start (under "regroup" a worker takes new rows as length groups that start one after
 another), is answered 503 instead of run. Past capacity the queue therefore holds about one
@@ -66,6 +67,13 @@ class Admission:
         """Seconds a row arriving now would wait for a worker (call with the lock held)."""
         return (len(self._queue) + self._in_flight / 2) * self.rate.seconds_per_row / self.workers
 
+    def predicted_budgeted_wait(self) -> float:
+        """Seconds a row with a budget arriving now would wait (call with the lock held): it
+        jumps the queue, so only the budgeted rows queued before it and the rest of a step in
+        progress are ahead of it."""
+        step = self.rate.seconds_per_step / 2 if self._queue or self._in_flight else 0.0
+        return (self._budgeted * self.rate.seconds_per_row + step) / self.workers
+
     def door(self) -> Rejected | None:
         """The part of admission that needs no request: cheap enough (no lock, an estimate) to run
         before the body is read or parsed, so that past capacity a refusal costs next to nothing.
@@ -92,10 +100,10 @@ class Admission:
                 raise refused
             wait = self.predicted_wait()
             self.metrics.predicted_wait.set(wait)
-            if budget_s is not None and wait > budget_s:
+            if budget_s is not None and (budgeted_wait := self.predicted_budgeted_wait()) > budget_s:
                 raise self._refuse("budget", Rejected(
-                    "overloaded", f"the predicted queue wait of {1000 * wait:.0f} ms exceeds the request's latency budget "
-                    f"of {1000 * budget_s:.0f} ms; retry later", wait))
+                    "overloaded", f"the predicted wait of {1000 * budgeted_wait:.0f} ms for a request with a budget exceeds its "
+                    f"budget of {1000 * budget_s:.0f} ms; retry later", budgeted_wait))
             if len(self._queue) + len(rows) > self.max_queue:
                 raise self._refuse("queue_full", Rejected(
                     "overloaded", f"the queue is full ({len(self._queue)} rows, room for {self.max_queue - len(self._queue)})", wait))

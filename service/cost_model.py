@@ -8,7 +8,8 @@ being thrown by one slow call. Buckets are powers of two; warm-up measures each 
 upper edge, so a first estimate errs on the slow side, which is the safe side for a budget.
 
 `ServiceRate` is the coarser number admission needs: engine seconds per answered row, over the
-recent past, early exits and batching included, so the queue's drain time is queue length x it.
+recent past, early exits and batching included, so the queue's drain time is queue length x it;
+and seconds per worker step, how long a row that may jump the queue waits for a layer boundary.
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ class EwmaCostModel:
 
 
 class ServiceRate:
-    """Engine seconds per answered row over the recent past (EWMA over windows of `window` rows).
+    """Engine seconds per answered row over the recent past (EWMA over windows of `window` rows),
+    and seconds per step (EWMA over steps; 0 until one is seen: no evidence, no wait).
 
     Not locked: its one writer and readers hold the admission lock.
     """
 
     def __init__(self, seconds_per_row: float, alpha: float = 0.2, window: int = 32):
         self.seconds_per_row = seconds_per_row
+        self.seconds_per_step = 0.0
         self.alpha = alpha
         self.window = window
         self._seconds = 0.0
@@ -89,6 +92,7 @@ class ServiceRate:
 
     def record(self, seconds: float, rows_done: int) -> None:
         """A step took `seconds`, after which `rows_done` rows left (answered or dropped)."""
+        self.seconds_per_step += self.alpha * (seconds - self.seconds_per_step)
         self._seconds += seconds
         self._rows += rows_done
         if self._rows >= self.window:

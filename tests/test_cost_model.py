@@ -92,3 +92,12 @@ def test_the_service_rate_moves_once_per_window_of_rows_toward_that_window_s_mea
     assert rate.seconds_per_row == pytest.approx(0.03)  # a new window started empty
     rate.record(0.0, 1)  # that window alone: 0.4 s for 4 rows
     assert rate.seconds_per_row == pytest.approx(0.03 + 0.5 * (0.1 - 0.03))
+
+
+def test_the_seconds_per_step_move_toward_every_step_from_no_evidence():
+    rate = ServiceRate(seconds_per_row=0.01, alpha=0.5, window=4)
+    assert rate.seconds_per_step == 0.0  # no step seen: a row that jumps the queue waits for none
+    rate.record(0.1, 0)  # a step after which no row left still took its time
+    assert rate.seconds_per_step == pytest.approx(0.05)
+    rate.record(0.3, 2)
+    assert rate.seconds_per_step == pytest.approx(0.175)

@@ -502,7 +502,7 @@ async def test_a_predicted_wait_or_a_loop_lag_exactly_at_its_bound_is_let_in():
     admission.admit([row(1)], None)
     assert admission.predicted_wait() == 0.375  # (1 queued + 1/2 in flight) x 0.25 s: exactly the bound
     assert admission.door() is None
-    admission.admit([row(2)], budget_s=0.375)  # and exactly this request's budget
+    admission.admit([row(2)], None)
     assert admission.predicted_wait() > 0.375 and admission.door().code == "overloaded"
 
 
@@ -520,16 +520,27 @@ def test_while_the_event_loop_runs_late_the_door_refuses_though_the_queue_is_emp
 
 
 @pytest.mark.asyncio
-async def test_a_budgeted_request_is_refused_when_the_predicted_wait_alone_exceeds_its_budget():
-    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, seconds_per_row=0.3)
-    running = submit(scheduler, [3], 0.0)
-    await wait_for(lambda: len(engine.calls) == 1)
-    with pytest.raises(Rejected, match="predicted queue wait of 150 ms exceeds the request's latency budget of 100 ms"):
-        submit(scheduler, [3], 0.0, budget_s=0.1)  # predicted wait 0.15 s
-    patient = submit(scheduler, [3], 0.0, budget_s=0.2)
-    engine.step(6)
-    assert len(await done(running, patient)) == 2
-    assert scheduler.metrics.registry.get_sample_value("romebert_rejected_requests_total", {"reason": "budget"}) == 1
+async def test_a_budgeted_request_waits_only_for_the_budgeted_rows_before_it_and_half_a_step():
+    # The workers take a budgeted row at a layer boundary once it cannot wait (budgets.py), so the
+    # unbudgeted queue is not its wait; the budgeted rows queued before it and the step in progress are.
+    clock, metrics, loop = Clock(), Metrics(6), asyncio.get_running_loop()
+    admission = Admission(metrics, max_queue=64, max_queue_wait_s=60.0, workers=1, seconds_per_row=0.125, clock=clock)
+    admission.rate.seconds_per_step = 0.0625
+
+    def request(n: int, budget_s: float | None = None) -> list[Row]:
+        ticket, deadline = Ticket(n, loop), math.inf if budget_s is None else clock.now + budget_s
+        return [Row(token, 0.0, clock.now, deadline, ticket, i) for i, token in enumerate(rows([3] * n))]
+
+    admission.admit(request(1, 1e-6), 1e-6)  # an idle server: nothing ahead, not even a step
+    assert admission.take(1)
+    admission.admit(request(10), None)
+    assert admission.predicted_wait() == 1.3125  # (10 queued + 1/2 in flight) x 0.125 s
+    admission.admit(request(1, 0.03125), 0.03125)  # half a 0.0625 s step: exactly its budget
+    with pytest.raises(Rejected, match="predicted wait of 156 ms for a request with a budget exceeds its budget of 31 ms") as refused:
+        admission.admit(request(1, 0.03125), 0.03125)  # the budgeted row before it, and half a step
+    assert refused.value.retry_after_s == 0.15625  # come back when the budgeted wait has drained
+    admission.admit(request(1, 0.15625), 0.15625)
+    assert metrics.registry.get_sample_value("romebert_rejected_requests_total", {"reason": "budget"}) == 1
 
 
 @pytest.mark.asyncio
