@@ -66,8 +66,8 @@ def classify_request_model(max_threshold: float, max_items: int, pair_input: boo
         "latency_budget_ms": (StrictFloat | None, Field(
             None, gt=0.0, le=MAX_BUDGET_MS, allow_inf_nan=False,
             description="server-side budget from arrival; a row stops before the layer predicted to overrun it "
-            "(it always gets at least exit 1) and is flagged budget_exhausted; a request whose predicted queue "
-            "wait alone exceeds its budget gets 503",
+            "(it always gets at least exit 1) and is flagged budget_exhausted; it goes ahead of the queue, and a "
+            "request whose predicted wait (the budgeted rows ahead of it, the step in progress) exceeds its budget gets 503",
         )),
     }
     validators = {}
