@@ -7,12 +7,12 @@ otherwise it gets a fast 503 whose Retry-After comes from the predicted wait. Th
 the work ahead of it, queued rows plus half the rows in flight, times the measured engine seconds
 per answered row (early exits included), shared out over the workers. A budgeted row has less
 ahead of it: the workers take it at a layer boundary once it cannot wait (budgets.py), so it
-waits for the budgeted rows queued before it and half a step. It is an estimate; the bound is kept for certain at the
-other end: a row that has waited past it when a worker would take it, or when its length group
-would start (under "regroup" a worker takes new rows as length groups that start one after
-another), is answered 503 instead of run. Past capacity the queue therefore holds about one
-bound's worth of work, the workers stay busy, and the rest is turned away at the door, for the
-price of parsing and tokenizing it.
+waits for the budgeted rows queued before it and half a step. It is an estimate; the bound is
+kept for certain at the other end: a row that has waited past it when a worker would take it,
+or when its length group would start (under "regroup" a worker takes new rows as length groups
+that start one after another), is answered 503 instead of run. Past capacity the queue
+therefore holds about one bound's worth of work, the workers stay busy, and the rest is turned
+away at the door, most of it before its body is read (connections.py).
 
 Rows whose ticket is closed (the client left, the request's deadline passed) are dropped when a
 worker reaches them, so no work is done for clients that have gone.
