@@ -35,7 +35,8 @@ class Settings:
                             "'backend'); onnxruntime: onnxruntime's own providers; openvino: OpenVINO's CPU plugin (onnxruntime-ep-openvino)")
     openvino_precision: str = _setting("bf16", "with --backend openvino: bf16 (AMX/AVX512-BF16 CPUs) or f32")
     workers: int = _setting(1, "engine threads, each running its own batches: 1 for the lowest latency of a lone request, "
-                            "more for throughput under load on a CPU")
+                            "more for throughput under load on a CPU on onnxruntime (on OpenVINO two let the wait "
+                            "past capacity run to seconds: docs/serving.md, Workers)")
     threads: int | None = _setting(None, "onnxruntime's CPU threads: the shared pool every worker's calls use (with --spin off, each session's own pool) "
                                    "(default: the cores this process may use divided by workers, so that workers x threads = cores)")
     spin: bool = _setting(True, "onnxruntime's CPU threads spin-wait between calls in one shared pool (the quickest lone request); "
