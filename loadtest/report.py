@@ -155,12 +155,12 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"  {title:<13}" + "  ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
     lines += _exit_lines(report["exit_depth"])
     if len(report["profiles"]) > 1:
-        lines.append(f"  {'by profile':<13}{'profile':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'avg exit':>9}{'budget cut':>11}"
-                     f"{'over budget':>12}")
+        lines.append(f"  {'by profile':<13}{'profile':<22}{'requests':>9}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}{'avg exit':>9}"
+                     f"{'budget cut':>11}{'over budget':>12}")
         for name, p in report["profiles"].items():
             numbers = "".join(f"{_num(p[k]):>9}" for k in ("p50_ms", "p99_ms", "average_exit_layer"))
             over = "" if p["over_budget"] is None else f"{100 * p['over_budget']:.1f}%"
-            lines.append(f"  {'':<13}{name:<22}{p['requests']:>9}{numbers}{p['budget_exhausted']:>11}{over:>12}")
+            lines.append(f"  {'':<13}{name:<22}{p['requests']:>9}{p['failed']:>8}{numbers}{p['budget_exhausted']:>11}{over:>12}")
     return "\n".join(lines)
 
 

@@ -264,6 +264,9 @@ def test_a_report_counts_rates_and_percentiles_exactly_as_the_records_say():
     assert (default["requests"], default["failed"], default["p50_ms"]) == (3, 1, 20.0)  # the 503's 5 ms is not a latency
     table = format_table(report)
     assert "by profile" in table and "4 completed, 3 ok, 1 failed (25.00%)" in table
+    # each profile's row says how many of its requests failed (a budget's 503s show there)
+    assert [line.split()[:3] for line in table.splitlines() if line.split()[:1] in (["default"], ["threshold=0"])] == \
+        [["default", "3", "1"], ["threshold=0", "1", "0"]]
     assert "average layer 3.000 over 4 items (responses)" in table and "L1: 25.0%  L2: 25.0%  L3: 25.0%  L6: 25.0%" in table
 
     alone = build_report(config, RunResult(records[:1], 0.0, "duration", 0), None, None)
