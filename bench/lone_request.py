@@ -10,9 +10,12 @@ p50, back to back, measured first in a fresh process. Both clients draw the same
 (one rotten_tomatoes test text each, the server's default threshold); the server's own time per
 request (`latency_ms` in its answer: route arrival to answer) is kept for each. The plain client
 also times GET /healthz, the HTTP stack's floor (uvicorn, the middlewares, routing; no model, no
-scheduler). Writes bench/results/lone_request.json.
+scheduler). Then the plain client sends requests after an idle gap (`--gaps`), as clients of a
+lightly loaded server do, next to the engine's batch-1 p50 after the same gap (fresh processes):
+an idle engine's threads sleep, so the reference itself moves with the gap. Writes
+bench/results/lone_request.json.
 
-    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500]    # about 4 minutes
+    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500] [--gaps 0.01 0.2]    # about 5 minutes
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ def generator_client(url: str, workload: Workload, n: int) -> tuple[list[float],
     return [r.latency_ms for r in ok], [r.server_latency_ms for r in ok]
 
 
-def plain_client(url: str, workload: Workload | None, n: int, seed: int) -> tuple[list[float], list[float]]:
-    """(client ms, server ms) of n requests, one at a time, over one kept-alive http.client
-    connection: POST /classify, or with no workload GET /healthz (the HTTP stack's own floor,
-    no model and no scheduler; its server ms are left empty)."""
+def plain_client(url: str, workload: Workload | None, n: int, seed: int, gap_s: float = 0.0) -> tuple[list[float], list[float]]:
+    """(client ms, server ms) of n requests, one at a time (each after `gap_s` of idle), over one
+    kept-alive http.client connection: POST /classify, or with no workload GET /healthz (the HTTP
+    stack's own floor, no model and no scheduler; its server ms are left empty)."""
     address = urlsplit(url)
     connection = http.client.HTTPConnection(address.hostname, address.port)
     rng = random.Random(seed)
@@ -62,6 +65,7 @@ def plain_client(url: str, workload: Workload | None, n: int, seed: int) -> tupl
     try:
         for _ in range(n):
             body = None if workload is None else json.dumps(workload.draw(rng).body).encode()
+            time.sleep(gap_s)
             started = time.perf_counter()
             if body is None:
                 connection.request("GET", "/healthz")
@@ -87,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--requests", type=int, default=1500, help="per client and round")
+    parser.add_argument("--gaps", type=float, nargs="*", default=[0.01, 0.2], help="idle seconds before each request of the gap step")
+    parser.add_argument("--gap-requests", type=int, default=100, help="requests (and engine calls) per gap")
     args = parser.parse_args()
     bundle = load_bundle(BUNDLE)
     texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
@@ -94,7 +100,9 @@ def main() -> None:
     chosen = served_backend(bundle)
     engine_p50 = in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts)
     print(f"in-process engine batch-1 p50 (back to back): {engine_p50:.2f} ms; the target: c1 p50 <= {engine_p50 + 1:.2f} ms", flush=True)
-    rounds = []
+    engine_after_gap = {gap: in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts, gap, args.gap_requests)
+                        for gap in args.gaps}
+    rounds, gaps = [], []
     with running(romebert_serve(BUNDLE), ROOT / "artifacts" / "bench" / "lone-request-server.log") as (_, url):
         clients = {
             "load_generator": lambda n, k: generator_client(url, workload, n),
@@ -112,16 +120,26 @@ def main() -> None:
                              "client_p99_ms": round(float(np.percentile(client_ms, 99)), 3)}
             rounds.append(row)
             print(row, flush=True)
+        for gap in args.gaps:
+            client_ms, server_ms = plain_client(url, workload, args.gap_requests, 100, gap)
+            gaps.append({"gap_ms": 1000 * gap, "client_p50_ms": p50(client_ms), "server_p50_ms": p50(server_ms),
+                         "engine_p50_ms_after_gap": round(engine_after_gap[gap], 3)})
     summary = {name: {key: p50([r[name][key] for r in rounds]) if rounds[0][name][key] is not None else None
                       for key in ("client_p50_ms", "server_p50_ms")} for name in clients}
     print(f"\n{'client':<28}{'c1 p50 ms (median of rounds)':>30}{'server own p50 ms':>20}{'minus engine ms':>18}")
     for name, s in summary.items():
         server = "-" if s["server_p50_ms"] is None else f"{s['server_p50_ms']:.2f}"
         print(f"{name:<28}{s['client_p50_ms']:>30.2f}{server:>20}{s['client_p50_ms'] - engine_p50:>18.2f}")
+    if gaps:
+        print(f"\n{'idle gap ms':<14}{'engine p50 after it':>20}{'c1 p50 (plain)':>16}{'server own p50':>16}{'minus engine':>14}")
+        for g in gaps:
+            print(f"{g['gap_ms']:<14g}{g['engine_p50_ms_after_gap']:>20.2f}{g['client_p50_ms']:>16.2f}{g['server_p50_ms']:>16.2f}"
+                  f"{g['client_p50_ms'] - g['engine_p50_ms_after_gap']:>14.2f}")
     write_json(ROOT / "bench" / "results" / "lone_request.json", {
         "bundle_backend": chosen, "engine_p50_ms_batch1": round(engine_p50, 3), "requests_per_round": args.requests,
         "rounds": rounds, "median_of_rounds": summary,
         "c1_p50_minus_engine_batch1_p50_ms": {name: round(s["client_p50_ms"] - engine_p50, 3) for name, s in summary.items() if s["server_p50_ms"] is not None},
+        "after_idle_gaps": gaps,
         "environment": environment(),
     })
 
