@@ -137,9 +137,9 @@ def summary(latencies: list[float | None], scheduler: Scheduler, elapsed: float,
     return {
         "requests": len(latencies),
         "refused": len(latencies) - len(ms),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p90_ms": round(float(np.percentile(ms, 90)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
         "mean_ms": round(float(ms.mean()), 2),
         "items_per_s": round(items / elapsed, 1),
         "avg_exit_layer": round(sample("romebert_exit_layer_sum") / sample("romebert_exit_layer_count"), 3),
@@ -158,12 +158,12 @@ async def run_policy(name: str, engine: Engine, cost_model: EwmaCostModel, strea
     scheduler.join()
     out = summary(latencies, scheduler, elapsed, sum(len(r.rows) for r in stream))
     for kind in KINDS:
-        of_kind = [lat for lat, r in zip(latencies, stream) if r.kind == kind]
-        ms = answered_ms(of_kind)
+        of_kind = [(lat, r) for lat, r in zip(latencies, stream) if r.kind == kind]
+        ms = answered_ms([lat for lat, _ in of_kind])
         out[kind] = {"requests": len(of_kind), "refused": len(of_kind) - len(ms),
                      "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99)}
         if kind == "budget":
-            over = [lat > r.budget_s for lat, r in zip(latencies, stream) if r.kind == kind and lat is not None]
+            over = [lat > r.budget_s for lat, r in of_kind if lat is not None]
             out[kind]["answered_over_budget"] = round(float(np.mean(over)), 3) if over else 0.0
     return out
 
