@@ -204,11 +204,19 @@ class Admission:
         self.metrics.shed_rows.labels(reason).inc()
         row.ticket.fail(error, reason)
 
-    def done(self, rows: int, seconds: float) -> None:
-        """A worker's step took `seconds`; after it `rows` of its rows left (answered or dropped)."""
+    def done(self, rows: int, seconds: float, stepped: bool = True) -> None:
+        """A worker's step took `seconds`; after it `rows` of its rows left (answered or dropped).
+        `stepped` is False when it ran no layer (its rows were all cut or dropped): its time still
+        counts for the rows, but it says nothing about how long a layer boundary takes to come."""
         with self._cond:
             self._in_flight -= rows
-            self.rate.record(seconds, rows)
+            self.rate.record(seconds, rows, stepped)
+
+    def release(self, rows: int) -> None:
+        """`rows` rows in flight left unserved (their engine call failed): they say nothing about
+        the service rate, which would otherwise read them as rows served in no time."""
+        with self._cond:
+            self._in_flight -= rows
 
     # -- closing ---------------------------------------------------------------------------
     def close(self, drain_s: float = math.inf) -> None:

@@ -90,9 +90,11 @@ class ServiceRate:
         self._seconds = 0.0
         self._rows = 0
 
-    def record(self, seconds: float, rows_done: int) -> None:
-        """A step took `seconds`, after which `rows_done` rows left (answered or dropped)."""
-        self.seconds_per_step += self.alpha * (seconds - self.seconds_per_step)
+    def record(self, seconds: float, rows_done: int, stepped: bool = True) -> None:
+        """A step took `seconds`, after which `rows_done` rows left (answered or dropped);
+        `stepped`: it ran a layer (only such steps are waits for a layer boundary)."""
+        if stepped:
+            self.seconds_per_step += self.alpha * (seconds - self.seconds_per_step)
         self._seconds += seconds
         self._rows += rows_done
         if self._rows >= self.window:

@@ -128,7 +128,7 @@ class Scheduler:
         rows = fresh + [row for c in cohorts for row in c.rows]
         for row in rows:
             fail(row)
-        self.admission.done(len(rows), 0.0)
+        self.admission.release(len(rows))
 
     def _admit(self, cohorts: list[Cohort]) -> list[Row] | None:
         """Rows to start now ([] for none); None when closed and all work is done."""
@@ -155,12 +155,13 @@ class Scheduler:
         chosen = self.policy.next(cohorts) if cohorts else None
         if chosen is not None and chosen.depth == 0:
             self._drop_expired(chosen)
+        stepped = False
         if chosen is not None and chosen.rows:
             for cohort, mask in budgets.late_rows(cohorts, chosen, self.cost_model, self.clock()):
                 left += self._answer(cohort, mask, budget_exhausted=True)
-            if chosen.rows:
+            if stepped := bool(chosen.rows):
                 left += self._step(chosen)
-        self.admission.done(left, time.perf_counter() - started)
+        self.admission.done(left, time.perf_counter() - started, stepped)
         return [c for c in cohorts if c.rows]
 
     def _drop_closed(self, cohort: Cohort) -> int:

@@ -101,3 +101,6 @@ def test_the_seconds_per_step_move_toward_every_step_from_no_evidence():
     assert rate.seconds_per_step == pytest.approx(0.05)
     rate.record(0.3, 2)
     assert rate.seconds_per_step == pytest.approx(0.175)
+    rate.record(0.001, 2, stepped=False)  # rows cut before any layer ran: no wait for a boundary in that
+    assert rate.seconds_per_step == pytest.approx(0.175)
+    assert rate.seconds_per_row == pytest.approx(0.01 + 0.5 * (0.401 / 4 - 0.01))  # but its rows and time count

@@ -410,6 +410,20 @@ async def test_an_engine_failure_fails_the_rows_in_flight_and_the_scheduler_goes
 
 
 @pytest.mark.asyncio
+async def test_rows_failed_by_the_engine_leave_the_service_rate_as_it_was():
+    """Failed rows were not served: counting them as rows done in no time would make admission
+    predict shorter waits after every engine failure."""
+    scheduler, _ = make(FakeEngine(fail_on_layer=0), seconds_per_row=0.01, max_queue=128)
+    admission = scheduler.admission
+    admission.rate.seconds_per_step = 0.05
+    tickets = [submit(scheduler, [3], 0.0) for _ in range(2 * admission.rate.window)]  # enough rows to close a window
+    for outcome in await asyncio.gather(*(t.future for t in tickets), return_exceptions=True):
+        assert isinstance(outcome, EngineFailure)
+    await wait_for(lambda: admission.predicted_wait() == 0.0)  # the last rows leave the in-flight count
+    assert (admission.rate.seconds_per_row, admission.rate.seconds_per_step) == (0.01, 0.05)
+
+
+@pytest.mark.asyncio
 async def test_metrics_count_every_answer_with_its_exit_layer():
     scheduler, _ = make(cost_model=FixedCost([1.0, 1.0, 1.0]), clock=lambda: 100.0)
     got = await answers(scheduler, [1, 2, 3, 4], 0.1) + await answers(scheduler, [3], 0.0, budget_s=0.5)
@@ -600,6 +614,9 @@ async def test_a_length_group_that_starts_past_the_bound_is_answered_503_though_
     clock = Clock()
     scheduler, engine = make(FakeEngine(stepping=True), policy="regroup", max_wait_ms=0.0, max_queue_wait_s=0.5,
                              seconds_per_row=0.1, clock=clock)
+    steps = []
+    record = scheduler.admission.rate.record
+    scheduler.admission.rate.record = lambda seconds, rows, stepped: (steps.append(stepped), record(seconds, rows, stepped))
     running = submit(scheduler, [3], 0.0)
     await wait_for(lambda: len(engine.calls) == 1)
     short, long = submit(scheduler, [3], 0.0, length=20), submit(scheduler, [4], 0.0, length=200)
@@ -613,6 +630,7 @@ async def test_a_length_group_that_starts_past_the_bound_is_answered_503_though_
     assert [codes for _, codes in engine.calls] == [[3]] * 6
     assert shed(scheduler, "expired") == 1
     await wait_for(lambda: scheduler.admission.predicted_wait() == 0.0)  # nothing left in flight
+    assert steps.count(True) == len(engine.calls)  # the step times are the layer runs', not the cut group's
 
 
 @pytest.mark.asyncio
