@@ -19,11 +19,14 @@ ARG TRAIN_BASE=python:3.12-slim-bookworm
 # pin; tests/test_deploy.py fails when any CUDA library this file installs has another major.
 ARG ORT_VERSION=1.31.1
 ARG ORT_CUDA_MAJOR=13
-# The CPU images also carry OpenVINO's onnxruntime plugin: on a CPU with AMX,
-# `romebert export --precision auto` measures it fastest (bf16) and the manifest then asks the
-# server for it; without the plugin the server would run such a bundle on onnxruntime instead.
-# This version was checked against onnxruntime 1.31.1: it registers and offers its CPU device.
+# The CPU images also carry OpenVINO: on a CPU with AMX (or AVX512-BF16),
+# `romebert export --precision auto` can measure it fastest (bf16) and the manifest then asks the
+# server for it; without it the server would run such a bundle on onnxruntime instead.
+# onnxruntime's plugin runs it on Intel CPUs (this version was checked against onnxruntime
+# 1.31.1: it registers and offers its CPU device); it offers no other vendor's CPU, so OpenVINO's
+# own runtime, the version the plugin bundles, runs it on AMD ones.
 ARG OV_EP_VERSION=1.8.1
+ARG OV_VERSION=2026.4.1
 
 # ---------------------------------------------------------------------------------------------
 # source: the project's files, copied once for both images.
@@ -42,6 +45,7 @@ ARG ORT_PACKAGE=onnxruntime-gpu
 ARG ORT_VERSION
 ARG ORT_CUDA_MAJOR
 ARG OV_EP_VERSION
+ARG OV_VERSION
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -62,7 +66,7 @@ RUN pip install --no-cache-dir "./[serve]" \
         echo "nvidia-cublas~=${ORT_CUDA_MAJOR}.0" > /tmp/cuda-constraints.txt \
      && pip install --no-cache-dir -c /tmp/cuda-constraints.txt "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"; \
     else \
-        pip install --no-cache-dir "onnxruntime==${ORT_VERSION}" "onnxruntime-ep-openvino==${OV_EP_VERSION}"; \
+        pip install --no-cache-dir "onnxruntime==${ORT_VERSION}" "onnxruntime-ep-openvino==${OV_EP_VERSION}" "openvino==${OV_VERSION}"; \
     fi \
  && python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
  && if [ "${ORT_PACKAGE}" = "onnxruntime-gpu" ]; then \

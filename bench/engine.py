@@ -6,11 +6,12 @@ rotten_tomatoes test split, every row padded to sequence length 64. Batch 1 over
 test texts, batch 32 over all 853; the onnxruntime candidates take turns on each batch
 (round-robin), PyTorch runs on a pass of its own. Writes bench/results/engine.json and prints a table.
 
-    .venv/bin/python bench/engine.py          # needs artifacts/default-checkpoint (make serve)
+    .venv/bin/python bench/engine.py [--out bench/results/engine.json]   # needs artifacts/default-checkpoint (make serve)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 
 from romebert.model_export.segments import FullDepthModel  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
-from romebert.core.engine import Engine, default_threads, open_openvino_session, open_session, openvino_device, run_early_exit  # noqa: E402
+from romebert.core.engine import Engine, default_threads, open_openvino_session, open_session, openvino_available, run_early_exit  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -39,6 +40,10 @@ def bundle_for(precision: str, attention: str = "classic") -> Path:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json",
+                        help="where the results go (a run on another CPU model keeps the committed one: e.g. engine_amd.json)")
+    args = parser.parse_args()
     threads = default_threads()
     torch.set_num_threads(threads)
     task = load_task("rotten_tomatoes")
@@ -51,7 +56,7 @@ def main() -> None:
     full_graph = bundles["fp32"].path(bundles["fp32"].manifest["extras"]["full"]["file"])
     monolithic = open_session(full_graph, "cpu", threads)
     engines = {p: Engine(b, device="cpu", threads=threads) for p, b in bundles.items()}
-    openvino = {p: Engine(bundles["fp32"], backend="openvino", precision=p, threads=threads) for p in ("bf16", "f32")} if openvino_device() else {}
+    openvino = {p: Engine(bundles["fp32"], backend="openvino", precision=p, threads=threads) for p in ("bf16", "f32")} if openvino_available() else {}
     monolithic_openvino = {p: open_openvino_session(full_graph, p, threads) for p in openvino}
     default_t = bundles["fp32"].default_threshold
 
@@ -120,7 +125,7 @@ def main() -> None:
             ratios[f"openvino_{p}_over_onnxruntime_fp32_items_per_s_default_b{b}"] = by[f"segmented_default_openvino_{p}", b]["items_per_s"] / by["segmented_default", b]["items_per_s"]
     for k, v in ratios.items():
         print(f"{k:<42} {v:.3f}")
-    write_json(ROOT / "bench" / "results" / "engine.json", {
+    write_json(args.out, {
         "environment": environment(), "seq_len": SEQ_LEN, "threads": threads, "default_threshold": default_t,
         "int8_default_threshold": bundles["int8"].default_threshold, "rows": rows,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},

@@ -30,7 +30,7 @@ from romebert.loadtest.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 64  # the engine benchmarks pad every row to this many tokens
-PACKAGES = ("onnxruntime", "onnxruntime-ep-openvino", "torch", "transformers", "tokenizers", "numpy", "fastapi", "uvicorn",
+PACKAGES = ("onnxruntime", "onnxruntime-ep-openvino", "openvino", "torch", "transformers", "tokenizers", "numpy", "fastapi", "uvicorn",
             "starlette", "pydantic", "prometheus-client", "aiohttp", "locust")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 

@@ -28,22 +28,18 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
+from romebert.core.engine import OpenVinoSession, open_openvino_session
+
 
 class Body(BaseModel):
     text: str
 
 
-def session(path: Path, backend: str, precision: str, threads: int) -> ort.InferenceSession:
+def session(path: Path, backend: str, precision: str, threads: int) -> ort.InferenceSession | OpenVinoSession:
+    if backend == "openvino":  # onnxruntime's OpenVINO plugin on Intel, OpenVINO's own runtime elsewhere, as the project opens it
+        return open_openvino_session(path, precision, threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if backend == "openvino":
-        import onnxruntime_ep_openvino as openvino
-
-        ort.register_execution_provider_library("openvino", openvino.get_library_path())
-        device = next(d for d in ort.get_ep_devices() if d.ep_name == openvino.get_ep_name())
-        config = {"CPU": {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads}}
-        options.add_provider_for_devices([device], {"load_config": json.dumps(config)})
-        return ort.InferenceSession(str(path), sess_options=options)
     options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -16,12 +16,13 @@ seed 42's test split in training), and its backend and precision. The
 model's own cost per item, offline, is measured in a fresh process for our default configuration,
 so that the server's cost beyond the model follows. Writes bench/results/serve.json.
 
-    .venv/bin/python bench/serve.py [--duration 60]      # needs artifacts/default-bundle and bench/train.py's checkpoints
+    .venv/bin/python bench/serve.py [--duration 60] [--out bench/results/serve.json]   # needs artifacts/default-bundle and bench/train.py's checkpoints
 
 The peer bundles (artifacts/bench/peer/{fp32,int8}): bench/train.py's fine-tuned model
 (rotten_tomatoes, seed 1) exported with --monolithic, by this script whenever they are missing or
 hold other weights than that checkpoint's (retrained since).
-OpenVINO rows run only where its plugin offers a CPU device (not on every CPU: see core/engine.py).
+OpenVINO rows run where OpenVINO offers a CPU device: through onnxruntime's plugin on Intel CPUs,
+through OpenVINO's own runtime elsewhere (core/engine.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from bench.harness import environment, exported, one_text_each, romebert_serve, 
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
-from romebert.core.engine import openvino_device  # noqa: E402
+from romebert.core.engine import openvino_available  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
 from romebert.loadtest.workload import Workload  # noqa: E402
@@ -123,6 +124,8 @@ def engine_batch1_p50_ms(bundle_path: Path, backend: str, precision: str, texts:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json",
+                        help="where the results go (a run on another CPU model keeps the committed one: e.g. serve_amd.json)")
     args = parser.parse_args()
     bundle = load_bundle(BUNDLE)
     # Each model is scored on the test split of its own seed: bench/train.py's fine-tuned model
@@ -151,7 +154,7 @@ def main() -> None:
         ("peer_openvino_f32", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
         ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(FINETUNED)], (32,), "pytorch/fp32"),
     ]
-    if openvino_device() is None:
+    if not openvino_available():
         print("OpenVINO offers no CPU device here: its rows are left out", flush=True)
         servers = [s for s in servers if "openvino" not in s[3]]
     rows = []
@@ -180,7 +183,7 @@ def main() -> None:
     }
     for k, v in ratios.items():
         print(f"{k:<40} {v:.3f}")
-    write_json(ROOT / "bench" / "results" / "serve.json", {
+    write_json(args.out, {
         "bundle_backend": chosen, "default_threshold": bundle.default_threshold, "engine_p50_ms_batch1": round(engine_p50, 3),
         "model_core_ms_per_item": round(model_core_ms, 3), "fastest_peer": fastest_peer["name"], "duration_s": args.duration,
         "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "environment": environment(),

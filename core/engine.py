@@ -10,6 +10,7 @@ Export's parity check and calibration run through this same class.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -108,8 +109,9 @@ _openvino = None  # not looked for yet; False: looked for, none here; else the p
 
 def openvino_device():
     """The OpenVINO plugin's CPU device, the plugin registered once per process; None when the
-    plugin (PyPI onnxruntime-ep-openvino) is not installed or offers no CPU device here (seen on
-    an AMD EPYC: the plugin loads and lists nothing)."""
+    plugin (PyPI onnxruntime-ep-openvino) is not installed or offers no CPU device here. It offers
+    Intel devices only: its factory skips every hardware device whose vendor is not Intel (seen on
+    an AMD EPYC: the plugin loads and lists nothing), though OpenVINO's CPU plugin runs there."""
     global _openvino
     with _pool_lock:
         if _openvino is None:
@@ -124,23 +126,70 @@ def openvino_device():
         return _openvino or None
 
 
-def open_openvino_session(path: str | Path, precision: str, threads: int, streams: int = 1) -> ort.InferenceSession:
-    """A session on OpenVINO's CPU plugin, computing in `precision` (bf16 runs on AMX/AVX512-BF16;
-    OpenVINO takes the hint through load_config, not the EP's own precision option).
+@functools.cache
+def _openvino_core():
+    """The process's one core of OpenVINO's own runtime (PyPI openvino), or None when it is not
+    installed or sees no CPU device."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    core = openvino.Core()
+    return core if "CPU" in core.available_devices else None
+
+
+def openvino_available() -> bool:
+    """Whether backend 'openvino' can run here: through onnxruntime's plugin where it offers the
+    CPU (Intel), else through OpenVINO's own runtime (any x86 CPU it supports)."""
+    return openvino_device() is not None or _openvino_core() is not None
+
+
+class OpenVinoSession:
+    """A model compiled by OpenVINO's own runtime, behind the part of onnxruntime's session the
+    engine uses (`run`, `get_providers`). OpenVINO's requests are not thread-safe, so each calling
+    thread gets its own; outputs are copies (the next call reuses the request's buffers)."""
+
+    def __init__(self, compiled: Any):
+        self._compiled = compiled
+        self._requests = threading.local()
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self._compiled.create_infer_request()
+        outputs = request.infer(feeds, share_outputs=False)
+        return [outputs[o] for o in self._compiled.outputs] if output_names is None else [outputs[name] for name in output_names]
+
+    def get_providers(self) -> list[str]:
+        return ["OpenVINO (runtime, CPU)"]
+
+
+def open_openvino_session(path: str | Path, precision: str, threads: int, streams: int = 1) -> ort.InferenceSession | OpenVinoSession:
+    """A session on OpenVINO's CPU plugin, computing in `precision` (bf16 runs on AMX/AVX512-BF16).
+    Through onnxruntime's OpenVINO plugin where it offers this CPU (it then takes the hint through
+    load_config, not the EP's own precision option), else through OpenVINO's own runtime, with the
+    same settings.
 
     `streams`: how many calls may run at once, each on its own `threads` threads. OpenVINO runs
     the calls of one stream one after another, so workers that share a session need one stream
     each, or they take turns."""
-    device = openvino_device()
-    if device is None:
-        raise DeviceError("backend 'openvino' asked for, but onnxruntime-ep-openvino is not installed (pip install onnxruntime-ep-openvino)")
     if precision not in OPENVINO_PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {OPENVINO_PRECISIONS}, not {precision!r}")
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads * streams, "NUM_STREAMS": streams}
+    device = openvino_device()
+    if device is None:
+        core = _openvino_core()
+        if core is None:
+            raise DeviceError("backend 'openvino' asked for, but neither onnxruntime-ep-openvino offers a CPU device here nor is "
+                              "OpenVINO's runtime installed (pip install 'romebert[openvino]')")
+        try:
+            return OpenVinoSession(core.compile_model(core.read_model(str(path)), "CPU", config))
+        except Exception as err:  # noqa: BLE001 - OpenVINO's own exception types
+            raise BundleError(f"{path}: OpenVINO cannot load it ({type(err).__name__}: {err})") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     _give_threads(options, threads)  # for the nodes OpenVINO leaves to onnxruntime
-    config = {"CPU": {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads * streams, "NUM_STREAMS": streams}}
-    options.add_provider_for_devices([device], {"load_config": json.dumps(config)})
+    options.add_provider_for_devices([device], {"load_config": json.dumps({"CPU": config})})
     try:
         return ort.InferenceSession(str(path), sess_options=options)
     except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types

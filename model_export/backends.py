@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from romebert.core.bundle import Bundle, load_bundle
-from romebert.core.engine import Engine, openvino_device, run_early_exit
+from romebert.core.engine import Engine, openvino_available, run_early_exit
 from romebert.core.exits import exit_layers
 from romebert.core.tokenization import LengthBatches
 from romebert.model_export.calibrate import exit_logits_onnx
@@ -33,7 +33,7 @@ def candidates(bundles: list[Bundle]) -> list[tuple[str, str, Bundle]]:
     f32 compute) on the fp32 files, else on the first bundle's."""
     found = [("onnxruntime", b.precision, b) for b in bundles]
     on = next((b for b in bundles if b.precision == "fp32"), bundles[0])
-    if openvino_device() is not None and on.precision in ("fp32", "int8"):
+    if openvino_available() and on.precision in ("fp32", "int8"):
         found += [("openvino", "bf16", on), ("openvino", "f32", on)]
     return found
 

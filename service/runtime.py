@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 from romebert.core.bundle import Bundle, load_bundle
-from romebert.core.engine import Engine, default_threads, openvino_device, set_pool_spinning
+from romebert.core.engine import Engine, default_threads, openvino_available, set_pool_spinning
 from romebert.core.tokenization import TextEncoder
 from romebert.service.admission import Admission
 from romebert.service.cohorts import BatchLimit, EngineLike
@@ -45,16 +45,16 @@ EXIT_WORKER_DIED = 1
 
 def backend_for(bundle: Bundle, settings: Settings) -> tuple[str, str]:
     """(backend, OpenVINO precision): as asked, or with `auto` what the bundle's export measured
-    best; OpenVINO only on the CPU and where its plugin is installed (else a warning)."""
+    best; OpenVINO only on the CPU and where it is installed (else a warning)."""
     if settings.backend != "auto":
         return settings.backend, settings.openvino_precision
     choice = bundle.manifest.get("backend") or {"backend": "onnxruntime"}
     if choice["backend"] == "openvino":
         if settings.device == "cuda":
             return "onnxruntime", settings.openvino_precision
-        if openvino_device() is None:
+        if not openvino_available():
             log.warning("the bundle is measured fastest on OpenVINO, which offers no CPU device here "
-                        "(onnxruntime-ep-openvino missing, or this CPU unsupported): serving with onnxruntime")
+                        "(neither onnxruntime-ep-openvino nor openvino installed, or this CPU unsupported): serving with onnxruntime")
             return "onnxruntime", settings.openvino_precision
         return "openvino", choice["precision"]
     return "onnxruntime", settings.openvino_precision

