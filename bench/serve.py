@@ -17,6 +17,7 @@ model's own cost per item, offline, is measured in a fresh process for our defau
 so that the server's cost beyond the model follows. Writes bench/results/serve.json.
 
     .venv/bin/python bench/serve.py [--duration 60] [--out bench/results/serve.json]   # needs artifacts/default-bundle and bench/train.py's checkpoints
+    .venv/bin/python bench/serve.py --alternate 4 --duration 20 --out bench/results/serve_backends_alternated.json   # ours only, two backends in turns
 
 The peer bundles (artifacts/bench/peer/{fp32,int8}): bench/train.py's fine-tuned model
 (rotten_tomatoes, seed 1) exported with --monolithic, by this script whenever they are missing or
@@ -33,6 +34,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +123,53 @@ def engine_batch1_p50_ms(bundle_path: Path, backend: str, precision: str, texts:
     return 1000 * float(np.median(times[50:]))
 
 
+def alternate(bundle, rounds: int, seconds: float, out: Path) -> None:
+    """Our default server against the same bundle on onnxruntime fp32, in turns: one run's single
+    pass cannot tell apart servers that differ by less than its noise (10-17% here)."""
+    chosen = served_backend(bundle)
+    texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
+    workload = one_text_each(texts)
+    logs = ROOT / "artifacts" / "bench"
+    names = {f"{chosen['backend']}/{chosen['precision']}": romebert_serve(BUNDLE), "onnxruntime/fp32": romebert_serve(BUNDLE, "--backend", "onnxruntime")}
+    rows = []
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(running(command, logs / f"serve-alternate-{k}.log")) for k, (name, command) in enumerate(names.items())}
+        for _, url in servers.values():
+            run_load(url, workload, 32, None, 5, None, 30.0)  # warm
+        for r in range(rounds):
+            for name in list(servers)[:: 1 if r % 2 == 0 else -1]:
+                proc, url = servers[name]
+                for users in (32, 1):
+                    row = {"round": r, "runs_on": name} | measure(url, proc.pid, workload, users, seconds if users == 32 else seconds / 2)
+                    rows.append(row)
+                    print({k: row[k] for k in ("round", "runs_on", "concurrency", "requests_per_s", "p50_ms", "server_cpu_ms_per_request")}, flush=True)
+    ours, before = list(names)
+    summary = {}
+    for users in (32, 1):
+        pick = lambda name, key: [row[key] for row in rows if row["runs_on"] == name and row["concurrency"] == users]  # noqa: E731
+        summary[f"c{users}"] = {
+            "requests_per_s_ratio_by_round": [round(a / b, 3) for a, b in zip(pick(ours, "requests_per_s"), pick(before, "requests_per_s"))],
+            "p50_ms": {name: pick(name, "p50_ms") for name in names},
+            "server_cpu_ms_per_request": {name: pick(name, "server_cpu_ms_per_request") for name in names},
+        }
+        print(f"c{users}: {ours} over {before}, requests/s by round: {summary[f'c{users}']['requests_per_s_ratio_by_round']}")
+    write_json(out, {"bundle_backend": chosen, "rounds": rounds, "seconds_c32": seconds, "seconds_c1": seconds / 2, "rows": rows,
+                     "summary": summary, "environment": environment()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json",
                         help="where the results go (a run on another CPU model keeps the committed one: e.g. serve_amd.json)")
+    parser.add_argument("--alternate", type=int, metavar="ROUNDS", default=0,
+                        help="instead: only our server on the bundle's backend against `--backend onnxruntime`, both up at "
+                        "once, taking turns for ROUNDS rounds at c32 and c1 (the order swapped each round)")
     args = parser.parse_args()
     bundle = load_bundle(BUNDLE)
+    if args.alternate:
+        alternate(bundle, args.alternate, args.duration, args.out)
+        return
     # Each model is scored on the test split of its own seed: bench/train.py's fine-tuned model
     # (seed 1) was trained on part of the default model's test split (seed 42), and vice versa.
     seeds = {"ours": split_seed(ROOT / bundle.manifest["source"]["checkpoint"]), "fine-tuned": split_seed(FINETUNED)}
