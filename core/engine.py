@@ -1,4 +1,5 @@
-"""The engine: one onnxruntime session per bundle segment, run one layer at a time.
+"""The engine: one session per bundle segment (onnxruntime's, or OpenVINO's behind the same
+`run`), run one layer at a time.
 
 The scheduler decides which rows go on after each layer; the engine only runs segments and keeps
 hidden states where they live. On CPU every session shares one global thread pool by default
