@@ -49,7 +49,7 @@ def measure_in_fresh_process(roots: list[Path], dev: LengthBatches, labels: np.n
         log(f"  {row['backend']}/{row['precision']} on the {row['files']} files: " + (row.get("error") or
             f"dev accuracy {100 * row['dev_accuracy']:.2f} (fp32 {100 * choice['reference_dev_accuracy']:.2f}), "
             f"exits as fp32 {100 * row['exit_agreement']:.1f}% at threshold {row['threshold']}, "
-            f"{row['items_per_s']:.0f} items/s (median of its passes)"))
+            f"{row['items_per_s']:.0f} items/s (median of its passes), a row alone {row['lone_row_p50_ms']:.2f} ms (p50)"))
     log(f"  chosen: {choice['backend']}/{choice['precision']} on the {choice['files']} files")
     return rows, choice
 
@@ -66,6 +66,9 @@ def measure(bundles: list[Bundle], dev: LengthBatches, labels: np.ndarray, refer
     compared with the reference's at that threshold. Speed: every candidate is warmed (a pass that
     pays OpenVINO's per-shape compiles), then the candidates take turns for `rounds` passes over
     dev, so that drift in the machine's load hits them alike; items/s is each one's median pass.
+    Each pass also times rows alone (two of every length batch, one call each): the choice is by
+    items/s, and a backend that wins there can lose on a lone request (OpenVINO bf16 without AMX),
+    which the operator should see.
     """
     reference_acc = float((reference[-1].argmax(-1) == labels).mean())
     rows, engines = [], {}
@@ -83,12 +86,25 @@ def measure(bundles: list[Bundle], dev: LengthBatches, labels: np.ndarray, refer
             run_early_exit(engine, b, np.full(len(b.lengths), threshold))
         return len(labels) / (time.perf_counter() - started)
 
+    lone_rows = [b.rows([k]) for b in dev.batches for k in sorted({0, len(b.lengths) // 2})]
+
+    def lone_pass(engine: Engine, threshold: float) -> list[float]:
+        seconds = []
+        for row in lone_rows:
+            started = time.perf_counter()
+            run_early_exit(engine, row, np.full(1, threshold))
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
     for engine, threshold in engines.values():
         one_pass(engine, threshold)
+        lone_pass(engine, threshold)
     passes: dict[tuple[str, str, str], list[float]] = {key: [] for key in engines}
+    lone: dict[tuple[str, str, str], list[float]] = {key: [] for key in engines}
     for _ in range(rounds):
         for key, (engine, threshold) in engines.items():
             passes[key].append(one_pass(engine, threshold))
+            lone[key] += lone_pass(engine, threshold)
     for (backend, precision, files), (engine, threshold) in engines.items():
         logits = exit_logits_onnx(engine, dev)
         accuracy = float((logits[-1].argmax(-1) == labels).mean())
@@ -97,6 +113,7 @@ def measure(bundles: list[Bundle], dev: LengthBatches, labels: np.ndarray, refer
         rows.append({"backend": backend, "precision": precision, "files": files, "threshold": threshold, "dev_accuracy": accuracy,
                      "exit_agreement": agreement, "items_per_s": round(items_per_s, 1),
                      "items_per_s_passes": [round(p, 1) for p in passes[backend, precision, files]],
+                     "lone_row_p50_ms": round(1000 * float(np.median(lone[backend, precision, files])), 3),
                      "eligible": eligible(accuracy, agreement, reference_acc)})
     return rows, choose(rows) | {"reference_dev_accuracy": reference_acc}
 

@@ -102,6 +102,7 @@ def test_the_export_measures_every_backend_and_records_its_choice(tiny_bundle):
     row = next(r for r in manifest["backends"] if (r["backend"], r["precision"]) == (chosen["backend"], chosen["precision"]))
     assert row["eligible"] and row["exit_agreement"] >= 0.99
     assert row["items_per_s"] == max(r["items_per_s"] for r in manifest["backends"] if r["eligible"])
+    assert all(r["lone_row_p50_ms"] > 0 for r in manifest["backends"] if "error" not in r)  # what a lone request pays, shown beside
     # its dev accuracy at full depth is the calibration's (same files, same split), and the PyTorch
     # reference's is the same to within a row
     fp32 = next(r for r in manifest["backends"] if (r["backend"], r["precision"]) == ("onnxruntime", "fp32"))
