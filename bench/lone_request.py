@@ -15,7 +15,7 @@ lightly loaded server do, next to the engine's batch-1 p50 after the same gap (f
 an idle engine's threads sleep, so the reference itself moves with the gap. Writes
 bench/results/lone_request.json.
 
-    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500] [--gaps 0.01 0.2]    # about 5 minutes
+    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500] [--gaps 0.01 0.2] [--out ...]   # about 5 minutes
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500, help="per client and round")
     parser.add_argument("--gaps", type=float, nargs="*", default=[0.01, 0.2], help="idle seconds before each request of the gap step")
     parser.add_argument("--gap-requests", type=int, default=100, help="requests (and engine calls) per gap")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lone_request.json",
+                        help="where the results go (a run on another CPU model keeps the committed one)")
     args = parser.parse_args()
     bundle = load_bundle(BUNDLE)
     texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
@@ -135,7 +137,7 @@ def main() -> None:
         for g in gaps:
             print(f"{g['gap_ms']:<14g}{g['engine_p50_ms_after_gap']:>20.2f}{g['client_p50_ms']:>16.2f}{g['server_p50_ms']:>16.2f}"
                   f"{g['client_p50_ms'] - g['engine_p50_ms_after_gap']:>14.2f}")
-    write_json(ROOT / "bench" / "results" / "lone_request.json", {
+    write_json(args.out, {
         "bundle_backend": chosen, "engine_p50_ms_batch1": round(engine_p50, 3), "requests_per_round": args.requests,
         "rounds": rounds, "median_of_rounds": summary,
         "c1_p50_minus_engine_batch1_p50_ms": {name: round(s["client_p50_ms"] - engine_p50, 3) for name, s in summary.items() if s["server_p50_ms"] is not None},
