@@ -197,3 +197,16 @@ def test_backend_openvino_with_neither_runtime_installed_says_what_to_install(ti
     monkeypatch.setattr(engine_module, "_openvino_core", lambda: None)
     with pytest.raises(engine_module.DeviceError, match=r"pip install 'romebert\[openvino\]'"):
         Engine(load_bundle(tiny_bundle), backend="openvino")
+
+
+@needs_openvino
+def test_a_segment_openvinos_own_runtime_cannot_read_raises_a_bundle_error_naming_the_file(tiny_bundle, tmp_path, monkeypatch):
+    if engine_module._openvino_core() is None:
+        pytest.skip("OpenVINO's own runtime (PyPI openvino) is not installed")
+    monkeypatch.setattr(engine_module, "_openvino", False)
+    bundle = load_bundle(tiny_bundle)
+    segment = bundle.path(bundle.segments[1].file)
+    truncated = tmp_path / "layer_01.onnx"
+    truncated.write_bytes(segment.read_bytes()[:2000])
+    with pytest.raises(engine_module.BundleError, match=f"{truncated}: OpenVINO cannot load it"):
+        open_openvino_session(truncated, "f32", threads=1)
