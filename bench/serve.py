@@ -127,6 +127,8 @@ def alternate(bundle, rounds: int, seconds: float, out: Path) -> None:
     """Our default server against the same bundle on onnxruntime fp32, in turns: one run's single
     pass cannot tell apart servers that differ by less than its noise (10-17% here)."""
     chosen = served_backend(bundle)
+    if (chosen["backend"], chosen["precision"]) == ("onnxruntime", "fp32"):
+        raise SystemExit("--alternate: this bundle already serves on onnxruntime fp32 by default; there is nothing to compare it with")
     texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
     workload = one_text_each(texts)
     logs = ROOT / "artifacts" / "bench"

@@ -152,6 +152,7 @@ class OpenVinoSession:
 
     def __init__(self, compiled: Any):
         self._compiled = compiled
+        self._outputs = list(compiled.outputs)  # in the graph's order, as onnxruntime's run(None, ...) returns them
         self._requests = threading.local()
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -159,7 +160,7 @@ class OpenVinoSession:
         if request is None:
             request = self._requests.request = self._compiled.create_infer_request()
         outputs = request.infer(feeds, share_outputs=False)
-        return [outputs[o] for o in self._compiled.outputs] if output_names is None else [outputs[name] for name in output_names]
+        return [outputs[key] for key in (self._outputs if output_names is None else output_names)]
 
     def get_providers(self) -> list[str]:
         return ["OpenVINO (runtime, CPU)"]

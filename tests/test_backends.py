@@ -24,6 +24,7 @@ from romebert.service.settings import Settings
 
 TEXTS = ["a fine film", "dull", "the cast is strong but the script is weak and the plot goes nowhere at all", "meh", "superb"]
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="OpenVINO offers no CPU device here (neither onnxruntime-ep-openvino nor openvino installed, or this CPU unsupported)")
+needs_openvino_runtime = pytest.mark.skipif(engine_module._openvino_core() is None, reason="OpenVINO's own runtime (PyPI openvino) is not installed or sees no CPU")
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +164,10 @@ def test_workers_sharing_an_openvino_engine_get_a_stream_each_with_their_share_o
         assert set(opened) == {expected}
 
 
-@needs_openvino
+@needs_openvino_runtime
 def test_where_the_plugin_offers_no_cpu_openvinos_own_runtime_runs_the_segments(tiny_bundle, monkeypatch):
     """onnxruntime's OpenVINO plugin offers Intel CPUs only; elsewhere (AMD) the same segments
     run on OpenVINO's own runtime, each calling thread with its own request."""
-    if engine_module._openvino_core() is None:
-        pytest.skip("OpenVINO's own runtime (PyPI openvino) is not installed")
     monkeypatch.setattr(engine_module, "_openvino", False)  # the plugin lists no device, as on an AMD EPYC
     bundle = load_bundle(tiny_bundle)
     native = Engine(bundle, backend="openvino", precision="f32")
@@ -199,10 +198,8 @@ def test_backend_openvino_with_neither_runtime_installed_says_what_to_install(ti
         Engine(load_bundle(tiny_bundle), backend="openvino")
 
 
-@needs_openvino
+@needs_openvino_runtime
 def test_a_segment_openvinos_own_runtime_cannot_read_raises_a_bundle_error_naming_the_file(tiny_bundle, tmp_path, monkeypatch):
-    if engine_module._openvino_core() is None:
-        pytest.skip("OpenVINO's own runtime (PyPI openvino) is not installed")
     monkeypatch.setattr(engine_module, "_openvino", False)
     bundle = load_bundle(tiny_bundle)
     segment = bundle.path(bundle.segments[1].file)
