@@ -150,21 +150,21 @@ class OpenVinoSession:
     engine uses (`run`, `get_providers`). OpenVINO's requests are not thread-safe, so each calling
     thread gets its own; outputs are copies (the next call reuses the request's buffers).
 
-    Inputs are handed over in place, as tensors on the caller's arrays: a lone row's layer call
-    took 1.7-2.0 ms instead of 2.2-2.4 with copied inputs (docs/results.md). Always in place, never
+    Inputs are handed over in place, as tensors on the caller's arrays: copying them cost small
+    calls most (docs/results.md, "OpenVINO's inputs in place"). Always in place, never
     copied: a copying call writes into the tensor the request already holds, which after an in-place
-    call is the earlier caller's array (measured: a crash when the later shape is larger). The
+    call is the earlier caller's array (a larger shape raises, a smaller one overwrites it). The
     request keeps pointing at the arrays after the call, so they are kept alive until the thread's
     next call."""
 
     def __init__(self, compiled: Any):
+        from openvino import Tensor
+
         self._compiled = compiled
         self._outputs = list(compiled.outputs)  # in the graph's order, as onnxruntime's run(None, ...) returns them
         self._dtypes = {port.any_name: port.get_element_type().to_dtype() for port in compiled.inputs}
-        self._local = threading.local()
-        from openvino import Tensor
-
         self._tensor = Tensor
+        self._local = threading.local()
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         local = self._local
