@@ -171,7 +171,8 @@ class OpenVinoSession:
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = self._compiled.create_infer_request()
-        local.inputs = {name: np.ascontiguousarray(array, dtype=self._dtypes[name]) for name, array in feeds.items()}
+        # OpenVINO shares only C-contiguous, writeable arrays of the graph's dtype; others are copied here, once
+        local.inputs = {name: np.require(array, self._dtypes[name], ("C", "W")) for name, array in feeds.items()}
         for name, array in local.inputs.items():
             request.set_tensor(name, self._tensor(array, shared_memory=True))
         request.infer()

@@ -193,8 +193,8 @@ def test_where_the_plugin_offers_no_cpu_openvinos_own_runtime_runs_the_segments(
 
 @needs_openvino_runtime
 def test_openvinos_own_runtime_answers_right_whatever_the_order_of_shapes_and_the_layout_of_inputs(tiny_bundle, monkeypatch):
-    """Inputs go to OpenVINO in place; a later call that is larger, strided or of another integer
-    type must neither read nor write what an earlier call left in the request."""
+    """Inputs go to OpenVINO in place; a later call that is larger, strided, read-only or of another
+    integer type must neither read nor write what an earlier call left in the request."""
     monkeypatch.setattr(engine_module, "_openvino", False)
     bundle = load_bundle(tiny_bundle)
     reference = Engine(bundle, device="cpu")
@@ -204,7 +204,10 @@ def test_openvinos_own_runtime_answers_right_whatever_the_order_of_shapes_and_th
     large = reference.embed(encoder.encode(TEXTS * 8))
     strided = {"hidden_states": np.repeat(large.hidden, 2, axis=0)[::2], "attention_mask": large.attention_mask.astype(np.int32)}
     assert not strided["hidden_states"].flags.c_contiguous
-    for state, feeds in [(small, None), (large, strided), (small, None), (large, None)]:
+    read_only = {"hidden_states": small.hidden.copy(), "attention_mask": small.attention_mask.copy()}
+    for array in read_only.values():
+        array.flags.writeable = False
+    for state, feeds in [(small, None), (large, strided), (small, read_only), (large, None)]:
         feeds = feeds or {"hidden_states": state.hidden, "attention_mask": state.attention_mask}
         np.testing.assert_allclose(session.run(["logits"], feeds)[0], reference.layer(0, state)[1], atol=1e-5)
 
