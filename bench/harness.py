@@ -7,6 +7,7 @@ without them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import socket
@@ -60,14 +61,12 @@ def environment() -> dict:
 
 # What a finished run's record may differ in from the config asked for and still be that run: where
 # it was written, how it was resumed and how often it saved, and how its dev split was batched.
-_NOT_THE_RUN = {"output", "resume", "save_every", "crash_after_steps", "eval_batch_size", "precision"}
+_NOT_THE_RUN = {"output", "resume", "force", "save_every", "crash_after_steps", "eval_batch_size", "precision"}
 
 
 def same_run(checkpoint: Path, cfg) -> bool:
     """Whether the finished checkpoint was trained with `cfg` (a TrainConfig), precision as resolved:
     a benchmark whose settings changed since must not report the runs it kept from before."""
-    import dataclasses
-
     import torch
 
     from romebert.training.checkpoint import read_record
@@ -99,7 +98,8 @@ def trained(cfg) -> Path:
     run that was cut off."""
     from romebert.training.train import train
 
-    return Path(cfg.output) if same_run(Path(cfg.output), cfg) else train(cfg)
+    # a finished run of other settings at the same path is trained again and replaced
+    return Path(cfg.output) if same_run(Path(cfg.output), cfg) else train(dataclasses.replace(cfg, force=True))
 
 
 def exported(checkpoint: Path, path: Path, **options) -> Path:

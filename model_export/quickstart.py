@@ -37,7 +37,7 @@ def build_default_bundle(home: Path) -> Path:
         pass
     if not (checkpoint / "model.safetensors").is_file():
         print(f"training the default model: {SHIPPED_METHOD} {DEFAULT_MODEL} on all-MiniLM-L6-v2 (the shipped recipe) ...")
-        train(TrainConfig(method=SHIPPED_METHOD, output=str(checkpoint), save_every=50, resume=True, **DEFAULT_MODEL))
+        train(TrainConfig(method=SHIPPED_METHOD, output=str(checkpoint), save_every=50, resume=True, force=True, **DEFAULT_MODEL))
     print("exporting the default bundle ...")
     return export_bundle(checkpoint, bundle, precision=AUTO, force=bundle.exists())
 

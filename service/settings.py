@@ -70,6 +70,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.port > 65535:  # uvicorn would take it modulo 2**16 and listen on some other port
+            raise SettingsError(f"port must be at most 65535, not {self.port}")
         if self.threads is not None and self.threads <= 0:
             raise SettingsError(f"threads must be positive, not {self.threads}")
         if self.max_wait_ms < 0:

@@ -61,6 +61,7 @@ def test_an_empty_variable_is_unset_and_a_flag_left_out_keeps_the_variable():
     *({name: 0} for name in ("port", "workers", "threads", "max_batch", "max_batch_tokens", "max_queue", "max_items", "max_body_bytes")),
     *({name: 0.0} for name in ("max_queue_wait_ms", "max_loop_lag_ms", "request_timeout_s", "header_timeout_s", "body_timeout_s",
                                "keep_alive_s", "graceful_timeout_s")),
+    {"port": 65536},
     {"max_wait_ms": -0.1},
     {"max_wait_ms": 250.0, "max_queue_wait_ms": 250.0},  # a batching window as long as the wait bound
     {"max_items": 65, "max_queue": 64},  # a request that could never be queued
@@ -74,6 +75,7 @@ def test_the_edges_of_every_range_are_accepted():
     Settings(port=1, workers=1, threads=1, max_batch=1, max_batch_tokens=1, max_queue=1, max_items=1, max_body_bytes=1, max_wait_ms=0.0,
              max_queue_wait_ms=0.001, max_loop_lag_ms=0.001, request_timeout_s=0.001, header_timeout_s=0.001, body_timeout_s=0.001,
              keep_alive_s=0.001, graceful_timeout_s=0.001)
+    Settings(port=65535)
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(2, 2, 1), (8, 2, 4), (2, 4, 1)])

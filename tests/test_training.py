@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -156,6 +157,31 @@ def test_a_config_that_cannot_train_is_refused_before_any_work(tiny_backbone, tm
     with pytest.raises(ValueError, match=says):
         Trainer(tiny_train_config(tiny_backbone, tmp_path / "out", **bad))
     assert not any(tmp_path.iterdir())
+
+
+def test_training_into_a_folder_that_exists_is_refused_before_any_work_unless_forced(tiny_backbone, tmp_path):
+    out = tmp_path / "runs"  # e.g. the parent of other checkpoints, named by mistake
+    (out / "rt-romebert").mkdir(parents=True)
+    (out / "rt-romebert" / "model.safetensors").write_bytes(b"weeks of work")
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match=f"{out} already exists: training would replace it at its end"):
+            Trainer(tiny_train_config(tiny_backbone, out, resume=resume))
+    assert (out / "rt-romebert" / "model.safetensors").read_bytes() == b"weeks of work"
+    train(tiny_train_config(tiny_backbone, out, force=True))
+    assert (out / "model.safetensors").is_file() and not (out / "rt-romebert").exists()
+
+
+def test_an_interrupted_runs_state_is_kept_unless_resumed_or_forced(tiny_backbone, tmp_path):
+    cfg = tiny_train_config(tiny_backbone, tmp_path / "out", epochs=2, crash_after_steps=3)
+    with pytest.raises(SimulatedCrash):
+        train(cfg)
+    saved = state_path(tmp_path / "out").read_bytes()
+    cfg.crash_after_steps = None
+    with pytest.raises(FileExistsError, match="holds an interrupted run of .*: --resume continues it, --force starts over"):
+        Trainer(cfg)
+    assert state_path(tmp_path / "out").read_bytes() == saved
+    Trainer(dataclasses.replace(cfg, resume=True))
+    Trainer(dataclasses.replace(cfg, force=True))
 
 
 def test_a_training_split_of_exactly_one_step_is_enough(tiny_backbone, tmp_path):

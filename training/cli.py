@@ -29,6 +29,7 @@ def _train_parser() -> argparse.ArgumentParser:
         "exit_weight": "weight of the early exits' losses (A) against the final exit's cross-entropy (B)",
         "save_every": "optimizer steps between training-state saves (what a crash can lose)",
         "resume": "continue an interrupted run from its saved state",
+        "force": "replace what --output holds (a checkpoint, or an interrupted run's state without --resume) instead of refusing",
         "limit": "cap every split at this many examples (quick runs)",
         "train_limit": "cap the train split only (the first N of its seeded shuffle)",
         "dev_limit": "cap the dev split only (it is evaluated after every epoch)",

@@ -105,11 +105,10 @@ def evaluate_checkpoints(
 
     results: dict = {}
     logits_of: dict = {}
-    for ckpt in checkpoints:
-        ckpt = Path(ckpt)
-        record = read_record(ckpt)
-        task = task_of(ckpt, record, data, limit)
-        model = MultiExitBert.from_checkpoint(ckpt)
+    # every folder is checked (a checkpoint, its data known) before minutes go into the first one
+    loaded = [(Path(ckpt), MultiExitBert.from_checkpoint(ckpt), read_record(Path(ckpt))) for ckpt in checkpoints]
+    tasks = [task_of(ckpt, record, data, limit) for ckpt, _, record in loaded]
+    for (ckpt, model, record), task in zip(loaded, tasks):
         encoder = TextEncoder(ckpt / "tokenizer.json", getattr(model.config, "max_seq_length", 128))
         encoded, labels = encode_examples(encoder, getattr(task, split))
         logits = exit_logits(model, encoded, batch_size)

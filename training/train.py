@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = 42
     save_every: int = 200  # optimizer steps between training-state saves
     resume: bool = False
+    force: bool = False  # replace what `output` holds (a checkpoint, an interrupted run's state) instead of refusing
     limit: int | None = None  # cap every split (quick runs, tests)
     train_limit: int | None = None  # cap the train split only (a benchmark's subset)
     dev_limit: int | None = None  # cap the dev split only (what each epoch's evaluation costs)
@@ -84,6 +85,17 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on a CPU with AMX, fp32 elsewhere (resolve_precision)
     eval_batch_size: int = 128
     crash_after_steps: int | None = field(default=None, repr=False)  # tests: simulate a kill
+
+
+def _refuse_to_lose_work(cfg: TrainConfig, output: Path, state_file: Path) -> None:
+    """Checked before any work starts, since the run would replace `output` at its end and its
+    first save would overwrite an interrupted run's state: neither happens unless asked (--force)."""
+    if cfg.force:
+        return
+    if output.exists():
+        raise FileExistsError(f"{output} already exists: training would replace it at its end (use --force to allow that)")
+    if state_file.is_file() and not cfg.resume:
+        raise FileExistsError(f"{state_file.parent} holds an interrupted run of {output}: --resume continues it, --force starts over")
 
 
 class SimulatedCrash(RuntimeError):
@@ -194,6 +206,9 @@ class Trainer:
         if not cfg.exit_weight > 0:
             raise ValueError(f"exit_weight must be > 0, not {cfg.exit_weight}")
         self.cfg = cfg
+        self.output = Path(cfg.output)
+        self.state_file = state_path(self.output)
+        _refuse_to_lose_work(cfg, self.output, self.state_file)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -215,8 +230,6 @@ class Trainer:
         self.model.gradient_equilibrium = cfg.gradient_equilibrium
         self.train_set = encode_examples(self.encoder, self.data.train)
         self.dev_set = encode_examples(self.encoder, self.data.dev)
-        self.output = Path(cfg.output)
-        self.state_file = state_path(self.output)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else None
         self.history: list[dict[str, Any]] = []
