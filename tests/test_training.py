@@ -169,6 +169,8 @@ def test_training_into_a_folder_that_exists_is_refused_before_any_work_unless_fo
     assert (out / "rt-romebert" / "model.safetensors").read_bytes() == b"weeks of work"
     train(tiny_train_config(tiny_backbone, out, force=True))
     assert (out / "model.safetensors").is_file() and not (out / "rt-romebert").exists()
+    (tmp_path / "made_beforehand").mkdir()  # an empty folder holds nothing to lose
+    Trainer(tiny_train_config(tiny_backbone, tmp_path / "made_beforehand"))
 
 
 def test_an_interrupted_runs_state_is_kept_unless_resumed_or_forced(tiny_backbone, tmp_path):

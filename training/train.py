@@ -92,7 +92,7 @@ def _refuse_to_lose_work(cfg: TrainConfig, output: Path, state_file: Path) -> No
     first save would overwrite an interrupted run's state: neither happens unless asked (--force)."""
     if cfg.force:
         return
-    if output.exists():
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):  # an empty folder holds nothing to lose
         raise FileExistsError(f"{output} already exists: training would replace it at its end (use --force to allow that)")
     if state_file.is_file() and not cfg.resume:
         raise FileExistsError(f"{state_file.parent} holds an interrupted run of {output}: --resume continues it, --force starts over")
