@@ -106,7 +106,7 @@ def evaluate_checkpoints(
     results: dict = {}
     logits_of: dict = {}
     # every folder is checked (a checkpoint, its data known) before minutes go into the first one
-    loaded = [(Path(ckpt), MultiExitBert.from_checkpoint(ckpt), read_record(Path(ckpt))) for ckpt in checkpoints]
+    loaded = [(ckpt, MultiExitBert.from_checkpoint(ckpt), read_record(ckpt)) for ckpt in map(Path, checkpoints)]
     tasks = [task_of(ckpt, record, data, limit) for ckpt, _, record in loaded]
     for (ckpt, model, record), task in zip(loaded, tasks):
         encoder = TextEncoder(ckpt / "tokenizer.json", getattr(model.config, "max_seq_length", 128))
