@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from romebert.training.intervals import correct_at, fine_grid
+from romebert.training.intervals import correct_at, fine_grid, reaches
 
 
-def best_at(curve: list[tuple[float, float]], speedup: float) -> float | None:
-    """Best accuracy among the curve's points (speed-up, accuracy) that reach `speedup`."""
-    reached = [acc for s, acc in curve if s >= speedup - 1e-9]
-    return max(reached) if reached else None
+def at_speedup(curve: list[tuple[float, float]], speedup: float) -> float | None:
+    """Accuracy at the curve's least aggressive point (speed-up, accuracy) reaching `speedup`, the
+    rule intervals.threshold_for_speedup follows on the entropy curve."""
+    reached = [(s, acc) for s, acc in curve if reaches(s, speedup)]
+    return min(reached, key=lambda p: (p[0], -p[1]))[1] if reached else None
 
 
 def entropy_curve(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:

@@ -43,7 +43,7 @@ from romebert.core.exits import sweep  # noqa: E402
 from romebert.training.intervals import correct_at, paired_difference, threshold_for_speedup  # noqa: E402
 from bench.harness import environment, kept, trained  # noqa: E402
 from bench.train import DATASETS  # noqa: E402
-from bench.exit_rules import best_at, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
+from bench.exit_rules import at_speedup, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import encode_examples  # noqa: E402
 
@@ -165,10 +165,10 @@ def reference(name: str, runs: dict[str, dict], loaded: dict, candidates: list[s
 
 def correct_pairs(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per point (full depth, >= 2x, >= 3x): which dev rows a run and its reference get right, each
-    at its own best threshold reaching the speed-up; a point either cannot reach is left out."""
+    at its own least aggressive threshold reaching the speed-up; a point either cannot reach is left out."""
     pairs = {"full_depth": (logits[-1].argmax(-1) == labels, ref_logits[-1].argmax(-1) == labels)}
     for s in (2, 3):
-        t, t_ref = threshold_for_speedup(logits, labels, s), threshold_for_speedup(ref_logits, labels, s)
+        t, t_ref = threshold_for_speedup(logits, s), threshold_for_speedup(ref_logits, s)
         if t is not None and t_ref is not None:
             pairs[f"at_{s}x"] = (correct_at(logits, labels, t)[0], correct_at(ref_logits, labels, t_ref)[0])
     return pairs
@@ -186,9 +186,9 @@ def report(names: list[str], out: Path, runs: dict[str, dict], shipped: list[str
         logits, labels = data["logits"], data["labels"]
         row = {"full_depth": float((logits[-1].argmax(-1) == labels).mean())}
         for s in (2, 3):
-            row[f"at_{s}x"] = best_at(entropy_curve(logits, labels), s)
+            row[f"at_{s}x"] = at_speedup(entropy_curve(logits, labels), s)
             for rule, curve in (("patience", patience_curve(logits, labels)), ("calibrated", calibrated_curve(logits, labels))):
-                row[f"{rule}_at_{s}x"] = best_at(curve, s)
+                row[f"{rule}_at_{s}x"] = at_speedup(curve, s)
         if ref := reference(name, runs, loaded, deeberts):
             for point, pair in correct_pairs(logits, loaded[ref]["logits"], labels).items():
                 if point != "full_depth":

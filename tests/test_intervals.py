@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.exit_rules import at_speedup, entropy_curve
 from romebert.training.intervals import correct_at, interval, paired_difference, threshold_for_speedup
 
 
@@ -34,15 +35,36 @@ def test_a_paired_difference_is_much_tighter_than_two_separate_intervals():
     assert same == {"difference": 0.0, "lo": 0.0, "hi": 0.0}
 
 
-def test_the_threshold_for_a_speedup_is_the_most_accurate_that_reaches_it_on_dev():
-    # 2 exits, 4 examples: exit 1 is sure (entropy ~0) and right for examples 0-1, unsure for 2-3
-    sure, unsure = [8.0, -8.0], [0.1, -0.1]
-    logits = np.array([[sure, sure, unsure, unsure], [sure, sure, [-8.0, 8.0], [-8.0, 8.0]]])
-    labels = np.array([0, 0, 1, 1])
-    t = threshold_for_speedup(logits, labels, 4 / 3)  # avg exit 1.5: the sure two leave at exit 1
-    assert t is not None and 0 < t <= 0.69
-    assert threshold_for_speedup(logits, labels, 2.0) is not None  # everyone at exit 1 (threshold near ln 2)
-    assert threshold_for_speedup(logits, labels, 2.5) is None  # L / 1 = 2 at most
+def test_the_threshold_for_a_speedup_is_the_least_aggressive_that_reaches_it_on_dev():
+    # 2 exits, 4 examples. Exit 1: sure and right for 0-1 (entropy ~0), fairly sure and right for 2
+    # (entropy ~0.3), unsure and wrong for 3; exit 2: wrong for 2, right for the rest.
+    sure, fairly, unsure = [8.0, -8.0], [1.5, -1.5], [0.1, -0.1]
+    logits = np.array([[sure, sure, fairly, unsure], [sure, sure, [-8.0, 8.0], [-8.0, 8.0]]])
+    labels = np.array([0, 0, 0, 1])
+    t = threshold_for_speedup(logits, 8 / 7)  # one row leaving at exit 1 is enough
+    correct, avg_exit = correct_at(logits, labels, t)
+    assert avg_exit == 1.5 and correct.mean() == 0.75  # the two sure rows leave, 2 goes on and fails
+    more = correct_at(logits, labels, 0.4)  # leaving 2 at exit 1 too would score 4 of 4 on dev ...
+    assert more[0].all() and more[1] == 1.25  # ... but that is a speed-up past the one asked for
+    assert threshold_for_speedup(logits, 2.0) is not None  # everyone at exit 1 (threshold near ln 2)
+    assert threshold_for_speedup(logits, 2.5) is None  # L / 1 = 2 at most
+
+
+def test_a_curve_is_read_at_its_least_aggressive_point_reaching_the_speedup():
+    curve = [(1.0, 0.83), (1.6, 0.82), (2.0, 0.80), (2.0, 0.81), (2.4, 0.815), (3.1, 0.79)]
+    assert at_speedup(curve, 2) == 0.81  # 2.0x is the least; of its two points the more accurate
+    assert at_speedup(curve, 3) == 0.79
+    assert at_speedup(curve, 3 - 1e-12) == 0.79 and at_speedup([(2.9999999999, 0.7)], 3) == 0.7  # float averages of whole layers
+    assert at_speedup(curve, 3.2) is None
+
+
+def test_the_benchmark_and_the_exit_rule_comparison_read_the_entropy_curve_at_the_same_point():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, size=(6, 200, 2)) + np.linspace(0, 3, 6)[:, None, None] * [1.0, -1.0]
+    labels = (rng.random(200) < 0.2).astype(int)
+    for speedup in (1.5, 2, 3, 4):
+        t = threshold_for_speedup(logits, speedup)
+        assert at_speedup(entropy_curve(logits, labels), speedup) == correct_at(logits, labels, t)[0].mean()
 
 
 def test_where_the_first_exit_is_barely_sure_the_threshold_still_finds_the_speedup_asked_for():
@@ -54,6 +76,6 @@ def test_where_the_first_exit_is_barely_sure_the_threshold_still_finds_the_speed
     first = np.stack([sign * gaps / 2, -sign * gaps / 2], -1)
     second = np.tile([8.0, -8.0], (8, 1))
     logits, labels = np.stack([first, second]), np.zeros(8, dtype=int)
-    t = threshold_for_speedup(logits, labels, 4 / 3)
+    t = threshold_for_speedup(logits, 4 / 3)
     correct, avg_exit = correct_at(logits, labels, t)
     assert avg_exit == 1.5 and correct.all()

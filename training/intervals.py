@@ -56,14 +56,19 @@ def fine_grid(dev_logits: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([THRESHOLD_GRID, even, crowded]))
 
 
-def threshold_for_speedup(dev_logits: np.ndarray, dev_labels: np.ndarray, speedup: float) -> float | None:
-    """On DEV: the threshold with the best accuracy among those reaching `speedup` (L / avg exit
-    layer); None when none does. Test is then read at this threshold."""
+def reaches(speedup: float, asked: float) -> bool:
+    """Whether a measured speed-up (L / average exit layer) reaches the one asked for; the float
+    average of whole layers can land a hair below an exact 2x or 3x."""
+    return speedup >= asked - 1e-9
+
+
+def threshold_for_speedup(dev_logits: np.ndarray, speedup: float) -> float | None:
+    """On DEV: the least aggressive threshold (the lowest of `fine_grid`) whose speed-up reaches
+    `speedup`; None when none does. Test is then read at this threshold. Not the most accurate of
+    those reaching it: that argmax chases dev noise past the speed-up asked for, and on held-out
+    halves of dev it scored lower (docs/results.md, "The operating point's rule")."""
     num_layers = dev_logits.shape[0]
-    grid = fine_grid(dev_logits)
-    best = None
-    for t in grid:
-        correct, avg = correct_at(dev_logits, dev_labels, t)
-        if num_layers / avg >= speedup and (best is None or correct.mean() > best[1]):
-            best = (t, correct.mean())
-    return None if best is None else float(best[0])
+    for t in fine_grid(dev_logits):  # ascending, and the speed-up only grows with the threshold
+        if reaches(num_layers / exit_layers(dev_logits, t).mean(), speedup):
+            return float(t)
+    return None
