@@ -98,6 +98,11 @@ def settings_of(dataset: str, method: str) -> dict:
     return DATASETS[dataset] | METHOD_SETTINGS.get((dataset, method), {})
 
 
+def full_depth_correct(r: dict) -> np.ndarray:
+    """Correct per test example at the final exit."""
+    return r["test_logits"][-1].argmax(-1) == r["test_labels"]
+
+
 def at_threshold(r: dict, split: str, t: float) -> tuple[np.ndarray, float]:
     """(correct per example, speed-up) of a run on a split at threshold t."""
     logits = r[f"{split}_logits"]
@@ -161,7 +166,7 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
         entry = {
             "seeds": list(by_seed), "train_seconds_mean": float(np.mean([r["train_seconds"] for r in by_seed.values()])),
             "test_acc_per_exit_mean": per_exit.mean(0).tolist(), "test_acc_per_exit_std": spread(per_exit, axis=0).tolist(),
-            "test_acc_full_depth_interval_per_seed": [interval(r["test_logits"][-1].argmax(-1) == r["test_labels"]) for r in by_seed.values()],
+            "test_acc_full_depth_interval_per_seed": [interval(full_depth_correct(r)) for r in by_seed.values()],
         }
         if method != "finetune":
             entry["acc_at_speedup"], entry["speedup_at_speedup"], entry["threshold_at_speedup"] = {}, {}, {}
@@ -184,24 +189,26 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
                                             "test_acc_std": float(spread([c.mean() for c, _ in points])),
                                             "avg_exit_layer": float(np.mean([layers / sp for _, sp in points]))})
         methods[method] = entry
-    paired = {}
+    vs_deebert, vs_finetune = {}, {}
     for s in SPEEDUPS:
-        pairs = {}
+        pairs, to_finetune = {}, {}
         for seed in runs[SHIPPED_METHOD]:
             a, b = runs[SHIPPED_METHOD][seed], runs["deebert"][seed]
             ta, tb = threshold_for_speedup(a["dev_logits"], s), threshold_for_speedup(b["dev_logits"], s)
+            if ta is not None:
+                to_finetune[seed] = (at_threshold(a, "test", ta)[0], full_depth_correct(finetune[seed]))
             if ta is not None and tb is not None:
                 pairs[seed] = (at_threshold(a, "test", ta)[0], at_threshold(b, "test", tb)[0])
-        paired[str(s)] = with_pooled(pairs)
-    full = with_pooled({seed: (r["test_logits"][-1].argmax(-1) == r["test_labels"],
-                               runs["finetune"][seed]["test_logits"][-1].argmax(-1) == runs["finetune"][seed]["test_labels"])
-                        for seed, r in runs[SHIPPED_METHOD].items()})
+        vs_deebert[str(s)], vs_finetune[str(s)] = with_pooled(pairs), with_pooled(to_finetune)
+    full = with_pooled({seed: (full_depth_correct(r), full_depth_correct(finetune[seed])) for seed, r in runs[SHIPPED_METHOD].items()})
     sizes = {split: int(len(next(iter(runs["finetune"].values()))[f"{split}_labels"])) for split in ("dev", "test")}
     settings = DATASETS[dataset] | {"lr": TrainConfig().lr, "precision": precisions[0], "split_sizes": sizes, "threshold_grid": THRESHOLD_GRID_NAME,
                                     "operating_point": OPERATING_POINT_RULE,
                                     "method_overrides": {m: o for (d, m), o in METHOD_SETTINGS.items() if d == dataset}}
     return {"settings": settings, "methods": methods, "exit_rules_on_dev": exit_rules_on_dev(runs[SHIPPED_METHOD]),
-            "paired_test_difference": {f"{SHIPPED_METHOD}_minus_deebert_at_speedup": paired, f"{SHIPPED_METHOD}_minus_finetune_full_depth": full}}
+            "paired_test_difference": {f"{SHIPPED_METHOD}_minus_deebert_at_speedup": vs_deebert,
+                                       f"{SHIPPED_METHOD}_at_speedup_minus_finetune_full_depth": vs_finetune,
+                                       f"{SHIPPED_METHOD}_minus_finetune_full_depth": full}}
 
 
 def pct(x: float) -> str:
@@ -230,20 +237,21 @@ def report(dataset: str, summary: dict) -> str:
         per_seed = ", ".join(f"{pct(i['accuracy'])} [{pct(i['lo'])}, {pct(i['hi'])}]" for i in m["test_acc_full_depth_interval_per_seed"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
     paired = summary["paired_test_difference"]
-    lines += ["", f"| figure of merit ({OPERATING_POINT_RULE}) | {SHIPPED_METHOD} | deebert | {SHIPPED_METHOD} − deebert, pooled paired [95%] |",
-              "|---|---|---|---|"]
+    to_deebert, to_finetune = (paired[f"{SHIPPED_METHOD}_{key}"] for key in ("minus_deebert_at_speedup", "at_speedup_minus_finetune_full_depth"))
+    lines += ["", f"| figure of merit ({OPERATING_POINT_RULE}) | {SHIPPED_METHOD} | deebert | {SHIPPED_METHOD} − deebert, pooled paired [95%] "
+              f"| {SHIPPED_METHOD} − fine-tuning's full depth, pooled paired [95%] |", "|---|---|---|---|---|"]
     for s in SPEEDUPS:
         cells = []
         for name in (SHIPPED_METHOD, "deebert"):
             acc, speed = methods[name]["acc_at_speedup"][str(s)], methods[name]["speedup_at_speedup"][str(s)]
             cells.append("–" if acc is None else f"{pm(acc['mean'], acc['std'])} (test speed-up {speed['mean']:.2f}x)")
-        lines.append(f"| test accuracy at ≥ {s}x dev speed-up | {cells[0]} | {cells[1]} | {signed(paired[f'{SHIPPED_METHOD}_minus_deebert_at_speedup'][str(s)]['pooled'])} |")
+        lines.append(f"| test accuracy at ≥ {s}x dev speed-up | {cells[0]} | {cells[1]} | {signed(to_deebert[str(s)]['pooled'])} | {signed(to_finetune[str(s)]['pooled'])} |")
     half = [methods[name]["within_half_point_of_finetune"] for name in (SHIPPED_METHOD, "deebert")]
     lines.append("| largest dev speed-up within 0.5 point of fine-tuning: test speed-up, test accuracy | "
-                 + " | ".join(f"{pm(h['test_speedup']['mean'], h['test_speedup']['std'], '{:.2f}x'.format)}, {pct(h['test_acc']['mean'])}" for h in half) + " | |")
+                 + " | ".join(f"{pm(h['test_speedup']['mean'], h['test_speedup']['std'], '{:.2f}x'.format)}, {pct(h['test_acc']['mean'])}" for h in half) + " | | |")
     ft = methods["finetune"]["test_acc_per_exit_mean"][0]
-    lines.append(f"| fine-tuning at full depth | {pct(ft)} | | {SHIPPED_METHOD} full depth − fine-tuning: "
-                 f"{signed(paired[f'{SHIPPED_METHOD}_minus_finetune_full_depth']['pooled'])} |")
+    lines.append(f"| full depth (fine-tuning: {pct(ft)}) | {pct(methods[SHIPPED_METHOD]['test_acc_per_exit_mean'][-1])} | "
+                 f"{pct(methods['deebert']['test_acc_per_exit_mean'][-1])} | | {signed(paired[f'{SHIPPED_METHOD}_minus_finetune_full_depth']['pooled'])} |")
     if rules := summary.get("exit_rules_on_dev"):
         show = lambda v: "–" if v is None else pct(v)  # noqa: E731
         lines += ["", f"| {SHIPPED_METHOD}, dev accuracy by exit rule, mean of the seeds (per seed) | ≥ 2x | ≥ 3x |", "|---|---|---|"]

@@ -79,3 +79,29 @@ def test_where_the_first_exit_is_barely_sure_the_threshold_still_finds_the_speed
     t = threshold_for_speedup(logits, 4 / 3)
     correct, avg_exit = correct_at(logits, labels, t)
     assert avg_exit == 1.5 and correct.all()
+
+
+def test_the_training_benchmark_reports_the_targets_margin_to_fine_tuning_with_its_paired_interval():
+    from bench.train import SPEEDUPS, report, summarize
+
+    rng = np.random.default_rng(5)
+
+    labels = {(seed, split): rng.integers(0, 2, 400) for seed in (1, 2) for split in ("dev", "test")}
+
+    def run(seed: int) -> dict:  # six exits of noisy logits leaning to the right label; each seed's splits shared by the methods (paired)
+        r = {"train_seconds": 1.0, "precision": "fp32"}
+        for split in ("dev", "test"):
+            r[f"{split}_labels"] = labels[seed, split]
+            r[f"{split}_logits"] = rng.normal(0, 2, (6, 400, 2)) + 1.5 * np.eye(2)[labels[seed, split]]
+        return r
+
+    runs = {method: {seed: run(seed) for seed in (1, 2)} for method in ("finetune", "deebert", "romebert")}
+    summary = summarize("rotten_tomatoes", runs)
+    finetune = summary["methods"]["finetune"]["test_acc_per_exit_mean"][0]
+    margins = summary["paired_test_difference"]["romebert_at_speedup_minus_finetune_full_depth"]
+    for s in SPEEDUPS:
+        margin = margins[str(s)]["pooled"]
+        assert margin["difference"] == pytest.approx(summary["methods"]["romebert"]["acc_at_speedup"][str(s)]["mean"] - finetune)
+        assert margin["lo"] < margin["difference"] < margin["hi"]
+        row = next(line for line in report("rotten_tomatoes", summary).splitlines() if line.startswith(f"| test accuracy at ≥ {s}x"))
+        assert row.rstrip(" |").endswith(f"{100 * margin['difference']:+.1f} [{100 * margin['lo']:+.1f}, {100 * margin['hi']:+.1f}]")
