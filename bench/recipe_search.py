@@ -93,6 +93,9 @@ RUNS: dict[str, dict] = {
     # largest gain of round 1)
     "rb_w0.5_bf16": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", precision="bf16", exit_weight=0.5),
     "rb_w0.25_bf16": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", precision="bf16", exit_weight=0.25),
+    # round 6, in fp32 (the AMD machine's benchmark runs): round 5's better weight, screened on the
+    # benchmark's splits, where the shipped recipe's final exit trails fine-tuning on dev (seed 42's does not)
+    "rb_w0.25": dict(method="romebert", lr=1e-4, epochs=3, kl_reduction="mean", exit_weight=0.25),
 }
 
 # IMDB: the training benchmark's settings (its seed-1 split), the shipped recipe's defaults; each
