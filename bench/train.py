@@ -98,9 +98,9 @@ def settings_of(dataset: str, method: str) -> dict:
     return DATASETS[dataset] | METHOD_SETTINGS.get((dataset, method), {})
 
 
-def full_depth_correct(r: dict) -> np.ndarray:
-    """Correct per test example at the final exit."""
-    return r["test_logits"][-1].argmax(-1) == r["test_labels"]
+def full_depth_correct(r: dict, split: str = "test") -> np.ndarray:
+    """Correct per example of a split at the final exit."""
+    return r[f"{split}_logits"][-1].argmax(-1) == r[f"{split}_labels"]
 
 
 def at_threshold(r: dict, split: str, t: float) -> tuple[np.ndarray, float]:
@@ -177,7 +177,7 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
                 entry["speedup_at_speedup"][str(s)] = mean_std([p[2] for p in points]) if points else None
             half = []
             for seed, r in by_seed.items():
-                ft_dev = (finetune[seed]["dev_logits"][-1].argmax(-1) == finetune[seed]["dev_labels"]).mean()
+                ft_dev = full_depth_correct(finetune[seed], "dev").mean()
                 correct, speedup = at_threshold(r, "test", within_half_point(r, ft_dev))
                 half.append((correct.mean(), speedup))
             entry["within_half_point_of_finetune"] = {"test_acc": mean_std([h[0] for h in half]), "test_speedup": mean_std([h[1] for h in half])}
@@ -195,10 +195,12 @@ def summarize(dataset: str, runs: dict[str, dict[int, dict]]) -> dict:
         for seed in runs[SHIPPED_METHOD]:
             a, b = runs[SHIPPED_METHOD][seed], runs["deebert"][seed]
             ta, tb = threshold_for_speedup(a["dev_logits"], s), threshold_for_speedup(b["dev_logits"], s)
-            if ta is not None:
-                to_finetune[seed] = (at_threshold(a, "test", ta)[0], full_depth_correct(finetune[seed]))
-            if ta is not None and tb is not None:
-                pairs[seed] = (at_threshold(a, "test", ta)[0], at_threshold(b, "test", tb)[0])
+            if ta is None:
+                continue
+            shipped = at_threshold(a, "test", ta)[0]
+            to_finetune[seed] = (shipped, full_depth_correct(finetune[seed]))
+            if tb is not None:
+                pairs[seed] = (shipped, at_threshold(b, "test", tb)[0])
         vs_deebert[str(s)], vs_finetune[str(s)] = with_pooled(pairs), with_pooled(to_finetune)
     full = with_pooled({seed: (full_depth_correct(r), full_depth_correct(finetune[seed])) for seed, r in runs[SHIPPED_METHOD].items()})
     sizes = {split: int(len(next(iter(runs["finetune"].values()))[f"{split}_labels"])) for split in ("dev", "test")}
