@@ -15,7 +15,8 @@ trained with the run's settings as they read today), so a cut-off search resumes
 One seed is a weak screen: its differences under about 2 points sit inside their intervals, and
 the search's seed can be one where the shipped recipe has no weakness to fix. `--seeds` trains the
 named runs on bench/train.py's splits of those seeds instead and compares each, on dev and paired,
-with the benchmark's own shipped-recipe run of the same seed (bench/train.py trains it first).
+with the benchmark's own shipped-recipe run of the same seed (trained first, into the benchmark's
+folder, when the benchmark has none for that seed).
 
 Writes bench/results/recipe_search.json (rotten_tomatoes) or recipe_search_imdb.json (dev
 numbers of every run) and keeps each run's dev logits in artifacts/search[_imdb]/<run>/dev_logits.npz
@@ -209,22 +210,22 @@ def on_seeds(names: list[str], seeds: list[int], data: str, out: Path, base: dic
     pooled once more with the search's own seed where the run and its shipped reference are there."""
     import torch
 
-    from bench.train import OUT as BENCH_OUT, settings_of
+    from bench.train import run as benchmark_run, settings_of
 
     results = {}
     for name in names:
         per_seed, pooled_pairs = {}, {}
         for seed in seeds:
-            bench_run = BENCH_OUT / data / SHIPPED_METHOD / f"seed{seed}"
-            if not (bench_run / "logits.npz").is_file():
-                raise SystemExit(f"{bench_run}: no benchmark run for seed {seed}; run bench/train.py --seeds {seed} first")
+            # bench/train.py's own function: it trains the run when the benchmark has none for this
+            # seed (a fresh split), where bench/train.py will find it later.
+            ref = benchmark_run(data, SHIPPED_METHOD, seed)
             seeded, settings = f"{name}@seed{seed}", base | settings_of(data, SHIPPED_METHOD) | {"seed": seed}
             asked = settings | runs[name]
             precision = resolve_precision(asked.get("precision", "auto"), torch.device(asked["device"]))
-            if precision != (theirs := trained_precision(read_record(bench_run / "checkpoint"))):
-                raise SystemExit(f"{seeded} would train in {precision}, the benchmark's seed {seed} trained in {theirs}")
+            if precision != ref["precision"]:
+                raise SystemExit(f"{seeded} would train in {precision}, the benchmark's seed {seed} trained in {ref['precision']}")
             entry = run(seeded, out, settings, {seeded: runs[name]})
-            mine, ref = np.load(out / seeded / "dev_logits.npz"), np.load(bench_run / "logits.npz")
+            mine = np.load(out / seeded / "dev_logits.npz")
             assert (mine["labels"] == ref["dev_labels"]).all(), "not the benchmark's dev split"
             pairs = correct_pairs(mine["logits"], ref["dev_logits"], mine["labels"])
             per_seed[str(seed)] = entry | {"minus_shipped": {point: paired_difference(*pair) for point, pair in pairs.items()}}
@@ -271,8 +272,10 @@ def main() -> None:
     if unknown := [n for n in names if n not in runs]:
         parser.error(f"unknown runs for {args.data}: {', '.join(unknown)}; known: {', '.join(runs)}")
     if args.seeds:
-        results["on_benchmark_seeds"] = results.get("on_benchmark_seeds", {}) | on_seeds(
-            names, [int(s) for s in args.seeds.split(",")], args.data, out, base, runs, shipped)
+        # one entry per run and seed list, so that a confirmation on fresh seeds keeps the screen it confirms
+        seeds = [int(s) for s in args.seeds.split(",")]
+        results["on_benchmark_seeds"] = results.get("on_benchmark_seeds", {}) | {
+            f"{name}@seeds{','.join(map(str, seeds))}": entry for name, entry in on_seeds(names, seeds, args.data, out, base, runs, shipped).items()}
         write_json(results_file, results)
         return
     for name in names if not args.report_only else []:
