@@ -97,7 +97,8 @@ from romebert.core.tokenization import TextEncoder
 from romebert.service.runtime import default_engine
 from romebert.service.settings import Settings
 bundle = load_bundle(sys.argv[1])
-engine = default_engine(bundle, Settings(device="cpu", threads=2, spin=False))
+# onnxruntime named: the pools are its; with "auto" the tiny bundle's export may have timed OpenVINO faster
+engine = default_engine(bundle, Settings(device="cpu", backend="onnxruntime", threads=2, spin=False))
 options = engine._embeddings.get_session_options()
 print(options.get_session_config_entry("session.intra_op.allow_spinning"), options.use_per_session_threads, options.intra_op_num_threads)
 try:
@@ -123,7 +124,7 @@ def test_spin_off_gives_each_session_its_own_sleeping_pool_and_the_same_answers(
     assert first == "0 True 2"  # no spinning, a pool of its own, the threads asked for
     assert refused.startswith("refused:") and "once, before the first session" in refused
     bundle = load_bundle(tiny_bundle)
-    shared = default_engine(bundle, Settings(device="cpu", threads=1))  # this process: the shared pool
+    shared = default_engine(bundle, Settings(device="cpu", backend="onnxruntime", threads=1))  # this process: the shared pool
     encoded = TextEncoder(bundle.tokenizer_file, bundle.max_length).encode(["a fine film", "dull"])
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), shared.all_exit_logits(encoded), atol=1e-5)
 
