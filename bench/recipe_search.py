@@ -39,11 +39,11 @@ from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.checkpoint import read_record  # noqa: E402
-from romebert.training.train import SHIPPED_METHOD, TrainConfig, resolve_precision, task_data, trained_precision  # noqa: E402
+from romebert.training.train import TrainConfig, resolve_precision, task_data, trained_precision  # noqa: E402
 from romebert.core.exits import sweep  # noqa: E402
 from romebert.training.intervals import correct_at, paired_difference, threshold_for_speedup  # noqa: E402
 from bench.harness import environment, kept, trained  # noqa: E402
-from bench.train import DATASETS  # noqa: E402
+from romebert.training.recipes import SHIPPED_METHOD, DATASETS, settings_of  # noqa: E402
 from bench.exit_rules import at_speedup, calibrated_curve, entropy_curve, patience_curve  # noqa: E402
 from romebert.core.tokenization import TextEncoder  # noqa: E402
 from romebert.core.data import encode_examples  # noqa: E402
@@ -210,7 +210,7 @@ def on_seeds(names: list[str], seeds: list[int], data: str, out: Path, base: dic
     pooled once more with the search's own seed where the run and its shipped reference are there."""
     import torch
 
-    from bench.train import run as benchmark_run, settings_of
+    from bench.train import run as benchmark_run
 
     results = {}
     for name in names:

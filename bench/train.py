@@ -1,7 +1,7 @@
 """Training benchmark: fine-tuning vs DeeBERT vs the shipped RomeBERT recipe, several seeds, two datasets.
 
 all-MiniLM-L6-v2; rotten_tomatoes (short snippets) and IMDB (long reviews, where a layer costs
-more and an early exit saves most), settings in DATASETS. Every method runs with every seed in
+more and an early exit saves most), settings in training/recipes.py. Every method runs with every seed in
 SEEDS; seed s fixes the data split and the initialisation alike, so the methods of one seed
 compare on the same examples (paired). Thresholds are chosen on DEV; TEST is read once per run,
 for the report:
@@ -44,25 +44,12 @@ from romebert.training.evaluate import exit_logits  # noqa: E402
 from romebert.training.intervals import correct_at, fine_grid, interval, paired_difference, threshold_for_speedup  # noqa: E402
 from romebert.training.model import MultiExitBert  # noqa: E402
 from romebert.training.plots import plot_per_exit, plot_speedup  # noqa: E402
+from romebert.training.recipes import SHIPPED_METHOD, DATASETS, METHOD_SETTINGS, settings_of  # noqa: E402
 from romebert.training.checkpoint import read_record  # noqa: E402
-from romebert.training.train import SHIPPED_METHOD, TrainConfig, task_data, trained_precision  # noqa: E402
+from romebert.training.train import TrainConfig, task_data, trained_precision  # noqa: E402
 
 SEEDS = (1, 2, 3)
 METHODS = ("finetune", "deebert", SHIPPED_METHOD)
-# Per dataset: what every method trains with. IMDB: 128 tokens (twice rotten_tomatoes'; 89% of the
-# reviews are longer and are cut) and 600 training reviews, sized so that the whole benchmark fits
-# a 2-core CPU in about two hours (one with AMX, training bf16; docs/results.md has the times).
-DATASETS = {
-    "rotten_tomatoes": dict(max_length=64, epochs=3, batch_size=32),
-    "imdb": dict(max_length=128, epochs=2, batch_size=16, train_limit=600, dev_limit=1000),
-}
-# Per (dataset, method): what that method's recipe search on dev changed from DATASETS
-# (bench/results/recipe_search_imdb.json, docs/training.md). IMDB's 600 reviews: RomeBERT's one
-# stage needs more passes than DeeBERT's 2 + 2 to lift its early exits; 6 epochs won on dev.
-# rotten_tomatoes: the early exits' losses weighted 0.25 against the final exit's CE (recipe search
-# round 6, screened on seeds 1-5 and confirmed on fresh seeds 6-10, dev only).
-METHOD_SETTINGS: dict[tuple[str, str], dict] = {("imdb", SHIPPED_METHOD): dict(epochs=6),
-                                                ("rotten_tomatoes", SHIPPED_METHOD): dict(exit_weight=0.25)}
 SPEEDUPS = (2, 3)
 # Which thresholds the operating points are read at (training/intervals.fine_grid); a summary
 # without this name in its settings was read on the even grid alone.
@@ -95,10 +82,6 @@ def run(dataset: str, method: str, seed: int) -> dict:
     data["train_seconds"] = record["train_seconds"]
     data["precision"] = trained_precision(record)
     return data
-
-
-def settings_of(dataset: str, method: str) -> dict:
-    return DATASETS[dataset] | METHOD_SETTINGS.get((dataset, method), {})
 
 
 def full_depth_correct(r: dict, split: str = "test") -> np.ndarray:

@@ -38,7 +38,6 @@ from romebert.training.model import MultiExitBert
 from romebert.core.tokenization import Encoded, TextEncoder
 
 METHODS = ("romebert", "deebert", "finetune")
-SHIPPED_METHOD = "romebert"  # the method of `make serve`'s default model and of the benchmark's headline
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
