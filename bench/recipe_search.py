@@ -122,6 +122,8 @@ IMDB_RUNS: dict[str, dict] = {
     # after the benchmark's five seeds (bf16) left the 6-epoch recipe 0.1 short of fine-tuning - 0.5
     # at 2x on test: do more passes still lift it? Screened with --seeds against the benchmark's runs.
     "rb_8ep_bf16": dict(method="romebert", epochs=8, precision="bf16"),
+    # rotten_tomatoes' confirmed exit weight (round 6), tested once on the benchmark's seeds 1-5
+    "rb_6ep_w0.25": dict(method="romebert", epochs=6, exit_weight=0.25),
 }
 # dataset -> (settings every run shares, runs, results file, the runs that are the shipped recipe:
 # one per precision, each RomeBERT run compared with the one of its own precision)
