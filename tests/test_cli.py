@@ -50,6 +50,30 @@ def test_train_then_evaluate_writes_a_checkpoint_a_report_and_plots(tiny_backbon
     assert (tmp_path / "eval" / "accuracy_vs_speedup.png").stat().st_size > 1000
 
 
+def test_train_with_recipe_trains_the_projects_settings_for_the_data_and_method_but_explicit_options_win(tiny_backbone, tmp_path):
+    from romebert.training.recipes import settings_of
+
+    out = tmp_path / "ckpt"
+    done = romebert("train", "--recipe", "--data", "rotten_tomatoes", "--method", "romebert", "--backbone", str(tiny_backbone),
+                    "--output", str(out), "--limit", "32", "--epochs", "1", "--precision", "fp32")
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((out / "training_record.json").read_text())["config"]
+    recipe = settings_of("rotten_tomatoes", "romebert")
+    assert recipe["exit_weight"] != 1.0 and recipe["max_length"] != 128  # differs from TrainConfig's defaults
+    assert config["exit_weight"] == recipe["exit_weight"] and config["max_length"] == recipe["max_length"]
+    assert config["batch_size"] == recipe["batch_size"]
+    assert config["epochs"] == 1  # given on the command line
+
+
+def test_recipe_for_data_without_one_is_one_clear_line(tiny_backbone, tmp_path):
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\nfine,1\nbad,0\n")
+    done = romebert("train", "--recipe", "--data", str(data), "--backbone", str(tiny_backbone), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no recipe for" in done.stderr and "rotten_tomatoes" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_data_is_one_clear_line_and_no_checkpoint(tiny_backbone, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nfine,1\n,0\n")

@@ -83,7 +83,7 @@ def test_compose_pipeline_runs_train_export_serve_on_the_gpu():
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], name
     assert services["train"]["build"]["target"] == "train" and services["server"]["build"]["target"] == "serve"
     # one-shot jobs that skip work already done
-    assert "config.json" in services["train"]["command"][0] and "romebert train" in services["train"]["command"][0]
+    assert "config.json" in services["train"]["command"][0] and "romebert train --recipe" in services["train"]["command"][0]
     assert "manifest.json" in services["export"]["command"][0] and "romebert export" in services["export"]["command"][0]
     assert "/readyz" in " ".join(services["server"]["healthcheck"]["test"])
     bundle = services["server"]["environment"]["ROMEBERT_BUNDLE"]

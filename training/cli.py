@@ -50,7 +50,27 @@ def _train_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=int, default=None, help=helps.get(f.name))
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name))
+    parser.add_argument("--recipe", action="store_true",
+                        help="start from what the project trains --method with on --data (training/recipes.py: the training "
+                        "benchmark's settings, which `make serve`'s default model uses); options given explicitly still win")
     return parser
+
+
+def _train_config(argv: list[str]):
+    """The TrainConfig the command line asks for. With --recipe the recipe's settings replace the
+    defaults, not the options given explicitly: argparse lets the later set_defaults do exactly that."""
+    from romebert.training.recipes import DATASETS, settings_of
+    from romebert.training.train import TrainConfig
+
+    parser = _train_parser()
+    args = parser.parse_args(argv)
+    if args.recipe:
+        if args.data not in DATASETS:
+            raise ValueError(f"--recipe: no recipe for {args.data!r}; there are recipes for {', '.join(DATASETS)}")
+        parser.set_defaults(**settings_of(args.data, args.method))
+        args = parser.parse_args(argv)
+    del args.recipe
+    return TrainConfig(**vars(args))
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -67,10 +87,9 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 def main(command: str, argv: list[str]) -> int:
     try:
         if command == "train":
-            from romebert.training.train import TrainConfig, train
+            from romebert.training.train import train
 
-            args = _train_parser().parse_args(argv)
-            out = train(TrainConfig(**vars(args)))
+            out = train(_train_config(argv))
             print(f"checkpoint written to {out}")
             return 0
         from romebert.training.evaluate import evaluate_checkpoints
