@@ -65,6 +65,24 @@ def test_train_with_recipe_trains_the_projects_settings_for_the_data_and_method_
     assert config["epochs"] == 1  # given on the command line
 
 
+def test_a_recipes_subset_is_lifted_by_all_and_a_bad_cap_is_one_clear_line(tiny_backbone, tmp_path):
+    from romebert.training.cli import _train_config
+    from romebert.training.recipes import settings_of
+
+    recipe = settings_of("imdb", "romebert")
+    assert recipe["train_limit"] is not None and recipe["dev_limit"] is not None
+    kept = _train_config(["--recipe", "--data", "imdb", "--method", "romebert"])
+    assert (kept.train_limit, kept.dev_limit) == (recipe["train_limit"], recipe["dev_limit"])
+    lifted = _train_config(["--recipe", "--data", "imdb", "--method", "romebert", "--train-limit", "all", "--dev-limit", "all"])
+    assert (lifted.train_limit, lifted.dev_limit, lifted.epochs) == (None, None, recipe["epochs"])
+    assert _train_config(["--limit", "all"]).limit is None and _train_config(["--limit", "7"]).limit == 7
+    for bad in ("0", "-3", "many"):
+        done = romebert("train", "--train-limit", bad, "--backbone", str(tiny_backbone), "--output", str(tmp_path / "out"))
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "positive number of examples or all" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipe_for_data_without_one_is_one_clear_line(tiny_backbone, tmp_path):
     data = tmp_path / "mine.csv"
     data.write_text("text,label\nfine,1\nbad,0\n")

@@ -14,6 +14,15 @@ from pathlib import Path
 from romebert.core.data import DataError
 
 
+def _limit(value: str) -> int | None:
+    """A split cap: a positive count, or `all` for none (so that a recipe's subset can be lifted)."""
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of examples or all, not {value!r}")
+    return int(value)
+
+
 def _train_parser() -> argparse.ArgumentParser:
     from romebert.training.train import METHODS, TrainConfig
 
@@ -30,9 +39,9 @@ def _train_parser() -> argparse.ArgumentParser:
         "save_every": "optimizer steps between training-state saves (what a crash can lose)",
         "resume": "continue an interrupted run from its saved state",
         "force": "replace what --output holds (a checkpoint, or an interrupted run's state without --resume) instead of refusing",
-        "limit": "cap every split at this many examples (quick runs)",
-        "train_limit": "cap the train split only (the first N of its seeded shuffle)",
-        "dev_limit": "cap the dev split only (it is evaluated after every epoch)",
+        "limit": "cap every split at this many examples (quick runs); all: no cap",
+        "train_limit": "cap the train split only (the first N of its seeded shuffle); all: no cap (lifts a --recipe's subset)",
+        "dev_limit": "cap the dev split only (it is evaluated after every epoch); all: no cap",
         "gr_swap": "swap the roles of A and B in gradient regularization (reference: MNLI, QQP)",
         "kl_reduction": "mean (the reference code's: the KL divided by the number of labels; the default, it won on dev) "
         "or batchmean (the KL as defined, summed over labels)",
@@ -47,7 +56,7 @@ def _train_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
         elif f.name in ("limit", "train_limit", "dev_limit"):
-            parser.add_argument(flag, type=int, default=None, help=helps.get(f.name))
+            parser.add_argument(flag, type=_limit, default=None, metavar="N|all", help=helps.get(f.name))
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name))
     parser.add_argument("--recipe", action="store_true",
