@@ -12,10 +12,12 @@ request (`latency_ms` in its answer: route arrival to answer) is kept for each. 
 also times GET /healthz, the HTTP stack's floor (uvicorn, the middlewares, routing; no model, no
 scheduler). Then the plain client sends requests after an idle gap (`--gaps`), as clients of a
 lightly loaded server do, next to the engine's batch-1 p50 after the same gap (fresh processes):
-an idle engine's threads sleep, so the reference itself moves with the gap. Writes
-bench/results/lone_request.json.
+an idle engine's threads sleep, so the reference itself moves with the gap. Last, the server's
+own floor: the same server with an engine that costs nothing (bench/instant_server.py, every row
+leaving at exit `--floor-layers`), timed by the plain client in the same rounds, so what the server
+adds to a lone request is measured without the model. Writes bench/results/lone_request.json.
 
-    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500] [--gaps 0.01 0.2] [--out ...]   # about 5 minutes
+    .venv/bin/python bench/lone_request.py [--rounds 4] [--requests 1500] [--gaps 0.01 0.2] [--floor-layers 2] [--out ...]   # about 6 minutes
 """
 
 from __future__ import annotations
@@ -83,6 +85,20 @@ def plain_client(url: str, workload: Workload | None, n: int, seed: int, gap_s: 
     return client, server
 
 
+def server_floor(workload: Workload, rounds: int, requests: int, layers: int) -> dict:
+    """The plain client's p50s against the server with an engine that costs nothing (median of
+    `rounds`, each one POST /classify run and one GET /healthz run)."""
+    command = [sys.executable, str(ROOT / "bench" / "instant_server.py"), str(BUNDLE), "--layers", str(layers)]
+    runs = []
+    with running(command, ROOT / "artifacts" / "bench" / "instant-server.log") as (_, url):
+        plain_client(url, workload, WARM_UP, -1)
+        for k in range(rounds):
+            client_ms, server_ms = plain_client(url, workload, requests, k)
+            healthz_ms, _ = plain_client(url, None, requests, k)
+            runs.append({"client_p50_ms": p50(client_ms), "server_p50_ms": p50(server_ms), "healthz_p50_ms": p50(healthz_ms)})
+    return {"exit_layer": layers, "rounds": runs} | {key: p50([r[key] for r in runs]) for key in runs[0]}
+
+
 def p50(values: list[float]) -> float:
     return round(float(np.median(values)), 3)
 
@@ -93,6 +109,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500, help="per client and round")
     parser.add_argument("--gaps", type=float, nargs="*", default=[0.01, 0.2], help="idle seconds before each request of the gap step")
     parser.add_argument("--gap-requests", type=int, default=100, help="requests (and engine calls) per gap")
+    parser.add_argument("--floor-layers", type=int, default=2,
+                        help="the exit every row leaves at on the engine that costs nothing (2: the default model's median on test)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lone_request.json",
                         help="where the results go (a run on another CPU model keeps the committed one)")
     args = parser.parse_args()
@@ -126,6 +144,7 @@ def main() -> None:
             client_ms, server_ms = plain_client(url, workload, args.gap_requests, 100, gap)
             gaps.append({"gap_ms": 1000 * gap, "client_p50_ms": p50(client_ms), "server_p50_ms": p50(server_ms),
                          "engine_p50_ms_after_gap": round(engine_after_gap[gap], 3)})
+    floor = server_floor(workload, args.rounds, args.requests, args.floor_layers)
     summary = {name: {key: p50([r[name][key] for r in rounds]) if rounds[0][name][key] is not None else None
                       for key in ("client_p50_ms", "server_p50_ms")} for name in clients}
     print(f"\n{'client':<28}{'c1 p50 ms (median of rounds)':>30}{'server own p50 ms':>20}{'minus engine ms':>18}")
@@ -137,11 +156,14 @@ def main() -> None:
         for g in gaps:
             print(f"{g['gap_ms']:<14g}{g['engine_p50_ms_after_gap']:>20.2f}{g['client_p50_ms']:>16.2f}{g['server_p50_ms']:>16.2f}"
                   f"{g['client_p50_ms'] - g['engine_p50_ms_after_gap']:>14.2f}")
+    print(f"\nthe server's own floor (an engine that costs nothing, every row leaving at exit {args.floor_layers}): "
+          f"c1 p50 {floor['client_p50_ms']:.2f} ms, its own {floor['server_p50_ms']:.2f} ms, /healthz {floor['healthz_p50_ms']:.2f} ms")
     write_json(args.out, {
         "bundle_backend": chosen, "engine_p50_ms_batch1": round(engine_p50, 3), "requests_per_round": args.requests,
         "rounds": rounds, "median_of_rounds": summary,
         "c1_p50_minus_engine_batch1_p50_ms": {name: round(s["client_p50_ms"] - engine_p50, 3) for name, s in summary.items() if s["server_p50_ms"] is not None},
         "after_idle_gaps": gaps,
+        "server_floor": floor,
         "environment": environment(),
     })
 

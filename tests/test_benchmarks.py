@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +32,20 @@ def test_the_scheduler_policy_benchmark_replays_a_stream_and_counts_what_admissi
         assert run["budget"]["refused"] < run["budget"]["requests"]
         assert run["budget"]["answered_over_budget"] == 1.0
     assert report["environment"]["commit"]
+
+
+def test_the_instant_server_is_the_real_server_whose_rows_all_leave_at_the_asked_exit(tiny_bundle):
+    sys.path.insert(0, str(ROOT))
+    from bench.harness import running
+
+    command = [sys.executable, str(ROOT / "bench" / "instant_server.py"), str(tiny_bundle), "--layers", "2"]
+    with running(command, Path(tiny_bundle).parent / "instant.log") as (_, url):
+        body = json.dumps({"text": ["a fine film", "dull", "an odd, long, winding and in the end rewarding piece of work"],
+                           "entropy_threshold": 0.01}).encode()
+        answer = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/classify", body, {"content-type": "application/json"})).read())
+        assert [r["exit_layer"] for r in answer["results"]] == [2, 2, 2]
+        assert all(r["label"] == "negative" and r["entropy"] < 1e-5 for r in answer["results"])
+        metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
+        assert 'backend="instant/none"' in metrics  # served by the stand-in engine, through the real server's metrics
+    bad = subprocess.run(command[:-1] + ["9", "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--layers must be 1..3" in bad.stderr
