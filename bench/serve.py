@@ -5,7 +5,9 @@ measured fastest), at concurrency 1 and 32; the same bundle on onnxruntime's CPU
 (the server's previous default) at 32. The strong peers: the fine-tuned model as ONE ONNX graph
 (full depth) behind a small FastAPI server with a plain dynamic batcher (bench/peer_server.py), on
 every CPU backend and precision: onnxruntime fp32 and int8, OpenVINO bf16 and f32, at 32. And the
-FastAPI + transformers pipeline server (bench/baseline_server.py) at 32.
+FastAPI + transformers pipeline server (bench/baseline_server.py) at 32. And our server with an
+engine that costs nothing (bench/instant_server.py), at 1 and 32: its CPU per request is the
+server's own code's cost, measured rather than left to a subtraction.
 
 Every server runs in a fresh process; the load generator (loadtest/driver.py, closed loop, 60 s
 per point, rotten_tomatoes test texts, one per request) shares the two cores. Each row carries
@@ -54,6 +56,7 @@ from romebert.loadtest.workload import Workload  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "default-bundle"
 PEER = ROOT / "artifacts" / "bench" / "peer"  # the fine-tuned model: PEER/fp32, PEER/int8 (with --monolithic)
+INSTANT = "romebert_instant_engine"  # our server, its engine replaced by one that costs nothing
 FINETUNED = ROOT / "artifacts" / "bench" / "train" / "rotten_tomatoes" / "finetune" / "seed1" / "checkpoint"  # bench/train.py's
 
 
@@ -197,6 +200,7 @@ def main() -> None:
         ("peer_openvino_bf16", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "bf16"], (32,), "openvino/bf16"),
         ("peer_openvino_f32", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
         ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(FINETUNED)], (32,), "pytorch/fp32"),
+        (INSTANT, [sys.executable, str(ROOT / "bench" / "instant_server.py"), str(BUNDLE)], (1, 32), "instant/none"),
     ]
     if not openvino_available():
         print("OpenVINO offers no CPU device here: its rows are left out", flush=True)
@@ -207,11 +211,11 @@ def main() -> None:
         with running(command, logs / f"serve-{name}.log") as (proc, url):
             run_load(url, workload, 32, None, 5, None, 30.0)  # warm
             seed = seeds["ours" if name.startswith("romebert") else "fine-tuned"]
-            acc = accuracy(url, *splits[seed])
+            acc = None if name == INSTANT else round(accuracy(url, *splits[seed]), 4)  # the instant engine answers without a model
             for users in concurrencies:
                 b, p = runs_on.split("/")
                 row = {"server": "romebert" if name.startswith("romebert") else "onnx_monolithic_batched" if name.startswith("peer") else "transformers_pipeline",
-                       "name": name, "backend": b, "precision": p, "test_acc": round(acc, 4), "test_split_seed": seed} | measure(url, proc.pid, workload, users, args.duration)
+                       "name": name, "backend": b, "precision": p, "test_acc": acc, "test_split_seed": seed} | measure(url, proc.pid, workload, users, args.duration)
                 rows.append(row)
                 print(row, flush=True)
     by = {(r["name"], r["concurrency"]): r for r in rows}
@@ -223,6 +227,8 @@ def main() -> None:
         "ours_minus_fastest_peer_test_acc": ours["test_acc"] - fastest_peer["test_acc"],
         "ours_over_previous_default_rps_c32": ours["requests_per_s"] / by["romebert_onnxruntime_fp32", 32]["requests_per_s"],
         "server_cpu_ms_beyond_model_c32": ours["server_cpu_ms_per_request"] - model_core_ms,
+        "server_cpu_ms_own_code_c32": by[INSTANT, 32]["server_cpu_ms_per_request"],
+        "server_cpu_ms_own_code_c1": by[INSTANT, 1]["server_cpu_ms_per_request"],
         "c1_p50_minus_engine_batch1_p50_ms": by["romebert", 1]["p50_ms"] - engine_p50,
     }
     for k, v in ratios.items():
