@@ -27,7 +27,7 @@ from romebert.core.tokenization import Encoded  # noqa: E402
 from romebert.service.cli import build_server  # noqa: E402
 from romebert.service.settings import Settings  # noqa: E402
 
-SURE, UNSURE = [8.0, -8.0], [0.0, 0.0]  # entropy about 2e-6 nats (any threshold lets it leave), and ln 2
+SURE, UNSURE = [8.0, -8.0], [0.0, 0.0]  # entropy about 2e-6 nats (any threshold but 0 lets it leave), and ln 2
 
 
 class InstantEngine:
