@@ -151,6 +151,11 @@ def romebert_serve(bundle: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "romebert.cli", "serve", str(bundle), "--host", "127.0.0.1", "--log-level", "warning", *flags]
 
 
+def instant_serve(bundle: Path, *flags: str) -> list[str]:
+    """Our server with an engine that costs nothing (bench/instant_server.py): its command line."""
+    return [sys.executable, str(Path(__file__).resolve().parent / "instant_server.py"), str(bundle), *flags]
+
+
 @contextmanager
 def older_checkout(checkout: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """(the module that is `romebert`'s CLI, the environment that imports the code) of an older

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, one_text_each, romebert_serve, running, served_backend  # noqa: E402
+from bench.harness import environment, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
 from bench.serve import BUNDLE, engine_batch1_p50_ms, split_seed, test_split  # noqa: E402
 from bench.workers import in_fresh_process  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
@@ -88,9 +88,8 @@ def plain_client(url: str, workload: Workload | None, n: int, seed: int, gap_s: 
 def server_floor(workload: Workload, rounds: int, requests: int, layers: int) -> dict:
     """The plain client's p50s against the server with an engine that costs nothing (median of
     `rounds`, each one POST /classify run and one GET /healthz run)."""
-    command = [sys.executable, str(ROOT / "bench" / "instant_server.py"), str(BUNDLE), "--layers", str(layers)]
     runs = []
-    with running(command, ROOT / "artifacts" / "bench" / "instant-server.log") as (_, url):
+    with running(instant_serve(BUNDLE, "--layers", str(layers)), ROOT / "artifacts" / "bench" / "instant-server.log") as (_, url):
         plain_client(url, workload, WARM_UP, -1)
         for k in range(rounds):
             client_ms, server_ms = plain_client(url, workload, requests, k)

@@ -45,7 +45,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, exported, one_text_each, romebert_serve, running, served_backend  # noqa: E402
+from bench.harness import environment, exported, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
@@ -200,7 +200,7 @@ def main() -> None:
         ("peer_openvino_bf16", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "bf16"], (32,), "openvino/bf16"),
         ("peer_openvino_f32", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
         ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(FINETUNED)], (32,), "pytorch/fp32"),
-        (INSTANT, [sys.executable, str(ROOT / "bench" / "instant_server.py"), str(BUNDLE)], (1, 32), "instant/none"),
+        (INSTANT, instant_serve(BUNDLE), (1, 32), "instant/none"),
     ]
     if not openvino_available():
         print("OpenVINO offers no CPU device here: its rows are left out", flush=True)

@@ -36,9 +36,9 @@ def test_the_scheduler_policy_benchmark_replays_a_stream_and_counts_what_admissi
 
 def test_the_instant_server_is_the_real_server_whose_rows_all_leave_at_the_asked_exit(tiny_bundle):
     sys.path.insert(0, str(ROOT))
-    from bench.harness import running
+    from bench.harness import instant_serve, running
 
-    command = [sys.executable, str(ROOT / "bench" / "instant_server.py"), str(tiny_bundle), "--layers", "2"]
+    command = instant_serve(tiny_bundle, "--layers", "2")
     with running(command, Path(tiny_bundle).parent / "instant.log") as (_, url):
         body = json.dumps({"text": ["a fine film", "dull", "an odd, long, winding and in the end rewarding piece of work"],
                            "entropy_threshold": 0.01}).encode()
