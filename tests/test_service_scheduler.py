@@ -496,6 +496,9 @@ async def test_the_service_rate_counts_the_embedding_a_cohort_starts_with():
     # that left the embedding out would predict a queue drains faster than it does.
     scheduler, _ = make(SlowEmbedding(), max_batch=32, max_wait_ms=50.0)
     await answers(scheduler, [1] * 32, 0.5)
+    # The answers reach the loop inside the worker's step; the step's time is recorded after it.
+    scheduler.admission.close()
+    assert scheduler.join(5)
     per_row = SlowEmbedding.EMBED_S / 32
     assert scheduler.admission.rate.seconds_per_row >= 0.2 * per_row  # the EWMA's first step from 0
 
