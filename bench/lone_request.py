@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import environment, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
-from bench.serve import BUNDLE, engine_batch1_p50_ms, split_seed, test_split  # noqa: E402
+from bench.serve import BUNDLE, engine_batch1_p50_ms, split_of, test_split  # noqa: E402
 from bench.workers import in_fresh_process  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
                         help="where the results go (a run on another CPU model keeps the committed one)")
     args = parser.parse_args()
     bundle = load_bundle(BUNDLE)
-    texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
+    texts, _ = test_split(*split_of(ROOT / bundle.manifest["source"]["checkpoint"]))
     workload = one_text_each(texts)
     chosen = served_backend(bundle)
     engine_p50 = in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts)

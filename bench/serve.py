@@ -10,9 +10,9 @@ engine that costs nothing (bench/instant_server.py), at 1 and 32: its CPU per re
 server's own code's cost, measured rather than left to a subtraction.
 
 Every server runs in a fresh process; the load generator (loadtest/driver.py, closed loop, 60 s
-per point, rotten_tomatoes test texts, one per request) shares the two cores. Each row carries
+per point, the test texts of the bundle's data, one per request) shares the two cores. Each row carries
 the server process's own CPU time per request (psutil on its PID: the load generator does not
-count), its RSS, its test accuracy (all 853 texts of the test split of the seed its model was
+count), its RSS, its test accuracy (every text of the test split of the seed its model was
 trained with: 42 for the default model, 1 for bench/train.py's fine-tuned one, which saw part of
 seed 42's test split in training), and its backend and precision. The
 model's own cost per item, offline, is measured in a fresh process for our default configuration,
@@ -20,10 +20,11 @@ so that the server's cost beyond the model follows. Writes bench/results/serve.j
 
     .venv/bin/python bench/serve.py [--duration 60] [--out bench/results/serve.json]   # needs artifacts/default-bundle and bench/train.py's checkpoints
     .venv/bin/python bench/serve.py --alternate 4 --duration 20 --out bench/results/serve_backends_alternated.json   # ours only, two backends in turns
+    .venv/bin/python bench/serve.py --bundle B --finetuned C --out ...   # another pair of one dataset (IMDB: docs/results.md)
 
-The peer bundles (artifacts/bench/peer/{fp32,int8}): bench/train.py's fine-tuned model
-(rotten_tomatoes, seed 1) exported with --monolithic, by this script whenever they are missing or
-hold other weights than that checkpoint's (retrained since).
+The peer bundles (artifacts/bench/peer/<dataset>/{fp32,int8}): the fine-tuned model (by default
+bench/train.py's, rotten_tomatoes, seed 1) exported with --monolithic, by this script whenever they
+are missing or hold other weights than that checkpoint's (retrained since).
 OpenVINO rows run where OpenVINO offers a CPU device: through onnxruntime's plugin on Intel CPUs,
 through OpenVINO's own runtime elsewhere (core/engine.py).
 """
@@ -66,13 +67,14 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def split_seed(checkpoint: Path) -> int:
-    """The seed that split the data for this checkpoint (its test split is the one it never saw)."""
-    return json.loads((Path(checkpoint) / "training_record.json").read_text())["config"]["seed"]
+def split_of(checkpoint: Path) -> tuple[str, int]:
+    """(dataset, seed) that split the data for this checkpoint: its test split is the one it never saw."""
+    config = json.loads((Path(checkpoint) / "training_record.json").read_text())["config"]
+    return config["data"], config["seed"]
 
 
-def test_split(seed: int) -> tuple[list[str], list[str]]:
-    task = load_task("rotten_tomatoes", seed=seed)
+def test_split(dataset: str, seed: int) -> tuple[list[str], list[str]]:
+    task = load_task(dataset, seed=seed)
     return [e.text for e in task.test], [task.labels[e.label] for e in task.test]
 
 
@@ -132,10 +134,10 @@ def alternate(bundle, rounds: int, seconds: float, out: Path) -> None:
     chosen = served_backend(bundle)
     if (chosen["backend"], chosen["precision"]) == ("onnxruntime", "fp32"):
         raise SystemExit("--alternate: this bundle already serves on onnxruntime fp32 by default; there is nothing to compare it with")
-    texts, _ = test_split(split_seed(ROOT / bundle.manifest["source"]["checkpoint"]))
+    texts, _ = test_split(*split_of(ROOT / bundle.manifest["source"]["checkpoint"]))
     workload = one_text_each(texts)
     logs = ROOT / "artifacts" / "bench"
-    names = {f"{chosen['backend']}/{chosen['precision']}": romebert_serve(BUNDLE), "onnxruntime/fp32": romebert_serve(BUNDLE, "--backend", "onnxruntime")}
+    names = {f"{chosen['backend']}/{chosen['precision']}": romebert_serve(bundle.root), "onnxruntime/fp32": romebert_serve(bundle.root, "--backend", "onnxruntime")}
     rows = []
     with ExitStack() as stack:
         servers = {name: stack.enter_context(running(command, logs / f"serve-alternate-{k}.log")) for k, (name, command) in enumerate(names.items())}
@@ -165,42 +167,48 @@ def alternate(bundle, rounds: int, seconds: float, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--bundle", type=Path, default=BUNDLE, help="ours (default: make serve's); its texts are its own data's test split")
+    parser.add_argument("--finetuned", type=Path, default=FINETUNED,
+                        help="the fine-tuned checkpoint the peers serve, trained on the same data (default: bench/train.py's rotten_tomatoes seed 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json",
                         help="where the results go (a run on another CPU model keeps the committed one: e.g. serve_amd.json)")
     parser.add_argument("--alternate", type=int, metavar="ROUNDS", default=0,
                         help="instead: only our server on the bundle's backend against `--backend onnxruntime`, both up at "
                         "once, taking turns for ROUNDS rounds at c32 and c1 (the order swapped each round)")
     args = parser.parse_args()
-    bundle = load_bundle(BUNDLE)
+    bundle = load_bundle(args.bundle)
     if args.alternate:
         alternate(bundle, args.alternate, args.duration, args.out)
         return
     # Each model is scored on the test split of its own seed: bench/train.py's fine-tuned model
     # (seed 1) was trained on part of the default model's test split (seed 42), and vice versa.
-    seeds = {"ours": split_seed(ROOT / bundle.manifest["source"]["checkpoint"]), "fine-tuned": split_seed(FINETUNED)}
-    splits = {seed: test_split(seed) for seed in set(seeds.values())}
+    seeds = {"ours": split_of(ROOT / bundle.manifest["source"]["checkpoint"]), "fine-tuned": split_of(args.finetuned)}
+    if seeds["ours"][0] != seeds["fine-tuned"][0]:
+        raise SystemExit(f"--bundle was trained on {seeds['ours'][0]}, --finetuned on {seeds['fine-tuned'][0]}: compare models of one dataset")
+    splits = {split: test_split(*split) for split in set(seeds.values())}
     texts, _ = splits[seeds["ours"]]
     workload = one_text_each(texts)
     chosen = served_backend(bundle)
     backend, precision = chosen["backend"], chosen["precision"]
-    engine_p50 = in_fresh_process(engine_batch1_p50_ms, BUNDLE, backend, precision, texts)
+    engine_p50 = in_fresh_process(engine_batch1_p50_ms, args.bundle, backend, precision, texts)
     # The model's own core time per item, offline: one one-thread worker (its wall time is its
     # core time), the cheaper of batch 1 and 32, so that the server's cost beyond it is not understated.
-    model_core_ms = min(1000 / in_fresh_process(items_per_s, 1, 1, b, "random", BUNDLE, backend, precision) for b in (1, 32))
+    model_core_ms = min(1000 / in_fresh_process(items_per_s, 1, 1, b, "random", args.bundle, backend, precision) for b in (1, 32))
     print(f"default bundle on {backend}/{precision}: engine batch-1 p50 {engine_p50:.2f} ms, model {model_core_ms:.3f} core-ms/item", flush=True)
 
+    peers = PEER / seeds["fine-tuned"][0]
     for files in ("fp32", "int8"):
-        exported(FINETUNED, PEER / files, precision=files, monolithic=True)
+        exported(args.finetuned, peers / files, precision=files, monolithic=True)
     peer = ROOT / "bench" / "peer_server.py"
     servers = [
-        ("romebert", romebert_serve(BUNDLE), (1, 32), f"{backend}/{precision}"),
-        ("romebert_onnxruntime_fp32", romebert_serve(BUNDLE, "--backend", "onnxruntime"), (32,), "onnxruntime/fp32"),
-        ("peer_onnxruntime_fp32", [sys.executable, str(peer), str(PEER / "fp32")], (32,), "onnxruntime/fp32"),
-        ("peer_onnxruntime_int8", [sys.executable, str(peer), str(PEER / "int8")], (32,), "onnxruntime/int8"),
-        ("peer_openvino_bf16", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "bf16"], (32,), "openvino/bf16"),
-        ("peer_openvino_f32", [sys.executable, str(peer), str(PEER / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
-        ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(FINETUNED)], (32,), "pytorch/fp32"),
-        (INSTANT, instant_serve(BUNDLE), (1, 32), "instant/none"),
+        ("romebert", romebert_serve(args.bundle), (1, 32), f"{backend}/{precision}"),
+        ("romebert_onnxruntime_fp32", romebert_serve(args.bundle, "--backend", "onnxruntime"), (32,), "onnxruntime/fp32"),
+        ("peer_onnxruntime_fp32", [sys.executable, str(peer), str(peers / "fp32")], (32,), "onnxruntime/fp32"),
+        ("peer_onnxruntime_int8", [sys.executable, str(peer), str(peers / "int8")], (32,), "onnxruntime/int8"),
+        ("peer_openvino_bf16", [sys.executable, str(peer), str(peers / "fp32"), "--backend", "openvino", "--precision", "bf16"], (32,), "openvino/bf16"),
+        ("peer_openvino_f32", [sys.executable, str(peer), str(peers / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
+        ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(args.finetuned)], (32,), "pytorch/fp32"),
+        (INSTANT, instant_serve(args.bundle), (1, 32), "instant/none"),
     ]
     if not openvino_available():
         print("OpenVINO offers no CPU device here: its rows are left out", flush=True)
@@ -215,7 +223,7 @@ def main() -> None:
             for users in concurrencies:
                 b, p = runs_on.split("/")
                 row = {"server": "romebert" if name.startswith("romebert") else "onnx_monolithic_batched" if name.startswith("peer") else "transformers_pipeline",
-                       "name": name, "backend": b, "precision": p, "test_acc": acc, "test_split_seed": seed} | measure(url, proc.pid, workload, users, args.duration)
+                       "name": name, "backend": b, "precision": p, "test_acc": acc, "test_split_seed": seed[1]} | measure(url, proc.pid, workload, users, args.duration)
                 rows.append(row)
                 print(row, flush=True)
     by = {(r["name"], r["concurrency"]): r for r in rows}
@@ -234,7 +242,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:<40} {v:.3f}")
     write_json(args.out, {
-        "bundle_backend": chosen, "default_threshold": bundle.default_threshold, "engine_p50_ms_batch1": round(engine_p50, 3),
+        "dataset": seeds["ours"][0], "bundle": str(args.bundle), "finetuned": str(args.finetuned), "bundle_backend": chosen, "default_threshold": bundle.default_threshold, "engine_p50_ms_batch1": round(engine_p50, 3),
         "model_core_ms_per_item": round(model_core_ms, 3), "fastest_peer": fastest_peer["name"], "duration_s": args.duration,
         "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "environment": environment(),
     })

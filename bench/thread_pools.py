@@ -104,7 +104,7 @@ def over_http(seconds: float) -> list[dict]:
     from bench.serve import measure, test_split
     from romebert.loadtest.driver import run_load
 
-    texts, _ = test_split(42)
+    texts, _ = test_split("rotten_tomatoes", 42)
     workload = one_text_each(texts)
     serve = romebert_serve(BUNDLE)
     servers = {
