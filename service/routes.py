@@ -25,7 +25,9 @@ from romebert.service.runtime import Phase, Runtime
 from romebert.service.schemas import ClassifyRequestBase, ClassifyResponse, ErrorResponse
 from romebert.service.tickets import Exit, Rejected, Ticket
 
-# Tokenizing this many characters takes about 0.1 ms: less than a hop to a thread and back.
+# Up to this many characters a request is tokenized on the loop (up to about 1 ms of it); handing
+# shorter texts to a thread freed the loop but served no more and answered a lone request later
+# (docs/results.md, "Tokenizing on the loop or in a thread").
 INLINE_TOKENIZE_CHARS = 2_000
 _NOT_READY = {503: {"model": ErrorResponse, "description": "loading, failed or shutting down"}}
 _PROMETHEUS_TEXT = {200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
