@@ -182,11 +182,13 @@ def main() -> None:
         return
     # Each model is scored on the test split of its own seed: bench/train.py's fine-tuned model
     # (seed 1) was trained on part of the default model's test split (seed 42), and vice versa.
-    seeds = {"ours": split_of(ROOT / bundle.manifest["source"]["checkpoint"]), "fine-tuned": split_of(args.finetuned)}
-    if seeds["ours"][0] != seeds["fine-tuned"][0]:
-        raise SystemExit(f"--bundle was trained on {seeds['ours'][0]}, --finetuned on {seeds['fine-tuned'][0]}: compare models of one dataset")
-    splits = {split: test_split(*split) for split in set(seeds.values())}
-    texts, _ = splits[seeds["ours"]]
+    dataset, ours_seed = split_of(ROOT / bundle.manifest["source"]["checkpoint"])
+    peer_dataset, peer_seed = split_of(args.finetuned)
+    if dataset != peer_dataset:
+        raise SystemExit(f"--bundle was trained on {dataset}, --finetuned on {peer_dataset}: compare models of one dataset")
+    seeds = {"ours": ours_seed, "fine-tuned": peer_seed}
+    splits = {seed: test_split(dataset, seed) for seed in set(seeds.values())}
+    texts, _ = splits[ours_seed]
     workload = one_text_each(texts)
     chosen = served_backend(bundle)
     backend, precision = chosen["backend"], chosen["precision"]
@@ -196,7 +198,7 @@ def main() -> None:
     model_core_ms = min(1000 / in_fresh_process(items_per_s, 1, 1, b, "random", args.bundle, backend, precision) for b in (1, 32))
     print(f"default bundle on {backend}/{precision}: engine batch-1 p50 {engine_p50:.2f} ms, model {model_core_ms:.3f} core-ms/item", flush=True)
 
-    peers = PEER / seeds["fine-tuned"][0]
+    peers = PEER / dataset
     for files in ("fp32", "int8"):
         exported(args.finetuned, peers / files, precision=files, monolithic=True)
     peer = ROOT / "bench" / "peer_server.py"
@@ -223,7 +225,7 @@ def main() -> None:
             for users in concurrencies:
                 b, p = runs_on.split("/")
                 row = {"server": "romebert" if name.startswith("romebert") else "onnx_monolithic_batched" if name.startswith("peer") else "transformers_pipeline",
-                       "name": name, "backend": b, "precision": p, "test_acc": acc, "test_split_seed": seed[1]} | measure(url, proc.pid, workload, users, args.duration)
+                       "name": name, "backend": b, "precision": p, "test_acc": acc, "test_split_seed": seed} | measure(url, proc.pid, workload, users, args.duration)
                 rows.append(row)
                 print(row, flush=True)
     by = {(r["name"], r["concurrency"]): r for r in rows}
@@ -242,7 +244,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:<40} {v:.3f}")
     write_json(args.out, {
-        "dataset": seeds["ours"][0], "bundle": str(args.bundle), "finetuned": str(args.finetuned), "bundle_backend": chosen, "default_threshold": bundle.default_threshold, "engine_p50_ms_batch1": round(engine_p50, 3),
+        "dataset": dataset, "bundle": str(args.bundle), "finetuned": str(args.finetuned), "bundle_backend": chosen, "default_threshold": bundle.default_threshold, "engine_p50_ms_batch1": round(engine_p50, 3),
         "model_core_ms_per_item": round(model_core_ms, 3), "fastest_peer": fastest_peer["name"], "duration_s": args.duration,
         "rows": rows, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "environment": environment(),
     })
