@@ -100,6 +100,8 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{root}: not a model bundle (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_file.read_text())
+    except OSError as err:  # permissions: a bundle built by another user, with private files
+        raise BundleError(f"{manifest_file}: cannot be read ({err.strerror})") from None
     except json.JSONDecodeError as err:
         raise BundleError(f"{manifest_file}: not valid JSON ({err})") from None
     version = manifest.get("format_version")
@@ -118,6 +120,10 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
             path = root / entry["file"]
             if not path.is_file():
                 raise BundleError(f"{path}: listed in the manifest but missing")
-            if sha256_file(path) != entry.get("sha256"):
+            try:
+                digest = sha256_file(path)
+            except OSError as err:
+                raise BundleError(f"{path}: cannot be read ({err.strerror})") from None
+            if digest != entry.get("sha256"):
                 raise BundleError(f"{path}: sha256 does not match the manifest (corrupt or modified bundle)")
     return bundle

@@ -26,18 +26,8 @@ def write_artifacts(out: Path, report: dict[str, Any], records: Sequence[Request
         out / "report.png": lambda tmp: plot_report(tmp, [r.latency_ms for r in records if r.ok], report),
     }
     for path, write in writers.items():
-        atomic_write(path, _readable(write))
+        atomic_write(path, write)
     return list(writers)
-
-
-def _readable(write: Callable[[Path], None]) -> Callable[[Path], None]:
-    """Temporary files are created private (0600); a report is for sharing (CI artifacts, volumes)."""
-
-    def wrapped(tmp: Path) -> None:
-        write(tmp)
-        tmp.chmod(0o644)
-
-    return wrapped
 
 
 def _write_csv(path: Path, records: Sequence[RequestRecord]) -> None:

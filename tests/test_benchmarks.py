@@ -49,3 +49,16 @@ def test_the_instant_server_is_the_real_server_whose_rows_all_leave_at_the_asked
         assert 'backend="instant/none"' in metrics  # served by the stand-in engine, through the real server's metrics
     bad = subprocess.run(command[:-1] + ["9", "--port", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--layers must be 1..3" in bad.stderr
+
+
+def test_the_serving_benchmark_refuses_a_bundle_and_a_peer_trained_on_different_data(tiny_bundle, tmp_path):
+    """A peer trained on other data would be scored on texts it was not trained for, and its
+    accuracy set beside ours on a different test split: refused before any server starts."""
+    peer = tmp_path / "imdb-finetuned"
+    peer.mkdir()
+    (peer / "training_record.json").write_text(json.dumps({"config": {"data": "imdb", "seed": 1}}))
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--bundle", str(tiny_bundle), "--finetuned", str(peer),
+                          "--out", str(tmp_path / "serve.json")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == "--bundle was trained on rotten_tomatoes, --finetuned on imdb: compare models of one dataset"
+    assert not (tmp_path / "serve.json").exists()

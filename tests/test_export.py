@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -177,6 +181,26 @@ def test_server_side_check_refuses_tampered_or_unknown_bundles(tiny_bundle, tmp_
     manifest = json.loads((copy / "manifest.json").read_text()) | {"format_version": 99}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="format_version"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize("private", ["manifest.json", "segments"])
+def test_a_bundle_this_user_cannot_read_is_refused_naming_the_file(tiny_bundle, tmp_path, monkeypatch, private):
+    """As one built by another user whose files are private (what export's files were before they
+    got the umask's modes). The tests may run as root, who reads anything: the refusal is simulated."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    unreadable = copy / "manifest.json" if private == "manifest.json" else copy / load_bundle(copy).segments[1].file
+    real_open = io.open
+
+    def open_as_another_user(file, *args, **kwargs):
+        if Path(file) == unreadable:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", open_as_another_user)  # pathlib's
+    monkeypatch.setattr(builtins, "open", open_as_another_user)
+    with pytest.raises(BundleError, match=re.escape(f"{unreadable}: cannot be read (Permission denied)")):
         load_bundle(copy)
 
 
