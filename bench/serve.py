@@ -20,6 +20,7 @@ so that the server's cost beyond the model follows. Writes bench/results/serve.j
 
     .venv/bin/python bench/serve.py [--duration 60] [--out bench/results/serve.json]   # needs artifacts/default-bundle and bench/train.py's checkpoints
     .venv/bin/python bench/serve.py --alternate 4 --duration 20 --out bench/results/serve_backends_alternated.json   # ours only, two backends in turns
+    .venv/bin/python bench/serve.py --alternate 3 --against "--pad-slack 1.5" --duration 30 --out ...   # ours against ours with other flags
     .venv/bin/python bench/serve.py --bundle B --finetuned C --out ...   # another pair of one dataset (IMDB: docs/results.md)
 
 The peer bundles (artifacts/bench/peer/<dataset>/{fp32,int8}): the fine-tuned model (by default
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import urllib.request
@@ -59,6 +61,7 @@ BUNDLE = ROOT / "artifacts" / "default-bundle"
 PEER = ROOT / "artifacts" / "bench" / "peer"  # the fine-tuned model: PEER/fp32, PEER/int8 (with --monolithic)
 INSTANT = "romebert_instant_engine"  # our server, its engine replaced by one that costs nothing
 FINETUNED = ROOT / "artifacts" / "bench" / "train" / "rotten_tomatoes" / "finetune" / "seed1" / "checkpoint"  # bench/train.py's
+ONNXRUNTIME = "--backend onnxruntime"  # --alternate's default other server: the same bundle on onnxruntime fp32
 
 
 def post(url: str, body: dict) -> dict:
@@ -128,16 +131,18 @@ def engine_batch1_p50_ms(bundle_path: Path, backend: str, precision: str, texts:
     return 1000 * float(np.median(times[50:]))
 
 
-def alternate(bundle, rounds: int, seconds: float, out: Path) -> None:
-    """Our default server against the same bundle on onnxruntime fp32, in turns: one run's single
-    pass cannot tell apart servers that differ by less than its noise (10-17% here)."""
+def alternate(bundle, rounds: int, seconds: float, out: Path, against: str = ONNXRUNTIME) -> None:
+    """Our default server against the same bundle served with the flags `against` (by default on
+    onnxruntime fp32), in turns: one run's single pass cannot tell apart servers that differ by
+    less than its noise (10-17% here)."""
     chosen = served_backend(bundle)
-    if (chosen["backend"], chosen["precision"]) == ("onnxruntime", "fp32"):
+    if against == ONNXRUNTIME and (chosen["backend"], chosen["precision"]) == ("onnxruntime", "fp32"):
         raise SystemExit("--alternate: this bundle already serves on onnxruntime fp32 by default; there is nothing to compare it with")
     texts, _ = test_split(*split_of(ROOT / bundle.manifest["source"]["checkpoint"]))
     workload = one_text_each(texts)
     logs = ROOT / "artifacts" / "bench"
-    names = {f"{chosen['backend']}/{chosen['precision']}": romebert_serve(bundle.root), "onnxruntime/fp32": romebert_serve(bundle.root, "--backend", "onnxruntime")}
+    other = "onnxruntime/fp32" if against == ONNXRUNTIME else against
+    names = {f"{chosen['backend']}/{chosen['precision']}": romebert_serve(bundle.root), other: romebert_serve(bundle.root, *shlex.split(against))}
     rows = []
     with ExitStack() as stack:
         servers = {name: stack.enter_context(running(command, logs / f"serve-alternate-{k}.log")) for k, (name, command) in enumerate(names.items())}
@@ -160,7 +165,7 @@ def alternate(bundle, rounds: int, seconds: float, out: Path) -> None:
             "server_cpu_ms_per_request": {name: pick(name, "server_cpu_ms_per_request") for name in names},
         }
         print(f"c{users}: {ours} over {before}, requests/s by round: {summary[f'c{users}']['requests_per_s_ratio_by_round']}")
-    write_json(out, {"bundle_backend": chosen, "rounds": rounds, "seconds_c32": seconds, "seconds_c1": seconds / 2, "rows": rows,
+    write_json(out, {"bundle_backend": chosen, "against": against, "rounds": rounds, "seconds_c32": seconds, "seconds_c1": seconds / 2, "rows": rows,
                      "summary": summary, "environment": environment()})
 
 
@@ -173,12 +178,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json",
                         help="where the results go (a run on another CPU model keeps the committed one: e.g. serve_amd.json)")
     parser.add_argument("--alternate", type=int, metavar="ROUNDS", default=0,
-                        help="instead: only our server on the bundle's backend against `--backend onnxruntime`, both up at "
+                        help="instead: only our server with its defaults against the same bundle served with --against, both up at "
                         "once, taking turns for ROUNDS rounds at c32 and c1 (the order swapped each round)")
+    parser.add_argument("--against", default=ONNXRUNTIME, metavar="FLAGS",
+                        help="with --alternate: the `romebert serve` flags of the other server (default: %(default)s)")
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     if args.alternate:
-        alternate(bundle, args.alternate, args.duration, args.out)
+        alternate(bundle, args.alternate, args.duration, args.out, args.against)
         return
     # Each model is scored on the test split of its own seed: bench/train.py's fine-tuned model
     # (seed 1) was trained on part of the default model's test split (seed 42), and vice versa.

@@ -1,8 +1,8 @@
 """Cohorts: rows at the same depth that share one hidden-state batch, formed, merged and shrunk.
 
 Rows are grouped by token length so that padding stays small: a group grows only while its
-padded size is at most PAD_SLACK times its real tokens, or it is no wider than SMALL_WIDTH (below
-that width a separate engine call costs more than the padding it saves). A cohort is padded once,
+padded size is at most the limit's `pad_slack` times its real tokens, or it is no wider than
+SMALL_WIDTH (below that width a separate engine call costs more than the padding it saves). A cohort is padded once,
 when it is formed; merging cohorts pads hidden states along the sequence axis, which is exact for
 BERT (see Engine.merge).
 """
@@ -20,7 +20,7 @@ from romebert.core.engine import HiddenBatch
 from romebert.core.tokenization import Encoded, pad
 from romebert.service.tickets import Row
 
-PAD_SLACK = 1.5
+PAD_SLACK = 1.25  # the default: against 1.5, fewer padded tokens paid for more, smaller calls (docs/results.md, "Padding slack")
 SMALL_WIDTH = 16
 
 
@@ -69,11 +69,15 @@ class BatchLimit:
     """How many rows one batch may hold: at most `max_rows`, and, as the engine pads it, at most
     `max_tokens` rows x tokens, so that wide rows come in smaller batches. The engine's largest
     shape, and with it the memory OpenVINO keeps for it, follows from `max_tokens` rather than
-    from `max_rows` x the bundle's max length. One row of any width always fits."""
+    from `max_rows` x the bundle's max length. One row of any width always fits. Rows of
+    different lengths share a batch only while its padded size stays within `pad_slack` times
+    their real tokens (or it is at most SMALL_WIDTH wide)."""
 
-    def __init__(self, max_rows: int, max_tokens: float, padded_shape: Callable[[int, int], tuple[int, int]]):
+    def __init__(self, max_rows: int, max_tokens: float, padded_shape: Callable[[int, int], tuple[int, int]],
+                 pad_slack: float = PAD_SLACK):
         self.max_rows = max_rows
         self.max_tokens = max_tokens
+        self.pad_slack = pad_slack
         self.padded_shape = padded_shape  # the engine's: the shape it runs a batch at
         self._rows_at: dict[int, int] = {}
 
@@ -88,11 +92,11 @@ class BatchLimit:
 
 
 def _fits(rows: int, width: int, tokens: int, limit: BatchLimit) -> bool:
-    return rows <= limit.rows_at(width) and (width <= SMALL_WIDTH or rows * width <= PAD_SLACK * tokens)
+    return rows <= limit.rows_at(width) and (width <= SMALL_WIDTH or rows * width <= limit.pad_slack * tokens)
 
 
 def length_groups(rows: list[Row], limit: BatchLimit) -> list[list[Row]]:
-    """Rows in groups of similar length (see PAD_SLACK), each within the batch limit."""
+    """Rows in groups of similar length (see BatchLimit's pad_slack), each within the batch limit."""
     groups: list[list[Row]] = []
     tokens = 0
     for n, row in sorted(((len(row), row) for row in rows), key=lambda pair: pair[0]):
@@ -108,7 +112,7 @@ def length_groups(rows: list[Row], limit: BatchLimit) -> list[list[Row]]:
 def oldest_group(rows: list[Row], limit: BatchLimit) -> list[Row]:
     """The length group of the oldest row (rows come oldest first): its oldest rows, as many as
     the batch limit lets a batch of the group's width hold."""
-    unlimited = BatchLimit(len(rows), math.inf, limit.padded_shape)  # grouped by length alone, then cut by age
+    unlimited = BatchLimit(len(rows), math.inf, limit.padded_shape, limit.pad_slack)  # grouped by length alone, then cut by age
     group = set(next(g for g in length_groups(rows, unlimited) if rows[0] in g))  # rows compare by identity
     return [row for row in rows if row in group][: limit.rows_at(max(len(row) for row in group))]
 
@@ -119,7 +123,7 @@ def form(rows: list[Row], engine: EngineLike, order: itertools.count, limit: Bat
 
 
 def merge_same_depth(cohorts: list[Cohort], engine: EngineLike, limit: BatchLimit) -> list[Cohort]:
-    """Merge cohorts at the same depth while the result stays within the batch limit and PAD_SLACK."""
+    """Merge cohorts at the same depth while the result stays within the batch limit and its padding slack."""
     out: list[Cohort] = []
     for _, same_depth in itertools.groupby(sorted(cohorts, key=lambda c: (c.depth, c.width)), key=lambda c: c.depth):
         runs: list[list[Cohort]] = []

@@ -60,11 +60,24 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
+def _wrong_form(err: dict[str, Any]) -> bool:
+    """`text` is a string or a list, and pydantic reports what each form thinks of the input; the
+    form that only says "not a string" of a list (or "not a list" of a string) is not the one the
+    client sent, and its complaint hides the real one."""
+    kind, value = err.get("type"), err.get("input")
+    return (kind == "string_type" and isinstance(value, list)) or (kind == "list_type" and isinstance(value, str))
+
+
 def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     """pydantic's errors as [{field, message, type}]; `field` is e.g. "text[2]", without the
-    "body" prefix and the union-member tags ("str", "list[str]") pydantic puts in locations."""
+    "body" prefix and the union-member tags ("str", "list[str]") pydantic puts in locations. A
+    field's wrong-form complaints are left out when it has another error."""
+    tops = [next((part for part in err.get("loc", ()) if part != "body"), None) for err in errors]
+    explained = {top for top, err in zip(tops, errors) if not _wrong_form(err)}
     details = []
-    for err in errors:
+    for top, err in zip(tops, errors):
+        if _wrong_form(err) and top in explained:
+            continue
         loc = [part for part in err.get("loc", ()) if part != "body"]
         if loc and isinstance(loc[0], str):
             field = loc[0] + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))

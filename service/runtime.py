@@ -127,7 +127,7 @@ class Runtime:
             engine = self.engine_factory(bundle, self.settings)
             encoder = TextEncoder(bundle.tokenizer_file, bundle.max_length)
             cost_model = self.cost_model or EwmaCostModel(engine.num_layers)
-            limit = BatchLimit(self.settings.max_batch, self.settings.max_batch_tokens, engine.padded_shape)
+            limit = BatchLimit(self.settings.max_batch, self.settings.max_batch_tokens, engine.padded_shape, self.settings.pad_slack)
             seconds_per_row = warm_up(engine, cost_model, limit, bundle.max_length)
             admission = Admission(
                 self.metrics, max_queue=self.settings.max_queue, max_queue_wait_s=self.settings.max_queue_wait_ms / 1000,

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from romebert.service.cohorts import PAD_SLACK, SMALL_WIDTH
 from romebert.service.policy import POLICIES
 
 
@@ -46,6 +47,9 @@ class Settings:
     max_batch_tokens: int = _setting(2048, "rows x padded tokens the engine runs together at most (wider rows come in smaller "
                                      "batches; one row of any length always runs): bounds the largest shape, and so the memory "
                                      "OpenVINO keeps for it")
+    pad_slack: float = _setting(PAD_SLACK, "rows of different lengths share a batch only while, padded to the longest, it holds at "
+                                f"most this many times their real tokens (rows up to {SMALL_WIDTH} tokens wide share freely): higher "
+                                "means fuller batches and more padding, lower more and smaller engine calls")
     max_wait_ms: float = _setting(0.0, "how long an idle worker waits for a batch to fill (0: a lone request starts at once; "
                                   "under load, batches fill while the engine runs)")
     max_queue_wait_ms: float = _setting(250.0, "admission bound: a request is let in only when its predicted queue wait fits, "
@@ -74,6 +78,8 @@ class Settings:
             raise SettingsError(f"port must be at most 65535, not {self.port}")
         if self.threads is not None and self.threads <= 0:
             raise SettingsError(f"threads must be positive, not {self.threads}")
+        if not self.pad_slack >= 1:
+            raise SettingsError(f"pad_slack must be at least 1 (a batch holds at least its real tokens), not {self.pad_slack}")
         if self.max_wait_ms < 0:
             raise SettingsError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
         for name in ("max_queue_wait_ms", "max_loop_lag_ms", "request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_timeout_s"):

@@ -62,3 +62,14 @@ def test_the_serving_benchmark_refuses_a_bundle_and_a_peer_trained_on_different_
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == "--bundle was trained on rotten_tomatoes, --finetuned on imdb: compare models of one dataset"
     assert not (tmp_path / "serve.json").exists()
+
+
+def test_the_padding_benchmark_runs_the_real_scheduler_at_each_slack_and_a_higher_slack_pads_more(tiny_bundle, tmp_path):
+    out = tmp_path / "padding.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "padding.py"), "--bundle", str(tiny_bundle), "--seconds", "1", "--rounds", "1",
+                    "--slacks", "1,3", "--users", "8", "--out", str(out)], check=True, timeout=300)
+    tight, loose = json.loads(out.read_text())["rows"]
+    assert (tight["pad_slack"], loose["pad_slack"]) == (1.0, 3.0)
+    assert 1.0 <= tight["padded_per_real_token"] < loose["padded_per_real_token"]
+    assert tight["rows_per_layer_call"] < loose["rows_per_layer_call"]
+    assert tight["items_per_s"] > 0 and loose["items_per_s"] > 0

@@ -297,6 +297,18 @@ def test_a_422_says_what_is_wrong_with_the_text(client):
     assert re.search(r"at character 13\)$", message(b'{"text": "a",}'))  # where the JSON broke
 
 
+def test_a_422_on_text_speaks_of_the_form_the_client_sent(client):
+    """`text` is a string or a list; a complaint of the other form ("not a valid list" of a
+    string) is noise beside the real one, and stays only when it is the only one."""
+    def messages(body: dict) -> list[str]:
+        return [d["message"] for d in client.post("/classify", json=body).json()["error"]["details"]]
+
+    assert messages({"text": []}) == ["List should have at least 1 item after validation, not 0"]
+    assert messages({"text": "  "}) == ["empty or whitespace only"]
+    assert messages({"text": ["fine", 5]}) == ["Input should be a valid string"]
+    assert messages({"text": 5}) == ["Input should be a valid string", "Input should be a valid list"]
+
+
 @pytest.mark.parametrize("status,outcome", [(200, "ok"), (400, "invalid"), (408, "slow_client"), (413, "too_large"), (415, "invalid"),
                                             (422, "invalid"), (429, "overloaded"), (499, "cancelled"), (500, "error"), (503, "overloaded")])
 def test_every_status_counts_as_its_outcome(status, outcome):
@@ -353,6 +365,18 @@ def test_metrics_parse_and_the_exit_histogram_mean_is_the_mean_exit_served(tiny_
     (info,) = [dict(k[1]) for k in samples if k[0] == "romebert_model_info"]
     assert info.pop("model") and info == {"num_layers": "3", "precision": "fp32", "labels": "negative,positive",
                                           "device": "cpu", "backend": "onnxruntime/fp32", "providers": "CPUExecutionProvider"}
+
+
+def test_pad_slack_decides_whether_rows_of_different_lengths_share_a_batch(tiny_bundle):
+    texts = ["film " * 15, "film " * 28]  # 17 and 30 tokens: padded to 30, 60 tokens for 47 real ones (1.28x)
+    layer_calls = {}
+    for slack in (1.0, 1.25, 1.5):
+        with TestClient(create_app(settings(tiny_bundle, pad_slack=slack))) as client:
+            wait_ready(client)
+            before = metric_samples(client.get("/metrics").text)[("romebert_batch_size_count", ())]
+            assert all(r["exit_layer"] == 3 for r in client.post("/classify", json={"text": texts, "entropy_threshold": 0.0}).json()["results"])
+            layer_calls[slack] = metric_samples(client.get("/metrics").text)[("romebert_batch_size_count", ())] - before
+    assert layer_calls == {1.0: 2 * 3, 1.25: 2 * 3, 1.5: 3}  # a batch a row through 3 layers, or one for both
 
 
 # -- load, readiness and shutdown ------------------------------------------------------------------

@@ -335,15 +335,17 @@ def in_fours(rows: int, width: int) -> tuple[int, int]:
     return -(-rows // 4) * 4, width
 
 
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.sampled_from([math.inf, 64, 600, 2048]))
-@example([1, SMALL_WIDTH], math.inf).via("at the small width, padding is free")
-@example([20, 60], math.inf).via("padding exactly at the slack: 2 x 60 = 1.5 x 80")
-@example([10] * 12, 64).via("the token limit, not padding, ends a group of equal rows: 4 rows pad to 4 x 10 < 64 < 8 x 10")
-@example([300], 64).via("one row wider than the token limit still forms a group")
-def test_length_groups_grow_while_their_padding_stays_within_the_slack_and_the_batch_limit_and_no_longer(lengths, max_tokens):
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.sampled_from([math.inf, 64, 600, 2048]),
+       st.sampled_from([1.0, PAD_SLACK, 1.5, 3.0]))
+@example([1, SMALL_WIDTH], math.inf, 1.0).via("at the small width, padding is free")
+@example([20, 60], math.inf, 1.5).via("padding exactly at the slack: 2 x 60 = 1.5 x 80")
+@example([20, 30], math.inf, 1.2).via("padding exactly at the slack: 2 x 30 = 1.2 x 50")
+@example([10] * 12, 64, PAD_SLACK).via("the token limit, not padding, ends a group of equal rows: 4 rows pad to 4 x 10 < 64 < 8 x 10")
+@example([300], 64, PAD_SLACK).via("one row wider than the token limit still forms a group")
+def test_length_groups_grow_while_their_padding_stays_within_the_slack_and_the_batch_limit_and_no_longer(lengths, max_tokens, slack):
     fresh = [Row(token_row, 0.0, 0.0, math.inf, None, i) for i, token_row in enumerate(  # grouping reads lengths only
         TokenRow(np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64), False) for n in lengths)]
-    groups = length_groups(fresh, BatchLimit(16, max_tokens, in_fours))
+    groups = length_groups(fresh, BatchLimit(16, max_tokens, in_fours, slack))
     sizes = [[len(row) for row in group] for group in groups]
     assert sorted(n for group in sizes for n in group) == sorted(lengths)  # every row once
     assert [n for group in sizes for n in group] == sorted(lengths)  # groups of neighbours in length
@@ -351,7 +353,7 @@ def test_length_groups_grow_while_their_padding_stays_within_the_slack_and_the_b
     def fits(group: list[int]) -> bool:
         padded_rows = in_fours(len(group), max(group))[0]
         within_limit = len(group) == 1 or (len(group) <= 16 and padded_rows * max(group) <= max_tokens)
-        return within_limit and (max(group) <= SMALL_WIDTH or len(group) * max(group) <= PAD_SLACK * sum(group))
+        return within_limit and (max(group) <= SMALL_WIDTH or len(group) * max(group) <= slack * sum(group))
 
     assert all(fits(group) for group in sizes)
     # a group ends only where its next row would break the rule

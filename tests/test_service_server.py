@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -65,6 +66,8 @@ def test_an_empty_variable_is_unset_and_a_flag_left_out_keeps_the_variable():
     {"max_wait_ms": -0.1},
     {"max_wait_ms": 250.0, "max_queue_wait_ms": 250.0},  # a batching window as long as the wait bound
     {"max_items": 65, "max_queue": 64},  # a request that could never be queued
+    {"pad_slack": 0.99},  # a batch cannot hold fewer tokens than its rows have
+    {"pad_slack": math.nan},
 ])
 def test_settings_out_of_range_are_refused(values):
     with pytest.raises(SettingsError, match=next(iter(values))):
@@ -74,7 +77,7 @@ def test_settings_out_of_range_are_refused(values):
 def test_the_edges_of_every_range_are_accepted():
     Settings(port=1, workers=1, threads=1, max_batch=1, max_batch_tokens=1, max_queue=1, max_items=1, max_body_bytes=1, max_wait_ms=0.0,
              max_queue_wait_ms=0.001, max_loop_lag_ms=0.001, request_timeout_s=0.001, header_timeout_s=0.001, body_timeout_s=0.001,
-             keep_alive_s=0.001, graceful_timeout_s=0.001)
+             keep_alive_s=0.001, graceful_timeout_s=0.001, pad_slack=1.0)
     Settings(port=65535)
 
 
