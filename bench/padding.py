@@ -10,6 +10,7 @@ layer call and padded tokens per real token in the layer calls (the engine's cal
 a wrapper that reads each call's mask). Writes bench/results/padding.json (or --out).
 
     .venv/bin/python bench/padding.py            # about 6 minutes; needs artifacts/default-bundle
+    .venv/bin/python bench/padding.py --backend openvino --precision f32 --slacks 1.25,1.5 --out ...
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default="auto")
+    parser.add_argument("--precision", choices=("bf16", "f32"), default="bf16", help="with --backend openvino")
     parser.add_argument("--slacks", type=lambda s: [float(x) for x in s.split(",")], default=list(SLACKS))
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -103,7 +105,8 @@ def main() -> None:
     args = parser.parse_args()
 
     bundle = load_bundle(args.bundle)
-    served = served_backend(bundle) if args.backend == "auto" else {"backend": args.backend, "precision": "bf16"}
+    served = (served_backend(bundle) if args.backend == "auto" else
+              {"backend": args.backend, "precision": args.precision if args.backend == "openvino" else bundle.precision})
     engine = CountingEngine(Engine(bundle, device="cpu", backend=served["backend"], precision=served["precision"]))
     dataset, seed = split_of(ROOT / bundle.manifest["source"]["checkpoint"])
     texts, _ = test_split(dataset, seed)
