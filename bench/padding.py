@@ -55,10 +55,13 @@ class CountingEngine:
         return getattr(self.engine, name)
 
     def layer(self, i: int, state: HiddenBatch) -> tuple[HiddenBatch, np.ndarray]:
+        """Counts real rows and their tokens; an engine that pads to shape buckets (OpenVINO) fills
+        the bucket with copies of the last row, which count as padding."""
         mask = state.attention_mask
+        rows = mask.shape[0] if state.rows < 0 else state.rows
         self.calls += 1
-        self.rows += mask.shape[0]
-        self.real += int(mask.sum())
+        self.rows += rows
+        self.real += int(mask[:rows].sum())
         self.padded += mask.size
         return self.engine.layer(i, state)
 

@@ -2,9 +2,9 @@
 
 Rows are grouped by token length so that padding stays small: a group grows only while its
 padded size is at most the limit's `pad_slack` times its real tokens, or it is no wider than
-SMALL_WIDTH (below that width a separate engine call costs more than the padding it saves). A cohort is padded once,
-when it is formed; merging cohorts pads hidden states along the sequence axis, which is exact for
-BERT (see Engine.merge).
+SMALL_WIDTH (below that width a separate engine call costs more than the padding it saves). A
+cohort is padded once, when it is formed; merging cohorts pads hidden states along the sequence
+axis, which is exact for BERT (see Engine.merge).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from romebert.core.engine import HiddenBatch
 from romebert.core.tokenization import Encoded, pad
 from romebert.service.tickets import Row
 
-PAD_SLACK = 1.25  # the default: against 1.5, fewer padded tokens paid for more, smaller calls (docs/results.md, "Padding slack")
+PAD_SLACK = 1.25  # the default (was 1.5): the padding it saves outweighs its smaller batches (docs/results.md, "Padding slack")
 SMALL_WIDTH = 16
 
 
