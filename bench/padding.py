@@ -6,8 +6,8 @@ test texts one a request at the bundle's default threshold, 32 closed-loop clien
 runs `--seconds` at a time and the slacks take turns for `--rounds` rounds, so that drift in the
 machine's load hits them alike. A higher slack makes fuller batches that carry more padding; a
 lower one more and smaller engine calls. Per slack: items/s, the process's CPU per item, rows per
-layer call and padded tokens per real token in the layer calls (the engine's calls are counted by
-a wrapper that reads each call's mask). Writes bench/results/padding.json (or --out).
+layer call and padded tokens per real token in the layer calls (the scheduler's own metrics,
+romebert_batch_size and romebert_layer_tokens). Writes bench/results/padding.json (or --out).
 
     .venv/bin/python bench/padding.py            # about 6 minutes; needs artifacts/default-bundle
     .venv/bin/python bench/padding.py --backend openvino --precision f32 --slacks 1.25,1.5 --out ...
@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import environment, served_backend  # noqa: E402
 from bench.serve import split_of, test_split  # noqa: E402
+from romebert.core import metric_names as names  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
-from romebert.core.engine import Engine, HiddenBatch  # noqa: E402
+from romebert.core.engine import Engine  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 from romebert.core.tokenization import TextEncoder, TokenRow  # noqa: E402
 from romebert.service.admission import Admission  # noqa: E402
@@ -44,31 +45,10 @@ BUNDLE = ROOT / "artifacts" / "default-bundle"
 SLACKS = (1.0, 1.15, PAD_SLACK, 1.5, 2.0)
 
 
-class CountingEngine:
-    """The engine, with every layer call's real and padded tokens counted."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.calls = self.rows = self.real = self.padded = 0
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
-
-    def layer(self, i: int, state: HiddenBatch) -> tuple[HiddenBatch, np.ndarray]:
-        """Counts real rows and their tokens; an engine that pads to shape buckets (OpenVINO) fills
-        the bucket with copies of the last row, which count as padding."""
-        mask = state.attention_mask
-        rows = mask.shape[0] if state.rows < 0 else state.rows
-        self.calls += 1
-        self.rows += rows
-        self.real += int(mask[:rows].sum())
-        self.padded += mask.size
-        return self.engine.layer(i, state)
-
-
-async def closed_loop(engine: CountingEngine, limit: BatchLimit, rows: list[TokenRow], threshold: float, users: int,
+async def closed_loop(engine: Engine, limit: BatchLimit, rows: list[TokenRow], threshold: float, users: int,
                       seconds: float, seed: int) -> dict:
-    """`users` clients, each sending one row and the next once answered, for `seconds`."""
+    """`users` clients, each sending one row and the next once answered, for `seconds`; the batches
+    and their padding as the scheduler's own metrics count them."""
     metrics = Metrics(engine.num_layers)
     admission = Admission(metrics, max_queue=1 << 20, max_queue_wait_s=3600.0, workers=1, seconds_per_row=0.0)
     defaults = Settings()
@@ -77,7 +57,6 @@ async def closed_loop(engine: CountingEngine, limit: BatchLimit, rows: list[Toke
     scheduler.start()
     rng = np.random.default_rng(seed)
     answered = 0
-    engine.calls = engine.rows = engine.real = engine.padded = 0
     started, cpu_started = time.perf_counter(), time.process_time()
     stop = started + seconds
 
@@ -91,8 +70,12 @@ async def closed_loop(engine: CountingEngine, limit: BatchLimit, rows: list[Toke
     await asyncio.gather(*(client() for _ in range(users)))
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     admission.close()
+    value = metrics.registry.get_sample_value
+    _, rows_name, calls_name = names.series(names.BATCH_SIZE)
+    (tokens_name,) = names.series(names.LAYER_TOKENS)
+    real, padding = (value(tokens_name, {"kind": kind}) for kind in ("real", "padding"))
     return {"items_per_s": round(answered / elapsed, 1), "core_ms_per_item": round(1000 * cpu / answered, 3),
-            "rows_per_layer_call": round(engine.rows / engine.calls, 2), "padded_per_real_token": round(engine.padded / engine.real, 3)}
+            "rows_per_layer_call": round(value(rows_name) / value(calls_name), 2), "padded_per_real_token": round((real + padding) / real, 3)}
 
 
 def main() -> None:
@@ -110,7 +93,7 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     served = (served_backend(bundle) if args.backend == "auto" else
               {"backend": args.backend, "precision": args.precision if args.backend == "openvino" else bundle.precision})
-    engine = CountingEngine(Engine(bundle, device="cpu", backend=served["backend"], precision=served["precision"]))
+    engine = Engine(bundle, device="cpu", backend=served["backend"], precision=served["precision"])
     dataset, seed = split_of(ROOT / bundle.manifest["source"]["checkpoint"])
     texts, _ = test_split(dataset, seed)
     rows = TextEncoder(bundle.tokenizer_file, bundle.max_length).tokenize(texts, None)

@@ -24,6 +24,8 @@ QUEUE_WAIT = Metric("romebert_queue_wait_seconds", "histogram", "time a row wait
 BATCH_SIZE = Metric("romebert_batch_size", "histogram", "rows in each engine layer call (the survivors of earlier exits)")
 EXIT_LAYER = Metric("romebert_exit_layer", "histogram", "exit layer of each answered item (one bucket per layer)")
 LAYERS_EXECUTED = Metric("romebert_layers_executed", "counter", "encoder layers run, summed over answered items")
+LAYER_TOKENS = Metric("romebert_layer_tokens", "counter", "token positions run through encoder layers, by kind: the rows' own "
+                      "tokens (real) or padding (rows of different lengths in one batch, shape buckets)", ("kind",))
 BUDGET_EXHAUSTED = Metric("romebert_budget_exhausted", "counter", "items answered early because the next layer would overrun their latency budget")
 REJECTED = Metric("romebert_rejected_requests", "counter", "requests turned away before any work, by reason", ("reason",))
 SHED_ROWS = Metric("romebert_shed_rows", "counter", "rows dropped from the queue or a batch without an answer from the model, by reason", ("reason",))
@@ -33,7 +35,7 @@ QUEUE_DEPTH = Metric("romebert_queue_depth", "gauge", "rows waiting for a worker
 MODEL = Metric("romebert_model", "info", "the model bundle being served and the device it runs on")
 
 METRICS: tuple[Metric, ...] = (
-    REQUESTS, REQUEST_DURATION, QUEUE_WAIT, BATCH_SIZE, EXIT_LAYER, LAYERS_EXECUTED, BUDGET_EXHAUSTED,
+    REQUESTS, REQUEST_DURATION, QUEUE_WAIT, BATCH_SIZE, EXIT_LAYER, LAYERS_EXECUTED, LAYER_TOKENS, BUDGET_EXHAUSTED,
     REJECTED, SHED_ROWS, PREDICTED_WAIT, INFLIGHT, QUEUE_DEPTH, MODEL,
 )
 
@@ -41,6 +43,7 @@ METRICS: tuple[Metric, ...] = (
 OUTCOMES = ("ok", "invalid", "too_large", "slow_client", "overloaded", "cancelled", "error")
 REJECT_REASONS = ("predicted_wait", "loop_lag", "budget", "queue_full", "draining")
 SHED_REASONS = ("expired", "cancelled", "draining", "worker_failed")
+TOKEN_KINDS = ("real", "padding")
 
 
 def series(metric: Metric) -> tuple[str, ...]:

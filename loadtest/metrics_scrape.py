@@ -20,8 +20,8 @@ from romebert.core import metric_names as names
 
 EXIT_BUCKET, EXIT_SUM, EXIT_COUNT = names.series(names.EXIT_LAYER)
 _, BATCH_SUM, BATCH_COUNT = names.series(names.BATCH_SIZE)
-(REQUESTS_TOTAL,), (LAYERS_TOTAL,), (BUDGET_TOTAL,), (REJECTED_TOTAL,), (SHED_TOTAL,) = (
-    names.series(m) for m in (names.REQUESTS, names.LAYERS_EXECUTED, names.BUDGET_EXHAUSTED, names.REJECTED, names.SHED_ROWS))
+(REQUESTS_TOTAL,), (LAYERS_TOTAL,), (TOKENS_TOTAL,), (BUDGET_TOTAL,), (REJECTED_TOTAL,), (SHED_TOTAL,) = (
+    names.series(m) for m in (names.REQUESTS, names.LAYERS_EXECUTED, names.LAYER_TOKENS, names.BUDGET_EXHAUSTED, names.REJECTED, names.SHED_ROWS))
 (MODEL_INFO,) = names.series(names.MODEL)
 
 # sample name -> label set (sorted pairs) -> value
@@ -63,6 +63,7 @@ class ServerDelta:
     rejected_by_reason: dict[str, float]  # requests turned away at the door, before any work
     shed_rows_by_reason: dict[str, float]  # rows admitted, then dropped unanswered (the other 503s)
     mean_batch_size: float | None  # rows per engine layer call: how well the server batched under this load
+    padding_share: float | None  # of the token positions its layer calls ran, the share that was padding
     model: dict[str, str] = field(default_factory=dict)  # romebert_model_info labels
     restarted: bool = False  # a counter went down: the server restarted, the delta covers only its new life
 
@@ -73,6 +74,7 @@ def delta(before: Samples, after: Samples) -> ServerDelta:
         before = {}
     count, total, calls, rows = (_grown(before, after, name) for name in (EXIT_COUNT, EXIT_SUM, BATCH_COUNT, BATCH_SUM))
     info = next(iter(after.get(MODEL_INFO, {})), ())
+    tokens = {kind: 0.0 for kind in names.TOKEN_KINDS} | _by_label(before, after, TOKENS_TOTAL, "kind")
     return ServerDelta(
         items=count,
         average_exit_layer=total / count if count > 0 else None,
@@ -83,6 +85,7 @@ def delta(before: Samples, after: Samples) -> ServerDelta:
         rejected_by_reason=_by_label(before, after, REJECTED_TOTAL, "reason"),
         shed_rows_by_reason=_by_label(before, after, SHED_TOTAL, "reason"),
         mean_batch_size=rows / calls if calls > 0 else None,
+        padding_share=tokens["padding"] / sum(tokens.values()) if sum(tokens.values()) > 0 else None,
         model=dict(info),
         restarted=restarted,
     )

@@ -174,7 +174,8 @@ def _exit_lines(exit_depth: dict[str, Any]) -> list[str]:
     lines.append(f"  {'exit layers':<13}" + "  ".join(f"L{k}: {100 * v / total:.1f}%" for k, v in exit_depth["exit_layers"].items()))
     server = exit_depth["server"] or {}
     if server.get("mean_batch_size") is not None:
-        lines.append(f"  {'engine':<13}{server['mean_batch_size']:.1f} rows per layer call on average")
+        padding = "" if server.get("padding_share") is None else f", {100 * server['padding_share']:.0f}% of their token positions padding"
+        lines.append(f"  {'engine':<13}{server['mean_batch_size']:.1f} rows per layer call on average{padding}")
     for key, label, unit in (("rejected_by_reason", "refused", "requests"), ("shed_rows_by_reason", "shed", "rows")):
         if server.get(key):
             lines.append(f"  {label:<13}" + ", ".join(f"{k}: {v:g}" for k, v in server[key].items()) + f" {unit} (server /metrics)")

@@ -6,6 +6,7 @@ share counts. No metric carries a per-request label.
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from romebert.core import metric_names as names
@@ -51,6 +52,7 @@ class Metrics:
         # One bucket per layer: bucket counts are exit-layer counts, _sum/_count the mean exit depth.
         self.exit_layer = histogram(names.EXIT_LAYER, tuple(range(1, num_layers + 1)))
         self.layers_executed = counter(names.LAYERS_EXECUTED)
+        self.layer_tokens = counter(names.LAYER_TOKENS, names.TOKEN_KINDS)
         self.budget_exhausted = counter(names.BUDGET_EXHAUSTED)
         self.rejected = counter(names.REJECTED, names.REJECT_REASONS)
         self.shed_rows = counter(names.SHED_ROWS, names.SHED_REASONS)
@@ -63,6 +65,14 @@ class Metrics:
         """One POST /classify answered with `status` after `seconds` (whichever layer answered it)."""
         self.requests.labels(outcome_of(status)).inc()
         self.request_duration.observe(seconds)
+
+    def layer_ran(self, rows: int, attention_mask: np.ndarray) -> None:
+        """One engine layer call on `rows` real rows; the mask's other positions (and any rows
+        past `rows`, an engine's shape-bucket fill) were padding."""
+        real = int(attention_mask[:rows].sum())
+        self.batch_size.observe(rows)
+        self.layer_tokens.labels("real").inc(real)
+        self.layer_tokens.labels("padding").inc(attention_mask.size - real)
 
     def answered(self, exit_layer: int, budget_exhausted: bool) -> None:
         """One item answered from `exit_layer` after running exactly that many layers."""

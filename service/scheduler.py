@@ -182,11 +182,11 @@ class Scheduler:
 
     def _step(self, cohort: Cohort) -> int:
         """Run the cohort's next layer; answer the rows that leave after it; return how many left."""
-        rows, width = len(cohort.rows), cohort.width
+        rows, width, mask = len(cohort.rows), cohort.width, cohort.state.attention_mask
         started = time.perf_counter()
         cohort.state, cohort.logits = self.engine.layer(cohort.depth, cohort.state)
         self.cost_model.observe(cohort.depth, rows, width, time.perf_counter() - started)
-        self.metrics.batch_size.observe(rows)
+        self.metrics.layer_ran(rows, mask)
         cohort.depth += 1
         last = cohort.depth == self.engine.num_layers
         thresholds = cohort.thresholds

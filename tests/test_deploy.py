@@ -350,7 +350,7 @@ def test_promql_parses_and_names_only_exported_metrics():
     # the dashboard's must-have panels are there
     for series in ("romebert_exit_layer_sum", "romebert_exit_layer_count", "romebert_exit_layer_bucket",
                    "romebert_request_duration_seconds_bucket", "romebert_requests_total", "romebert_queue_wait_seconds_bucket",
-                   "romebert_batch_size_sum", "romebert_budget_exhausted_total"):
+                   "romebert_batch_size_sum", "romebert_budget_exhausted_total", "romebert_layer_tokens_total"):
         assert series in seen, series
 
 

@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
@@ -251,7 +252,7 @@ def test_a_report_counts_rates_and_percentiles_exactly_as_the_records_say():
         RequestRecord(3.0, 20.0, 0.0, 200, "threshold=0", 1, (6,)),
     ]
     config = {"url": "x", "users": 4, "batch": 1, "rate": 2.0}
-    counted_nothing = ServerDelta(0, None, {}, 0, 0, {}, {}, {}, None)
+    counted_nothing = ServerDelta(0, None, {}, 0, 0, {}, {}, {}, None, None)
     report = build_report(config, RunResult(records, 0.5, "duration", 0), counted_nothing, None)
     assert report["requests"] == {"completed": 4, "ok": 3, "failed": 1, "error_rate": 0.25,
                                   "by_status": {"200": 3, "503": 1}, "errors": {"overloaded": 1}}
@@ -298,25 +299,27 @@ def test_the_server_delta_is_what_the_server_counted_during_the_run_and_after_a_
 
     for layer in (3, 3, 3):  # before the run
         metrics.answered(layer, False)
-    metrics.batch_size.observe(10)
+    metrics.layer_ran(10, np.ones((10, 4)))
     metrics.responded(200, 0.01)
     metrics.rejected.labels("predicted_wait").inc()
     before = snapshot()
     for layer in (1, 1, 2):
         metrics.answered(layer, False)
-    metrics.batch_size.observe(2)
-    metrics.batch_size.observe(4)
+    metrics.layer_ran(2, np.array([[1, 1, 0, 0], [1, 1, 1, 1]]))  # 6 real tokens, 2 padding
+    metrics.layer_ran(3, np.array([[1, 1], [1, 1], [1, 0], [1, 1]]))  # 3 real rows and a shape bucket's copy: 5 real, 3 padding
     metrics.responded(200, 0.01)
     metrics.responded(499, 0.01)
     run = delta(before, snapshot())
-    assert (run.items, run.average_exit_layer, run.mean_batch_size, run.restarted) == (3, 4 / 3, 3.0, False)
+    assert (run.items, run.average_exit_layer, run.mean_batch_size, run.restarted) == (3, 4 / 3, 2.5, False)
+    assert run.padding_share == 5 / 16
     assert run.exit_layers == {"1": 2, "2": 1, "3": 0}  # every layer listed, the ones nobody left at too
     assert run.requests_by_outcome == {"ok": 1, "cancelled": 1} and run.rejected_by_reason == {}
 
     idle = delta(before, before)  # nothing answered during the run: no restart, nothing to average
-    assert (idle.items, idle.average_exit_layer, idle.mean_batch_size, idle.restarted) == (0, None, None, False)
+    assert (idle.items, idle.average_exit_layer, idle.mean_batch_size, idle.padding_share, idle.restarted) == (0, None, None, None, False)
     restarted = delta(snapshot(), before)  # the counters went down: a new process, whose counts are all of the run
     assert restarted.restarted and (restarted.items, restarted.average_exit_layer, restarted.mean_batch_size) == (3, 3.0, 10.0)
+    assert restarted.padding_share == 0
     assert restarted.rejected_by_reason == {"predicted_wait": 1}
 
 

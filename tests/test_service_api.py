@@ -367,16 +367,19 @@ def test_metrics_parse_and_the_exit_histogram_mean_is_the_mean_exit_served(tiny_
                                           "device": "cpu", "backend": "onnxruntime/fp32", "providers": "CPUExecutionProvider"}
 
 
-def test_pad_slack_decides_whether_rows_of_different_lengths_share_a_batch(tiny_bundle):
+def test_pad_slack_decides_whether_rows_of_different_lengths_share_a_batch_and_the_metrics_count_the_padding(tiny_bundle):
     texts = ["film " * 15, "film " * 28]  # 17 and 30 tokens: padded to 30, 60 tokens for 47 real ones (1.28x)
-    layer_calls = {}
+    counted = {}
+    series = [("romebert_batch_size_count", ())] + [("romebert_layer_tokens_total", (("kind", kind),)) for kind in ("real", "padding")]
     for slack in (1.0, 1.25, 1.5):
         with TestClient(create_app(settings(tiny_bundle, pad_slack=slack))) as client:
             wait_ready(client)
-            before = metric_samples(client.get("/metrics").text)[("romebert_batch_size_count", ())]
+            before = metric_samples(client.get("/metrics").text)
             assert all(r["exit_layer"] == 3 for r in client.post("/classify", json={"text": texts, "entropy_threshold": 0.0}).json()["results"])
-            layer_calls[slack] = metric_samples(client.get("/metrics").text)[("romebert_batch_size_count", ())] - before
-    assert layer_calls == {1.0: 2 * 3, 1.25: 2 * 3, 1.5: 3}  # a batch a row through 3 layers, or one for both
+            after = metric_samples(client.get("/metrics").text)
+            counted[slack] = tuple(after[key] - before[key] for key in series)
+    # (layer calls, real tokens, padding) through 3 layers: a batch a row, or one batch for both
+    assert counted == {1.0: (2 * 3, 3 * 47, 0), 1.25: (2 * 3, 3 * 47, 0), 1.5: (3, 3 * 47, 3 * 13)}
 
 
 # -- load, readiness and shutdown ------------------------------------------------------------------
