@@ -42,6 +42,7 @@ from romebert.service.scheduler import Scheduler  # noqa: E402
 from romebert.service.settings import Settings  # noqa: E402
 
 BUNDLE = ROOT / "artifacts" / "default-bundle"
+DEFAULTS = Settings()  # the server's own: policy, batching window, batch limits
 SLACKS = (1.0, 1.15, PAD_SLACK, 1.5, 2.0)
 
 
@@ -51,9 +52,8 @@ async def closed_loop(engine: Engine, limit: BatchLimit, rows: list[TokenRow], t
     and their padding as the scheduler's own metrics count them."""
     metrics = Metrics(engine.num_layers)
     admission = Admission(metrics, max_queue=1 << 20, max_queue_wait_s=3600.0, workers=1, seconds_per_row=0.0)
-    defaults = Settings()
-    scheduler = Scheduler(engine, admission, metrics, EwmaCostModel(engine.num_layers), policy=POLICIES[defaults.policy],
-                          limit=limit, max_wait_ms=defaults.max_wait_ms)
+    scheduler = Scheduler(engine, admission, metrics, EwmaCostModel(engine.num_layers), policy=POLICIES[DEFAULTS.policy],
+                          limit=limit, max_wait_ms=DEFAULTS.max_wait_ms)
     scheduler.start()
     rng = np.random.default_rng(seed)
     answered = 0
@@ -73,9 +73,10 @@ async def closed_loop(engine: Engine, limit: BatchLimit, rows: list[TokenRow], t
     value = metrics.registry.get_sample_value
     _, rows_name, calls_name = names.series(names.BATCH_SIZE)
     (tokens_name,) = names.series(names.LAYER_TOKENS)
-    real, padding = (value(tokens_name, {"kind": kind}) for kind in ("real", "padding"))
+    tokens = {kind: value(tokens_name, {"kind": kind}) for kind in names.TOKEN_KINDS}
     return {"items_per_s": round(answered / elapsed, 1), "core_ms_per_item": round(1000 * cpu / answered, 3),
-            "rows_per_layer_call": round(value(rows_name) / value(calls_name), 2), "padded_per_real_token": round((real + padding) / real, 3)}
+            "rows_per_layer_call": round(value(rows_name) / value(calls_name), 2),
+            "padded_per_real_token": round(sum(tokens.values()) / tokens["real"], 3)}
 
 
 def main() -> None:
@@ -97,7 +98,7 @@ def main() -> None:
     dataset, seed = split_of(ROOT / bundle.manifest["source"]["checkpoint"])
     texts, _ = test_split(dataset, seed)
     rows = TextEncoder(bundle.tokenizer_file, bundle.max_length).tokenize(texts, None)
-    limits = {slack: BatchLimit(Settings().max_batch, Settings().max_batch_tokens, engine.padded_shape, slack) for slack in args.slacks}
+    limits = {slack: BatchLimit(DEFAULTS.max_batch, DEFAULTS.max_batch_tokens, engine.padded_shape, slack) for slack in args.slacks}
     warm_up(engine, EwmaCostModel(engine.num_layers), limits[max(args.slacks)], bundle.max_length)  # OpenVINO compiles each new shape once
     runs: dict[float, list[dict]] = {slack: [] for slack in args.slacks}
     for round_ in range(args.rounds):

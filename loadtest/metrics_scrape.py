@@ -75,6 +75,7 @@ def delta(before: Samples, after: Samples) -> ServerDelta:
     count, total, calls, rows = (_grown(before, after, name) for name in (EXIT_COUNT, EXIT_SUM, BATCH_COUNT, BATCH_SUM))
     info = next(iter(after.get(MODEL_INFO, {})), ())
     tokens = {kind: 0.0 for kind in names.TOKEN_KINDS} | _by_label(before, after, TOKENS_TOTAL, "kind")
+    ran = sum(tokens.values())
     return ServerDelta(
         items=count,
         average_exit_layer=total / count if count > 0 else None,
@@ -85,7 +86,7 @@ def delta(before: Samples, after: Samples) -> ServerDelta:
         rejected_by_reason=_by_label(before, after, REJECTED_TOTAL, "reason"),
         shed_rows_by_reason=_by_label(before, after, SHED_TOTAL, "reason"),
         mean_batch_size=rows / calls if calls > 0 else None,
-        padding_share=tokens["padding"] / sum(tokens.values()) if sum(tokens.values()) > 0 else None,
+        padding_share=tokens["padding"] / ran if ran > 0 else None,
         model=dict(info),
         restarted=restarted,
     )

@@ -72,13 +72,12 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     """pydantic's errors as [{field, message, type}]; `field` is e.g. "text[2]", without the
     "body" prefix and the union-member tags ("str", "list[str]") pydantic puts in locations. A
     field's wrong-form complaints are left out when it has another error."""
-    tops = [next((part for part in err.get("loc", ()) if part != "body"), None) for err in errors]
-    explained = {top for top, err in zip(tops, errors) if not _wrong_form(err)}
+    locs = [[part for part in err.get("loc", ()) if part != "body"] for err in errors]
+    explained = {loc[0] for loc, err in zip(locs, errors) if loc and not _wrong_form(err)}
     details = []
-    for top, err in zip(tops, errors):
-        if _wrong_form(err) and top in explained:
+    for loc, err in zip(locs, errors):
+        if _wrong_form(err) and loc and loc[0] in explained:
             continue
-        loc = [part for part in err.get("loc", ()) if part != "body"]
         if loc and isinstance(loc[0], str):
             field = loc[0] + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
         else:  # the body as a whole, e.g. not JSON (the int is then a character position)
