@@ -16,7 +16,7 @@ from romebert.loadtest.records import RequestRecord
 from romebert.core.files import atomic_write
 
 CSV_FIELDS = ("start_s", "latency_ms", "lag_ms", "status", "profile", "items", "exit_layers",
-              "budget_exhausted", "truncated", "server_latency_ms", "budget_ms", "error")
+              "budget_exhausted", "truncated", "server_latency_ms", "budget_ms", "error", "error_message")
 
 
 def write_artifacts(out: Path, report: dict[str, Any], records: Sequence[RequestRecord]) -> list[Path]:
@@ -39,5 +39,5 @@ def _write_csv(path: Path, records: Sequence[RequestRecord]) -> None:
                 f"{r.start_s:.6f}", f"{r.latency_ms:.3f}", f"{r.lag_ms:.3f}", r.status, r.profile, r.items,
                 " ".join(map(str, r.exit_layers)), r.budget_exhausted, r.truncated,
                 "" if r.server_latency_ms is None else f"{r.server_latency_ms:.3f}", "" if r.budget_ms is None else f"{r.budget_ms:g}",
-                r.error or "",
+                r.error or "", r.error_message or "",
             ])

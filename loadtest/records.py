@@ -26,7 +26,8 @@ class RequestRecord:
     truncated: int = 0
     server_latency_ms: float | None = None
     budget_ms: float | None = None  # the latency_budget_ms the request carried
-    error: str | None = None  # set for every failed request
+    error: str | None = None  # set for every failed request: the contract's error code, else what went wrong
+    error_message: str | None = None  # the server's own message, when its error body had one
 
     @property
     def ok(self) -> bool:
@@ -47,7 +48,8 @@ def record_of(status: int, text: str | None, request: Request, start_s: float, l
     base: dict[str, Any] = dict(start_s=start_s, latency_ms=latency_ms, lag_ms=lag_ms, status=status, profile=request.profile,
                                 items=request.items, budget_ms=request.body.get("latency_budget_ms"))
     if not 200 <= status < 300:
-        return RequestRecord(**base, error=_error_code(status, text))
+        code, message = _error_of(status, text)
+        return RequestRecord(**base, error=code, error_message=message)
     try:
         answer = json.loads(text or "")
         results = answer["results"]
@@ -64,11 +66,13 @@ def record_of(status: int, text: str | None, request: Request, start_s: float, l
         return RequestRecord(**base, error=f"invalid body: {err}")
 
 
-def _error_code(status: int, text: str | None) -> str:
-    """The contract's error code ({"error": {"code": ...}}) when the body has one, else the status."""
+def _error_of(status: int, text: str | None) -> tuple[str, str | None]:
+    """The contract's error code and message ({"error": {"code": ..., "message": ...}}) when the body
+    has them, else the status and no message."""
     if status == 0:
-        return "no response"
+        return "no response", None
     try:
-        return str(json.loads(text or "")["error"]["code"])
+        error = json.loads(text or "")["error"]
+        return str(error["code"]), (str(error["message"]) if "message" in error else None)
     except (ValueError, KeyError, TypeError):
-        return f"HTTP {status}"
+        return f"HTTP {status}", None

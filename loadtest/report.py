@@ -33,6 +33,7 @@ def build_report(config: dict[str, Any], run: RunResult, server: ServerDelta | N
             "error_rate": (len(records) - len(ok)) / len(records) if records else None,
             "by_status": _count(str(r.status) for r in records),
             "errors": _count(r.error for r in records if r.error),
+            "error_messages": _first_messages(records),
         },
         "throughput": {
             "requests_per_s": len(ok) / run.elapsed_s if run.elapsed_s > 0 else 0.0,
@@ -121,6 +122,16 @@ def _over_budget(records: Sequence[RequestRecord]) -> float | None:
     return sum(r.server_latency_ms > r.budget_ms for r in timed) / len(timed) if timed else None
 
 
+def _first_messages(records: Sequence[RequestRecord]) -> dict[str, str]:
+    """The server's message for the first failure of each error code: why a run failed, without
+    sending a request by hand (a threshold above the bundle's ceiling fails every request alike)."""
+    first: dict[str, str] = {}
+    for r in records:
+        if r.error and r.error_message and r.error not in first:
+            first[r.error] = r.error_message
+    return dict(sorted(first.items()))
+
+
 def _count(keys: Any) -> dict[str, int]:
     return dict(sorted(Counter(keys).items()))
 
@@ -139,6 +150,7 @@ def format_table(report: dict[str, Any]) -> str:
     if req["failed"]:
         lines.append(f"  {'by status':<13}" + ", ".join(f"{k}: {v}" for k, v in req["by_status"].items()))
         lines.append(f"  {'errors':<13}" + ", ".join(f"{k}: {v}" for k, v in req["errors"].items()))
+        lines += [f"  {'':<13}{code}, first: {_clipped(message)}" for code, message in req["error_messages"].items()]
     tp = report["throughput"]
     lines.append(f"  {'throughput':<13}{tp['requests_per_s']:.1f} req/s, {tp['items_per_s']:.1f} items/s")
     if "schedule" in report:
@@ -180,6 +192,10 @@ def _exit_lines(exit_depth: dict[str, Any]) -> list[str]:
         if server.get(key):
             lines.append(f"  {label:<13}" + ", ".join(f"{k}: {v:g}" for k, v in server[key].items()) + f" {unit} (server /metrics)")
     return lines
+
+
+def _clipped(message: str, width: int = 160) -> str:
+    return message if len(message) <= width else message[: width - 3] + "..."
 
 
 def _num(value: float | None) -> str:

@@ -9,6 +9,7 @@ Rules (three layers):
   * a text containing "overload" -> 503 with Retry-After and the contract's error body, refused at
     the door (rejected, reason predicted_wait);
   * a text containing "too late" -> the same 503, its rows shed after waiting (reason expired);
+  * entropy_threshold above ln 2 -> 422 invalid_request (the real server's ceiling for two labels);
   * entropy_threshold >= 0.5 -> exit 1; a smaller threshold -> exit 3;
   * latency_budget_ms set -> exit 2 with budget_exhausted (the budget "ran out" after layer 2);
   * neither -> exit 1 + len(text) % 3.
@@ -16,6 +17,7 @@ Rules (three layers):
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -76,6 +78,9 @@ class StandIn:
         started = time.perf_counter()
         self.bodies.append(body)
         texts = [body.text] if isinstance(body.text, str) else body.text
+        if body.entropy_threshold is not None and body.entropy_threshold > math.log(2):
+            message = f"invalid request: entropy_threshold: Input should be less than or equal to {math.log(2)}"
+            return JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422)
         refused, late = (any(word in t for t in texts) for word in ("overload", "too late"))
         if refused or late:
             self.rejected += 1

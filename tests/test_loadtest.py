@@ -28,7 +28,7 @@ from romebert.loadtest import cli as loadtest_cli, plot
 from romebert.loadtest.driver import DEFAULT_USERS, MAX_OPEN_LOOP_POOL, pool_size, run_load
 from romebert.loadtest.metrics_scrape import ServerDelta, delta, parse
 from romebert.loadtest.profiles import Profile, parse_mix, profiles_from_args
-from romebert.loadtest.records import RequestRecord, RunResult
+from romebert.loadtest.records import RequestRecord, RunResult, record_of
 from romebert.loadtest.report import build_report, format_table
 from romebert.loadtest.slo import check_slos
 from romebert.loadtest.texts import TextItem, TextsError, load_texts
@@ -72,6 +72,7 @@ def test_closed_loop_report_matches_what_the_server_served(stand_in, texts, tmp_
     assert requests["completed"] == 30 == len(stand_in.bodies)
     assert requests["by_status"] == {k: v for k, v in {"200": 30 - stand_in.rejected, "503": stand_in.rejected}.items() if v}
     assert requests["errors"].get("overloaded", 0) == stand_in.rejected
+    assert requests["error_messages"] == ({"overloaded": "queue full"} if stand_in.rejected else {})
     assert all(isinstance(b.text, list) and len(b.text) == 2 for b in stand_in.bodies)
 
     served = stand_in.exit_layers
@@ -186,6 +187,45 @@ def test_an_error_rate_slo_is_a_fraction_and_the_url_needs_its_scheme(capsys):
     assert "url must start with http:// or https://" in capsys.readouterr().err
 
 
+def test_a_run_whose_requests_the_server_refuses_says_why_in_the_servers_words(stand_in, texts, tmp_path):
+    out = tmp_path / "out"
+    run = loadtest(stand_in.url, "--texts", str(texts), "--max-requests", "4", "--threshold", "0.9", "--out", str(out))
+    assert run.returncode == 0, run.stderr  # no SLO was given to miss
+    requests = json.loads((out / "report.json").read_text())["requests"]
+    assert (requests["failed"], requests["errors"]) == (4, {"invalid_request": 4})
+    message = "invalid request: entropy_threshold: Input should be less than or equal to 0.6931471805599453"
+    assert requests["error_messages"] == {"invalid_request": message}
+    assert f"invalid_request, first: {message}" in run.stdout
+    with (out / "requests.csv").open() as f:
+        assert [(r["error"], r["error_message"]) for r in csv.DictReader(f)] == [("invalid_request", message)] * 4
+
+
+@pytest.mark.parametrize("status, body, error, message", [
+    (422, '{"error": {"code": "invalid_request", "message": "text: empty"}}', "invalid_request", "text: empty"),
+    (503, '{"error": {"code": "overloaded"}}', "overloaded", None),
+    (502, "<html>bad gateway</html>", "HTTP 502", None),
+    (0, None, "no response", None),
+])
+def test_a_failed_request_keeps_the_contracts_error_code_and_message_when_its_body_has_them(status, body, error, message):
+    request = one_text_workload().draw(random.Random(0))
+    record = record_of(status, body, request, 0.0, 1.0, 0.0)
+    assert (record.ok, record.error, record.error_message) == (False, error, message)
+
+
+def test_a_report_shows_the_first_message_of_each_error_code_clipped_to_a_line():
+    def failed(error: str, message: str | None) -> RequestRecord:
+        return RequestRecord(0.0, 1.0, 0.0, 503, "default", 1, error=error, error_message=message)
+
+    long = "x" * 400
+    records = [failed("overloaded", None), failed("overloaded", "first wait"), failed("overloaded", "second wait"),
+               failed("HTTP 502", None), failed("invalid_request", long)]
+    report = build_report({"url": "x", "users": 1, "batch": 1}, RunResult(records, 1.0, "duration", 0), None, None)
+    assert report["requests"]["error_messages"] == {"invalid_request": long, "overloaded": "first wait"}
+    table = format_table(report)
+    assert "overloaded, first: first wait" in table and "second wait" not in table and "HTTP 502, first" not in table
+    assert f"invalid_request, first: {'x' * 157}..." in table and long not in table
+
+
 def test_load_tester_does_not_need_torch(tmp_path):
     code = ("import sys; import romebert.loadtest.cli, romebert.loadtest.driver, romebert.loadtest.artifacts, "
             "romebert.loadtest.locustfile, romebert.core.data; sys.exit('torch' in sys.modules)")
@@ -255,7 +295,7 @@ def test_a_report_counts_rates_and_percentiles_exactly_as_the_records_say():
     counted_nothing = ServerDelta(0, None, {}, 0, 0, {}, {}, {}, None, None)
     report = build_report(config, RunResult(records, 0.5, "duration", 0), counted_nothing, None)
     assert report["requests"] == {"completed": 4, "ok": 3, "failed": 1, "error_rate": 0.25,
-                                  "by_status": {"200": 3, "503": 1}, "errors": {"overloaded": 1}}
+                                  "by_status": {"200": 3, "503": 1}, "errors": {"overloaded": 1}, "error_messages": {}}
     assert report["throughput"] == {"requests_per_s": 6.0, "items_per_s": 8.0}  # answered only, over the run's 0.5 s
     assert report["server_latency_ms"]["max"] == 8.0  # over the answers that carried it
     assert report["schedule"]["achieved_rate"] == 1.5  # 4 sends, 3 intervals in 2 s
