@@ -1,8 +1,9 @@
 """`romebert serve [BUNDLE] [--host ... --port ...]`: check the bundle, then run uvicorn.
 
 Flags are generated from the Settings fields (flag > ROMEBERT_<NAME> > default), so Settings stays
-the one place where a setting, its type and its default are written. A bad bundle stops the start
-before any port is bound, with one line on stderr and exit code 2.
+the one place where a setting, its type and its default are written. A bad bundle or a port that
+cannot be listened on stops the start before the model loads, with one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+import socket
 import sys
 import threading
 from types import FrameType
@@ -54,25 +56,46 @@ def _check(settings: Settings) -> None:
     resolve_device(settings.device, probe=bundle.path(bundle.segments[0].file) if settings.device == "cuda" else None)
 
 
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """The server's address, bound before anything starts. uvicorn binds only after the app's
+    start-up has begun loading the bundle, and a port in use then ends in its log lines and exit
+    code 3; here it is one line and exit code 2, like any other setting that cannot work."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        return sock
+    except OSError as err:
+        if sock is not None:
+            sock.close()
+        raise SettingsError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def main(command: str, argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env(**vars(args))
         _check(settings)
+        listener = _bound_socket(settings.host, settings.port)
     except (SettingsError, RuntimeError, ValueError) as err:  # BundleError is a RuntimeError
         print(f"romebert {command}: error: {err}", file=sys.stderr)
         return 2
-    return serve(settings)
+    return serve(settings, listener)
 
 
-def serve(settings: Settings) -> int:
-    """Run uvicorn until SIGTERM/SIGINT, then drain; the exit status as `Server.exit_status` says."""
+def serve(settings: Settings, listener: socket.socket) -> int:
+    """Run uvicorn on `listener` until SIGTERM/SIGINT, then drain; the exit status as `Server.exit_status` says."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_server(settings)
     # uvicorn re-raises the signal that stopped it once shutdown is complete; with a Python handler
     # in place that re-raise returns here, and a graceful SIGTERM exits 0 instead of dying of it.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    host, port = listener.getsockname()[:2]
+    logging.getLogger("romebert.serve").info("listening on http://%s:%d (/readyz says when the model is ready; Ctrl+C to stop)",
+                                             f"[{host}]" if ":" in host else host, port)
+    server.run(sockets=[listener])
     return server.exit_status
 
 

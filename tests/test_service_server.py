@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from gated_engine import Gated
+from romebert.service import cli as service_cli
 from romebert.service.cli import build_server, main
 from romebert.service.loop_lag import LoopLag
 from romebert.service.runtime import default_engine
@@ -162,6 +163,21 @@ def test_serve_refuses_an_unknown_format_version(tiny_bundle, tmp_path, capsys):
     (bundle / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
     assert main("serve", [str(bundle)]) == 2
     assert "format_version 99" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])
+def test_serve_stops_with_exit_code_2_before_the_model_loads_when_it_cannot_listen(tiny_bundle, host, capsys, monkeypatch):
+    served = []
+    monkeypatch.setattr(service_cli, "serve", lambda *args: served.append(args) or 0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main("serve", [str(tiny_bundle), "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on {host}:{port}: " in err and not served
+    if host == "127.0.0.1":
+        assert "Address already in use" in err
 
 
 def free_port() -> int:
