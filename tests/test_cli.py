@@ -40,6 +40,7 @@ def test_train_then_evaluate_writes_a_checkpoint_a_report_and_plots(tiny_backbon
     assert "threshold" in done.stdout and "speed-up" in done.stdout and "95% interval" in done.stdout
     assert "finetune minus deebert, same examples" in done.stdout
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["deebert"]["split"] == "dev"  # choices are made on dev; test is read when asked for by name
     assert len(report["deebert"]["per_exit"]) == 3 and len(report["deebert"]["sweep"]) == 13
     for row in report["deebert"]["per_exit"] + report["deebert"]["sweep"]:
         assert row["lo"] <= row["accuracy"] <= row["hi"]

@@ -86,7 +86,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="romebert evaluate", description="Per-exit accuracy and the entropy-threshold sweep.")
     parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders; several are compared side by side")
     parser.add_argument("--data", default=None, help="dataset (default: the one each checkpoint was trained on)")
-    parser.add_argument("--split", default="test", choices=("dev", "test"))
+    parser.add_argument("--split", default="dev", choices=("dev", "test"),
+                        help="dev (default): for choosing thresholds and recipes; test: read once, for the report")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="folder for evaluation.json and the PNG plots")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None)
