@@ -56,19 +56,23 @@ def _check(settings: Settings) -> None:
     resolve_device(settings.device, probe=bundle.path(bundle.segments[0].file) if settings.device == "cuda" else None)
 
 
-def _bound_socket(host: str, port: int) -> socket.socket:
-    """The server's address, bound before anything starts. uvicorn binds only after the app's
-    start-up has begun loading the bundle, and a port in use then ends in its log lines and exit
-    code 3; here it is one line and exit code 2, like any other setting that cannot work."""
-    sock = None
+def _bound_sockets(host: str, port: int) -> list[socket.socket]:
+    """The server's addresses, bound before anything starts: every address the host resolves to,
+    as uvicorn binds them (IPv6 sockets IPv6 only, as asyncio makes them). uvicorn binds only after
+    the app's start-up has begun loading the bundle, and a port in use then ends in its log lines
+    and exit code 3; here it is one line and exit code 2, like any other setting that cannot work."""
+    bound: list[socket.socket] = []
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        return sock
+        for family, kind, proto, _, address in dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                                flags=socket.AI_PASSIVE)):
+            bound.append(sock := socket.socket(family, kind, proto))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        return bound
     except OSError as err:
-        if sock is not None:
+        for sock in bound:
             sock.close()
         raise SettingsError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
@@ -78,24 +82,24 @@ def main(command: str, argv: list[str]) -> int:
     try:
         settings = Settings.from_env(**vars(args))
         _check(settings)
-        listener = _bound_socket(settings.host, settings.port)
+        listeners = _bound_sockets(settings.host, settings.port)
     except (SettingsError, RuntimeError, ValueError) as err:  # BundleError is a RuntimeError
         print(f"romebert {command}: error: {err}", file=sys.stderr)
         return 2
-    return serve(settings, listener)
+    return serve(settings, listeners)
 
 
-def serve(settings: Settings, listener: socket.socket) -> int:
-    """Run uvicorn on `listener` until SIGTERM/SIGINT, then drain; the exit status as `Server.exit_status` says."""
+def serve(settings: Settings, listeners: list[socket.socket]) -> int:
+    """Run uvicorn on `listeners` until SIGTERM/SIGINT, then drain; the exit status as `Server.exit_status` says."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_server(settings)
     # uvicorn re-raises the signal that stopped it once shutdown is complete; with a Python handler
     # in place that re-raise returns here, and a graceful SIGTERM exits 0 instead of dying of it.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    host, port = listener.getsockname()[:2]
-    logging.getLogger("romebert.serve").info("listening on http://%s:%d (/readyz says when the model is ready; Ctrl+C to stop)",
-                                             f"[{host}]" if ":" in host else host, port)
-    server.run(sockets=[listener])
+    addresses = [sock.getsockname()[:2] for sock in listeners]
+    logging.getLogger("romebert.serve").info("listening on %s (/readyz says when the model is ready; Ctrl+C to stop)",
+                                             ", ".join(f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}" for h, p in addresses))
+    server.run(sockets=listeners)
     return server.exit_status
 
 

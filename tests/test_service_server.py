@@ -180,6 +180,27 @@ def test_serve_stops_with_exit_code_2_before_the_model_loads_when_it_cannot_list
         assert "Address already in use" in err
 
 
+def test_serve_listens_on_every_address_its_host_resolves_to_once_each(tiny_bundle, monkeypatch):
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this host")
+    port = free_port()
+    both = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)), (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both + both)  # a dual-stack "localhost", listed twice
+    served = []
+    monkeypatch.setattr(service_cli, "serve", lambda settings, listeners: served.append(listeners) or 0)
+    assert main("serve", [str(tiny_bundle), "--host", "localhost", "--port", str(port)]) == 0
+    (listeners,) = served
+    try:
+        assert [sock.getsockname()[:2] for sock in listeners] == [("127.0.0.1", port), ("::1", port)]
+        assert listeners[1].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1  # as asyncio (uvicorn) binds it
+    finally:
+        for sock in listeners:
+            sock.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
