@@ -7,14 +7,21 @@ send whose turn comes while all are busy is not made and is counted as unsent. A
 rate it really achieved: one event loop holds a few thousand requests/s on one core, and past that
 the report says so rather than quietly sending fewer. (Locust, which `loadtest/locustfile.py` still
 drives for distributed runs, ramps its users up at 100/s and fell short of such rates.)
+
+Ctrl+C (or SIGTERM) ends a run early as its duration would: no new request is sent, the ones in
+flight get their answers, and the run is reported, stopped by "interrupt". A second one ends the
+process at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import signal
 import time
+from typing import Iterator
 
 import aiohttp
 
@@ -23,6 +30,8 @@ from romebert.loadtest.workload import Workload
 
 DEFAULT_USERS = 4
 MAX_OPEN_LOOP_POOL = 2000
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PROMPT_S = 0.1  # an open loop's wait for its next send longer than this ends at once on a stop
 
 
 def pool_size(users: int | None, rate: float | None) -> int:
@@ -47,52 +56,91 @@ async def _run(url: str, workload: Workload, users: int, rate: float | None, dur
     deadline = t0 + duration_s
     budget = max_requests if max_requests is not None else float("inf")
     issued = 0
+    stop = asyncio.Event()
+
+    def stop_reason() -> str:
+        return "interrupt" if stop.is_set() else "max-requests" if issued >= budget else "duration"
 
     async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session:
+        with _stopped_by_signals(stop):
 
-        async def send(rng: random.Random, slot: float) -> None:
-            request = workload.draw(rng)
-            started = time.perf_counter()
-            status, text = 0, None
-            try:
-                async with session.post("/classify", data=json.dumps(request.body), headers={"content-type": "application/json"}) as response:
-                    status, text = response.status, await response.text()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            records.append(record_of(status, text, request, started - t0, (time.perf_counter() - started) * 1000,
-                                     (started - slot) * 1000))
+            async def send(rng: random.Random, slot: float) -> None:
+                request = workload.draw(rng)
+                started = time.perf_counter()
+                status, text = 0, None
+                try:
+                    async with session.post("/classify", data=json.dumps(request.body), headers={"content-type": "application/json"}) as response:
+                        status, text = response.status, await response.text()
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                records.append(record_of(status, text, request, started - t0, (time.perf_counter() - started) * 1000,
+                                         (started - slot) * 1000))
 
-        if rate is None:
-            async def user(k: int) -> None:
-                nonlocal issued
-                rng = random.Random(f"{workload.seed}:{k}")
-                while time.perf_counter() < deadline and issued < budget:
-                    issued += 1
-                    await send(rng, time.perf_counter())
+            if rate is None:
+                async def user(k: int) -> None:
+                    nonlocal issued
+                    rng = random.Random(f"{workload.seed}:{k}")
+                    while time.perf_counter() < deadline and issued < budget and not stop.is_set():
+                        issued += 1
+                        await send(rng, time.perf_counter())
 
-            await asyncio.gather(*(user(k) for k in range(users)))
-            return RunResult(records, time.perf_counter() - t0, "max-requests" if issued >= budget else "duration", 0)
+                await asyncio.gather(*(user(k) for k in range(users)))
+                return RunResult(records, time.perf_counter() - t0, stop_reason(), 0)
 
-        rng = random.Random(workload.seed)
-        in_flight: set[asyncio.Task] = set()
-        unsent = 0
-        while issued < budget:
-            slot = t0 + issued / rate
-            if slot >= deadline:
-                break
-            if (wait := slot - time.perf_counter()) > 0:
-                await asyncio.sleep(wait)
-            issued += 1
-            if len(in_flight) >= users:
-                unsent += 1
-                continue
-            task = asyncio.create_task(send(rng, slot))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        stop_reason = "max-requests" if issued >= budget else "duration"
-        if in_flight:  # the last sends get their answers (or their timeout)
-            await asyncio.wait(in_flight, timeout=timeout_s)
-        abandoned = len(in_flight)
-        for task in list(in_flight):
-            task.cancel()
-        return RunResult(records, time.perf_counter() - t0, stop_reason, abandoned, unsent)
+            rng = random.Random(workload.seed)
+            in_flight: set[asyncio.Task] = set()
+            unsent = 0
+            while issued < budget:
+                slot = t0 + issued / rate
+                if slot >= deadline:
+                    break
+                if (wait := slot - time.perf_counter()) > 0:
+                    await _pause(stop, wait)
+                if stop.is_set():
+                    break
+                issued += 1
+                if len(in_flight) >= users:
+                    unsent += 1
+                    continue
+                task = asyncio.create_task(send(rng, slot))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if in_flight:  # the last sends get their answers (or their timeout)
+                await asyncio.wait(in_flight, timeout=timeout_s)
+            abandoned = len(in_flight)
+            for task in list(in_flight):
+                task.cancel()
+            return RunResult(records, time.perf_counter() - t0, stop_reason(), abandoned, unsent)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, but end a long wait as soon as `stop` is set (a short one just runs out: no task per send)."""
+    if seconds <= PROMPT_S:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
+    """While the run lasts, the first SIGINT or SIGTERM sets `stop`; the handlers that were there
+    come back then (so a second signal acts as usual) and when the run ends."""
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+    def first() -> None:
+        stop.set()
+        restore()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, first)
+    try:
+        yield
+    finally:
+        restore()

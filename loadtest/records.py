@@ -38,7 +38,7 @@ class RequestRecord:
 class RunResult:
     records: list[RequestRecord]
     elapsed_s: float
-    stop_reason: str  # "duration" or "max-requests"
+    stop_reason: str  # "duration", "max-requests" or "interrupt"
     abandoned: int  # requests sent but not answered when the run ended
     unsent: int = 0  # open loop: sends skipped because every connection of the pool was busy
 

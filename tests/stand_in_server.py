@@ -10,6 +10,7 @@ Rules (three layers):
     the door (rejected, reason predicted_wait);
   * a text containing "too late" -> the same 503, its rows shed after waiting (reason expired);
   * entropy_threshold above ln 2 -> 422 invalid_request (the real server's ceiling for two labels);
+  * a text containing "stall" -> answered after STALL_S (a server that hangs);
   * entropy_threshold >= 0.5 -> exit 1; a smaller threshold -> exit 3;
   * latency_budget_ms set -> exit 2 with budget_exhausted (the budget "ran out" after layer 2);
   * neither -> exit 1 + len(text) % 3.
@@ -31,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel
 
 NUM_LAYERS = 3
+STALL_S = 10.0
 LABELS = ("negative", "positive")
 
 
@@ -81,6 +83,8 @@ class StandIn:
         if body.entropy_threshold is not None and body.entropy_threshold > math.log(2):
             message = f"invalid request: entropy_threshold: Input should be less than or equal to {math.log(2)}"
             return JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422)
+        if any("stall" in t for t in texts):
+            time.sleep(STALL_S)  # a sync route: uvicorn runs it in a thread, the other requests go on
         refused, late = (any(word in t for t in texts) for word in ("overload", "too late"))
         if refused or late:
             self.rejected += 1

@@ -14,9 +14,11 @@ import csv
 import json
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from romebert.loadtest.slo import check_slos
 from romebert.loadtest.texts import TextItem, TextsError, load_texts
 from romebert.loadtest.workload import Workload
 from romebert.service.metrics import Metrics
-from stand_in_server import StandIn, serve
+from stand_in_server import STALL_S, StandIn, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a gripping, beautifully shot film", "dull", "the plot goes nowhere at all", "please overload the server", "fine",
@@ -224,6 +226,51 @@ def test_a_report_shows_the_first_message_of_each_error_code_clipped_to_a_line()
     table = format_table(report)
     assert "overloaded, first: first wait" in table and "second wait" not in table and "HTTP 502, first" not in table
     assert f"invalid_request, first: {'x' * 157}..." in table and long not in table
+
+
+def started_loadtest(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "romebert.cli", "loadtest", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_requests(stand_in, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(stand_in.bodies) < n:
+        assert time.monotonic() < deadline, "the load test never got going"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("load", [[], ["--rate", "50"]], ids=["closed-loop", "open-loop"])
+def test_an_interrupted_run_stops_sending_and_reports_what_it_measured(stand_in, texts, tmp_path, sig, load):
+    out = tmp_path / "out"
+    run = started_loadtest(stand_in.url, "--texts", str(texts), "--duration", "60", *load, "--out", str(out))
+    wait_for_requests(stand_in, 10)
+    run.send_signal(sig)
+    stdout, stderr = run.communicate(timeout=30)
+    assert run.returncode == 0, stderr  # no SLO was given to miss
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["stop_reason"] == "interrupt" and report["run"]["elapsed_s"] < 30
+    assert report["requests"]["completed"] == len(stand_in.bodies) >= 10  # every request sent was answered and counted
+    assert report["exit_depth"]["items"] == len(stand_in.exit_layers)  # the server's count over the same requests
+    assert "stopped by interrupt" in stdout and "Traceback" not in stderr
+
+
+def test_a_second_ctrl_c_ends_a_run_at_once_without_a_report(stand_in, tmp_path):
+    stalls = tmp_path / "stalls.txt"
+    stalls.write_text("a film that will stall the server\n")
+    out = tmp_path / "out"
+    run = started_loadtest(stand_in.url, "--texts", str(stalls), "--duration", "60", "--users", "2", "--out", str(out))
+    wait_for_requests(stand_in, 2)  # both users wait STALL_S for their answers
+    run.send_signal(signal.SIGINT)  # asks the run to end: nothing new is sent, the two in flight are waited for
+    time.sleep(0.5)
+    assert run.poll() is None
+    run.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    stdout, stderr = run.communicate(timeout=30)
+    assert time.monotonic() - started < STALL_S / 2  # not after the stalled answers
+    assert run.returncode == 130 and "interrupted twice" in stderr and "Traceback" not in stderr
+    assert not out.exists() and len(stand_in.bodies) == 2
 
 
 def test_load_tester_does_not_need_torch(tmp_path):
