@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +116,34 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_runs_weights_history_a
     # every epoch's loss, dev accuracy and GR share as if never stopped (the crash came right after epoch 1's last step)
     assert record["history"] == uninterrupted["history"]
     assert record["optimizer_steps"] == uninterrupted["optimizer_steps"] == steps
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_training_after_a_step_with_its_state_saved_and_resume_ends_as_if_never_stopped(tiny_backbone, tmp_path, sig):
+    cfg = tiny_train_config(tiny_backbone, tmp_path / "stopped", epochs=20, save_every=1000)  # 80 steps, none saved by the period
+    flags = {"backbone": cfg.backbone, "output": cfg.output, "data": cfg.data, "limit": cfg.limit, "epochs": cfg.epochs,
+             "batch-size": cfg.batch_size, "max-length": cfg.max_length, "lr": cfg.lr, "save-every": cfg.save_every,
+             "device": cfg.device, "eval-batch-size": cfg.eval_batch_size, "precision": cfg.precision}
+    run = subprocess.Popen([sys.executable, "-m", "romebert.cli", "train", *(f"--{k}={v}" for k, v in flags.items())],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    progress = b""
+    while b"step" not in progress:  # the progress bar: the steps are about to run
+        chunk = os.read(run.stderr.fileno(), 4096)
+        assert chunk, run.communicate()[0]
+        progress += chunk
+    run.send_signal(sig)
+    stdout, stderr = run.communicate(timeout=120)
+    stderr = (progress + stderr).decode()
+    assert run.returncode == 130, stderr[-2000:]
+    assert "stopped after optimizer step" in stderr and "--resume continues it" in stderr and "Traceback" not in stderr
+    state = load_training_state(state_path(tmp_path / "stopped"))
+    assert 1 <= state["global_step"] < 80 and not (tmp_path / "stopped").exists()  # saved when it stopped, not by the period
+
+    reference = train(tiny_train_config(tiny_backbone, tmp_path / "straight", epochs=20, save_every=1000))
+    train(dataclasses.replace(cfg, resume=True))
+    assert_same_weights(reference, tmp_path / "stopped")
+    record, uninterrupted = read_record(tmp_path / "stopped"), read_record(reference)
+    assert record["history"] == uninterrupted["history"] and record["optimizer_steps"] == uninterrupted["optimizer_steps"] == 80
 
 
 def test_a_crash_between_deebert_stages_resumes_at_the_start_of_the_second(tiny_backbone, tmp_path):

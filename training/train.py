@@ -7,7 +7,9 @@
 
 State (model, optimizer, scheduler, RNG, data position) is saved every `save_every` optimizer
 steps, so a crash loses at most that much work and --resume ends with the weights an
-uninterrupted run would have had (CPU, same seed). Under torchrun each process takes its slice of
+uninterrupted run would have had (CPU, same seed). Ctrl+C or SIGTERM loses nothing: the run stops
+at the end of the step in progress, saves its state and raises TrainingStopped (a second one
+interrupts at once, as usual; under torchrun a signal ends the run as a crash would). Under torchrun each process takes its slice of
 every global batch; gradients are averaged explicitly at each step (see `_average_gradients`).
 """
 
@@ -18,6 +20,8 @@ import dataclasses
 import os
 import platform
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +103,13 @@ def _refuse_to_lose_work(cfg: TrainConfig, output: Path, state_file: Path) -> No
 
 class SimulatedCrash(RuntimeError):
     pass
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """The user's interrupt (SIGINT or SIGTERM), taken at a step boundary once the state is saved."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -217,6 +228,7 @@ class Trainer:
         if self.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.main = self.rank == 0
+        self.stop_requested = False  # set by SIGINT or SIGTERM while the steps run (_stop_requests)
         _seed_everything(cfg.seed)
         self.backbone = Path(cfg.backbone or default_backbone())
         self.data: TaskData = task_data(cfg)
@@ -302,16 +314,42 @@ class Trainer:
         ddp = self._wrap_ddp()
         started = time.perf_counter() - (resume["elapsed"] if resume else 0.0)
         global_step = resume["global_step"] if resume else 0
-        for phase_index in range(start_phase, len(phases)):
-            phase = phases[phase_index]
-            phase_resume = resume if resume and resume["phase"] == phase_index else None
-            global_step = self._run_phase(phase_index, phase, ddp, phase_resume, global_step, started)
+        with self._stop_requests():
+            for phase_index in range(start_phase, len(phases)):
+                phase = phases[phase_index]
+                phase_resume = resume if resume and resume["phase"] == phase_index else None
+                global_step = self._run_phase(phase_index, phase, ddp, phase_resume, global_step, started)
         elapsed = time.perf_counter() - started
         if self.main:
             self._publish(elapsed, global_step)
         if self.distributed:
             dist.barrier()
         return self.output
+
+    @contextlib.contextmanager
+    def _stop_requests(self):
+        """While the steps run, the first SIGINT or SIGTERM asks for a stop at the next step boundary
+        (self.stop_requested); the handlers that were there come back then, and when training ends.
+        Not under torchrun: the processes would stop at different steps and wait on each other."""
+        if self.distributed or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        def stop(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+            restore()
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, stop)
+        try:
+            yield
+        finally:
+            restore()
 
     def _wrap_ddp(self) -> torch.nn.Module:
         if not self.distributed:
@@ -366,8 +404,11 @@ class Trainer:
                 seen += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{running / seen:.4f}")
-                if cfg.save_every and global_step % cfg.save_every == 0:
+                if (cfg.save_every and global_step % cfg.save_every == 0) or self.stop_requested:
                     self._save_state(index, epoch, step + 1, global_step, optimizer, scheduler, started, (running, seen), projector)
+                if self.stop_requested:
+                    bar.close()
+                    raise TrainingStopped(f"stopped after optimizer step {global_step}, its training state saved in {self.state_file}")
                 if cfg.crash_after_steps is not None and global_step >= cfg.crash_after_steps:
                     raise SimulatedCrash(f"simulated crash after step {global_step}")
             step_in_epoch = 0
