@@ -1,7 +1,9 @@
 """The `romebert` command: one entry point, one sub-command per stage.
 
 Each stage's package owns its sub-commands (a `main(command, argv)` in its `cli` module). They are
-imported only when called, so `romebert serve` on the serving image never imports torch.
+imported only when called, so `romebert serve` on the serving image never imports torch. Ctrl+C
+ends any command with one line and exit code 130, not a traceback (training first saves its state,
+and a load test first reports: their own modules say how).
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"romebert: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(command, rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        return int(module.main(command, rest) or 0)
+    except KeyboardInterrupt as err:  # its message, when it has one, says what was kept (training.train.TrainingStopped)
+        print(f"romebert {command}: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -48,12 +48,7 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where the default checkpoint and bundle live")
     parser.add_argument("--build-only", action="store_true", help="build the bundle, do not serve")
     args, serve_args = parser.parse_known_args(argv)
-    try:
-        bundle = build_default_bundle(args.home)
-    except KeyboardInterrupt as stopped:  # TrainingStopped says where the saved state is
-        hint = f"; `romebert {command}` (or `make serve`) again continues it" if str(stopped) else ""
-        print(f"romebert {command}: {stopped or 'interrupted'}{hint}", file=sys.stderr)
-        return 130
+    bundle = build_default_bundle(args.home)
     if args.build_only:
         return 0
     sys.stdout.flush()

@@ -135,7 +135,7 @@ def test_a_signal_stops_training_after_a_step_with_its_state_saved_and_resume_en
     stdout, stderr = run.communicate(timeout=120)
     stderr = (progress + stderr).decode()
     assert run.returncode == 130, stderr[-2000:]
-    assert "stopped after optimizer step" in stderr and "--resume continues it" in stderr and "Traceback" not in stderr
+    assert "romebert train: stopped after optimizer step" in stderr and "with --resume continues" in stderr and "Traceback" not in stderr
     state = load_training_state(state_path(tmp_path / "stopped"))
     assert 1 <= state["global_step"] < 80 and not (tmp_path / "stopped").exists()  # saved when it stopped, not by the period
 

@@ -110,7 +110,3 @@ def main(command: str, argv: list[str]) -> int:
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"romebert {command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stopped:  # TrainingStopped says where the saved state is
-        hint = "; the same command with --resume continues it" if str(stopped) else ""
-        print(f"romebert {command}: {stopped or 'interrupted'}{hint}", file=sys.stderr)
-        return 130

@@ -408,7 +408,8 @@ class Trainer:
                     self._save_state(index, epoch, step + 1, global_step, optimizer, scheduler, started, (running, seen), projector)
                 if self.stop_requested:
                     bar.close()
-                    raise TrainingStopped(f"stopped after optimizer step {global_step}, its training state saved in {self.state_file}")
+                    raise TrainingStopped(f"stopped after optimizer step {global_step}, its training state saved in {self.state_file}; "
+                                          "training again with --resume continues from there (romebert quickstart resumes by itself)")
                 if cfg.crash_after_steps is not None and global_step >= cfg.crash_after_steps:
                     raise SimulatedCrash(f"simulated crash after step {global_step}")
             step_in_epoch = 0
