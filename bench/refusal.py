@@ -9,7 +9,7 @@ divided by their number, is the cost; the client's own time is reported apart.
 
 With --before PATH (a checkout of an older commit, e.g. `git worktree add /tmp/head HEAD`), that
 checkout's server is measured too, alternating rounds with this one's, in the same run. Writes
-bench/results/refusal.json.
+bench/results/refusal.json (--out: elsewhere, e.g. another machine's run kept beside it).
 
     .venv/bin/python bench/refusal.py [--bundle artifacts/default-bundle] [--before /tmp/head]
 """
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--held", type=int, default=200, help="requests held in the queue (enough for a predicted wait past 250 ms)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "refusal.json")
     parser.add_argument("--serve-held", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_held:
@@ -137,7 +138,7 @@ def main() -> None:
     if args.before:
         result["this_over_before_server_cpu"] = round(summary["this"]["server_cpu_us_per_refusal"] / summary["before"]["server_cpu_us_per_refusal"], 3)
         print(f"this / before, server CPU per refusal: {result['this_over_before_server_cpu']:.3f}")
-    write_json(ROOT / "bench" / "results" / "refusal.json", result)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -124,23 +124,24 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
 
 @contextlib.contextmanager
 def _stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
-    """While the run lasts, the first SIGINT or SIGTERM sets `stop`; the handlers that were there
-    come back then (so a second signal acts as usual) and when the run ends."""
+    """While the run lasts, a first SIGINT or SIGTERM sets `stop` and a second raises
+    KeyboardInterrupt. Both go through the event loop's own signal handling, which wakes the loop
+    whichever thread the signal lands on (a handler of Python's alone would wait for the loop's
+    next event, which a stalled server may not send); the handlers that were there come back when
+    the run ends."""
     loop = asyncio.get_running_loop()
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
-    def restore() -> None:
-        for sig, handler in previous.items():
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
-
-    def first() -> None:
+    def on_signal() -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
         stop.set()
-        restore()
 
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, first)
+        loop.add_signal_handler(sig, on_signal)
     try:
         yield
     finally:
-        restore()
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
