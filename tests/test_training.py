@@ -127,7 +127,7 @@ def test_a_signal_stops_training_after_a_step_with_its_state_saved_and_resume_en
     run = subprocess.Popen([sys.executable, "-m", "romebert.cli", "train", *(f"--{k}={v}" for k, v in flags.items())],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = b""
-    while b"step" not in progress:  # the progress bar: the steps are about to run
+    while b"step/s" not in progress:  # the progress bar's rate: the steps are about to run
         chunk = os.read(run.stderr.fileno(), 4096)
         assert chunk, run.communicate()[0]
         progress += chunk
