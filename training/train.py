@@ -9,8 +9,10 @@ State (model, optimizer, scheduler, RNG, data position) is saved every `save_eve
 steps, so a crash loses at most that much work and --resume ends with the weights an
 uninterrupted run would have had (CPU, same seed). Ctrl+C or SIGTERM loses nothing: the run stops
 at the end of the step in progress, saves its state and raises TrainingStopped (a second one
-interrupts at once, as usual; under torchrun a signal ends the run as a crash would). Under torchrun each process takes its slice of
-every global batch; gradients are averaged explicitly at each step (see `_average_gradients`).
+interrupts at once, as usual; under torchrun a signal ends the run as a crash would).
+
+Under torchrun each process takes its slice of every global batch; gradients are averaged
+explicitly at each step (see `_average_gradients`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -327,7 +329,7 @@ class Trainer:
         return self.output
 
     @contextlib.contextmanager
-    def _stop_requests(self):
+    def _stop_requests(self) -> Iterator[None]:
         """While the steps run, the first SIGINT or SIGTERM asks for a stop at the next step boundary
         (self.stop_requested); the handlers that were there come back then, and when training ends.
         Not under torchrun: the processes would stop at different steps and wait on each other."""
