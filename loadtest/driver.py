@@ -21,7 +21,7 @@ import json
 import random
 import signal
 import time
-from typing import Iterator
+from typing import AsyncIterator
 
 import aiohttp
 
@@ -61,56 +61,55 @@ async def _run(url: str, workload: Workload, users: int, rate: float | None, dur
     def stop_reason() -> str:
         return "interrupt" if stop.is_set() else "max-requests" if issued >= budget else "duration"
 
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session:
-        with _stopped_by_signals(stop):
+    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session, _stopped_by_signals(stop):
 
-            async def send(rng: random.Random, slot: float) -> None:
-                request = workload.draw(rng)
-                started = time.perf_counter()
-                status, text = 0, None
-                try:
-                    async with session.post("/classify", data=json.dumps(request.body), headers={"content-type": "application/json"}) as response:
-                        status, text = response.status, await response.text()
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    pass
-                records.append(record_of(status, text, request, started - t0, (time.perf_counter() - started) * 1000,
-                                         (started - slot) * 1000))
+        async def send(rng: random.Random, slot: float) -> None:
+            request = workload.draw(rng)
+            started = time.perf_counter()
+            status, text = 0, None
+            try:
+                async with session.post("/classify", data=json.dumps(request.body), headers={"content-type": "application/json"}) as response:
+                    status, text = response.status, await response.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            records.append(record_of(status, text, request, started - t0, (time.perf_counter() - started) * 1000,
+                                     (started - slot) * 1000))
 
-            if rate is None:
-                async def user(k: int) -> None:
-                    nonlocal issued
-                    rng = random.Random(f"{workload.seed}:{k}")
-                    while time.perf_counter() < deadline and issued < budget and not stop.is_set():
-                        issued += 1
-                        await send(rng, time.perf_counter())
+        if rate is None:
+            async def user(k: int) -> None:
+                nonlocal issued
+                rng = random.Random(f"{workload.seed}:{k}")
+                while time.perf_counter() < deadline and issued < budget and not stop.is_set():
+                    issued += 1
+                    await send(rng, time.perf_counter())
 
-                await asyncio.gather(*(user(k) for k in range(users)))
-                return RunResult(records, time.perf_counter() - t0, stop_reason(), 0)
+            await asyncio.gather(*(user(k) for k in range(users)))
+            return RunResult(records, time.perf_counter() - t0, stop_reason(), 0)
 
-            rng = random.Random(workload.seed)
-            in_flight: set[asyncio.Task] = set()
-            unsent = 0
-            while issued < budget:
-                slot = t0 + issued / rate
-                if slot >= deadline:
-                    break
-                if (wait := slot - time.perf_counter()) > 0:
-                    await _pause(stop, wait)
-                if stop.is_set():
-                    break
-                issued += 1
-                if len(in_flight) >= users:
-                    unsent += 1
-                    continue
-                task = asyncio.create_task(send(rng, slot))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            if in_flight:  # the last sends get their answers (or their timeout)
-                await asyncio.wait(in_flight, timeout=timeout_s)
-            abandoned = len(in_flight)
-            for task in list(in_flight):
-                task.cancel()
-            return RunResult(records, time.perf_counter() - t0, stop_reason(), abandoned, unsent)
+        rng = random.Random(workload.seed)
+        in_flight: set[asyncio.Task] = set()
+        unsent = 0
+        while issued < budget:
+            slot = t0 + issued / rate
+            if slot >= deadline:
+                break
+            if (wait := slot - time.perf_counter()) > 0:
+                await _pause(stop, wait)
+            if stop.is_set():
+                break
+            issued += 1
+            if len(in_flight) >= users:
+                unsent += 1
+                continue
+            task = asyncio.create_task(send(rng, slot))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:  # the last sends get their answers (or their timeout)
+            await asyncio.wait(in_flight, timeout=timeout_s)
+        abandoned = len(in_flight)
+        for task in list(in_flight):
+            task.cancel()
+        return RunResult(records, time.perf_counter() - t0, stop_reason(), abandoned, unsent)
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
@@ -122,8 +121,8 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-@contextlib.contextmanager
-def _stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def _stopped_by_signals(stop: asyncio.Event) -> AsyncIterator[None]:
     """While the run lasts, a first SIGINT or SIGTERM sets `stop` and a second raises
     KeyboardInterrupt. Both go through the event loop's own signal handling, which wakes the loop
     whichever thread the signal lands on (a handler of Python's alone would wait for the loop's
