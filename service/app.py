@@ -62,8 +62,9 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = runtime
-    install_error_handlers(app)
-    app.include_router(make_router(classify_request_model(runtime.max_entropy, settings.max_items, bundle.pair_input)))
+    request_model = classify_request_model(runtime.max_entropy, settings.max_items, bundle.pair_input)
+    install_error_handlers(app, tuple(request_model.model_fields))
+    app.include_router(make_router(request_model))
     # Added innermost first: a request meets the metrics, then the guard. (The admission door is
     # in front of the app, in the HTTP protocol: connections.py.)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)

@@ -68,10 +68,11 @@ def _wrong_form(err: dict[str, Any]) -> bool:
     return (kind == "string_type" and isinstance(value, list)) or (kind == "list_type" and isinstance(value, str))
 
 
-def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+def validation_details(errors: list[dict[str, Any]], fields: tuple[str, ...]) -> list[dict[str, str]]:
     """pydantic's errors as [{field, message, type}]; `field` is e.g. "text[2]", without the
     "body" prefix and the union-member tags ("str", "list[str]") pydantic puts in locations. A
-    field's wrong-form complaints are left out when it has another error."""
+    field's wrong-form complaints are left out when it has another error. A field the body may not
+    have is answered with the ones it may (`fields`): a misspelt option is then a fix away."""
     locs = [[part for part in err.get("loc", ()) if part != "body"] for err in errors]
     explained = {loc[0] for loc, err in zip(locs, errors) if loc and not _wrong_form(err)}
     details = []
@@ -85,6 +86,8 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
         message = str(err.get("msg", "")).removeprefix("Value error, ")
         if err.get("type") == "string_pattern_mismatch":  # the one pattern: a text needs a non-blank character
             message = "empty or whitespace only"
+        if err.get("type") == "extra_forbidden":
+            message = f"not a field of this model's requests (they take {', '.join(fields)})"
         if err.get("type") == "json_invalid":
             message += f" ({err.get('ctx', {}).get('error', 'unreadable')} at character {loc[0] if loc else 0})"
         details.append({"field": field, "message": message, "type": str(err.get("type", ""))})
@@ -94,17 +97,6 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
 async def _api_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = getattr(exc, "code", None) or _STATUS_CODES.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "details", None), exc.headers)
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = list(exc.errors())
-    too_long = [e for e in errors if e.get("type") == "too_long" and e.get("loc", ())[1:2] in (("text",), ("text_pair",))]
-    if too_long:  # a list over the item limit is "too large", as the contract says, not "invalid"
-        limit = too_long[0].get("ctx", {}).get("max_length")
-        return error_response(413, "too_many_items", f"more texts in one request than the limit of {limit}")
-    details = validation_details(errors)
-    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-    return error_response(422, "invalid_request", f"invalid request: {summary}", details)
 
 
 async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
@@ -120,7 +112,20 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "internal server error")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, request_fields: tuple[str, ...]) -> None:
+    """`request_fields`: the fields POST /classify takes (they depend on the bundle), named in the
+    answer to a body with any other."""
+
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        too_long = [e for e in errors if e.get("type") == "too_long" and e.get("loc", ())[1:2] in (("text",), ("text_pair",))]
+        if too_long:  # a list over the item limit is "too large", as the contract says, not "invalid"
+            limit = too_long[0].get("ctx", {}).get("max_length")
+            return error_response(413, "too_many_items", f"more texts in one request than the limit of {limit}")
+        details = validation_details(errors, request_fields)
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        return error_response(422, "invalid_request", f"invalid request: {summary}", details)
+
     app.add_exception_handler(StarletteHTTPException, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Rejected, _rejected)

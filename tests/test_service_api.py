@@ -128,6 +128,7 @@ def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_input_o
                                 headers={"content-type": "application/json"}).status_code == 422
     refused = client.post("/classify", json=body)
     assert refused.status_code == 422 and refused.json()["error"]["details"][0]["field"] == "text_pair"
+    assert refused.json()["error"]["details"][0]["message"].endswith("(they take text, entropy_threshold, latency_budget_ms)")
     assert "text_pair" not in client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]
 
 
@@ -295,6 +296,18 @@ def test_a_422_says_what_is_wrong_with_the_text(client):
     assert message(b'{"text": "  "}') == "empty or whitespace only"
     assert message(b'{"text": 5}') != "empty or whitespace only"
     assert re.search(r"at character 13\)$", message(b'{"text": "a",}'))  # where the JSON broke
+
+
+def test_a_422_for_a_field_the_api_does_not_have_names_the_ones_it_does(client, pair_bundle):
+    def details(client, body: dict) -> list[dict]:
+        return client.post("/classify", json=body).json()["error"]["details"]
+
+    assert details(client, {"text": "a", "threshold": 0.1}) == [{
+        "field": "threshold", "type": "extra_forbidden",
+        "message": "not a field of this model's requests (they take text, entropy_threshold, latency_budget_ms)"}]
+    with TestClient(create_app(settings(pair_bundle))) as pair_client:  # a pair model's requests take one more
+        assert details(pair_client, {"text": "a", "budget_ms": 5})[0]["message"].endswith(
+            "(they take text, entropy_threshold, latency_budget_ms, text_pair)")
 
 
 def test_a_422_on_text_speaks_of_the_form_the_client_sent(client):
