@@ -35,15 +35,21 @@ def test_train_then_evaluate_writes_a_checkpoint_a_report_and_plots(tiny_backbon
     done = romebert("train", "--backbone", cfg.backbone, "--output", str(other), "--limit", "32", "--epochs", "1",
                     "--batch-size", "16", "--max-length", "32", "--method", "finetune")
     assert done.returncode == 0, done.stderr[-2000:]
-    done = romebert("evaluate", cfg.output, str(other), "--limit", "32", "--out", str(tmp_path / "eval"))
+    reseeded = tmp_path / "reseeded"  # another seed splits the data differently: its dev rows are other examples
+    done = romebert("train", "--backbone", cfg.backbone, "--output", str(reseeded), "--limit", "32", "--epochs", "1",
+                    "--batch-size", "16", "--max-length", "32", "--method", "finetune", "--seed", "7")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = romebert("evaluate", cfg.output, str(other), str(reseeded), "--limit", "32", "--out", str(tmp_path / "eval"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "threshold" in done.stdout and "speed-up" in done.stdout and "95% interval" in done.stdout
     assert "finetune minus deebert, same examples" in done.stdout
+    assert "reseeded and deebert are not compared pairwise: their runs' seeds (7, 42) split the data differently" in done.stdout
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["deebert"]["split"] == "dev"  # choices are made on dev; test is read when asked for by name
     assert len(report["deebert"]["per_exit"]) == 3 and len(report["deebert"]["sweep"]) == 13
     for row in report["deebert"]["per_exit"] + report["deebert"]["sweep"]:
         assert row["lo"] <= row["accuracy"] <= row["hi"]
+    assert "paired_with_deebert" not in report["reseeded"]
     paired = report["finetune"]["paired_with_deebert"]
     assert paired["full_depth"]["lo"] <= paired["full_depth"]["difference"] <= paired["full_depth"]["hi"]
     assert len(paired["per_exit"]) == 3 and len(paired["sweep"]) == 13

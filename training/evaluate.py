@@ -110,20 +110,24 @@ def evaluate_checkpoints(
     tasks = [task_of(ckpt, record, data, limit) for ckpt, _, record in loaded]
     for (ckpt, model, record), task in zip(loaded, tasks):
         encoder = TextEncoder(ckpt / "tokenizer.json", getattr(model.config, "max_seq_length", 128))
-        encoded, labels = encode_examples(encoder, getattr(task, split))
+        examples = getattr(task, split)
+        encoded, labels = encode_examples(encoder, examples)
         logits = exit_logits(model, encoded, batch_size)
         report = report_from_logits(logits, labels)
         report.update({"checkpoint": str(ckpt), "method": record.get("method", ckpt.name), "data": task.name, "split": split, "size": len(labels)})
         name = report["method"] if report["method"] not in results else ckpt.name
         results[name] = report
-        logits_of[name] = (logits, labels, task.name)
+        logits_of[name] = (logits, labels, examples, record.get("config", {}).get("seed", 42))
         print(format_report(f"{name} ({task.name} {split}, n={len(labels)})", report))
     names = list(results)
     for other in names[1:]:  # paired with the first checkpoint, when both were read on the same examples
-        (za, ya, da), (zb, yb, db) = logits_of[other], logits_of[names[0]]
-        if da == db and np.array_equal(ya, yb):
+        (za, ya, ea, seed_a), (zb, _, eb, seed_b) = logits_of[other], logits_of[names[0]]
+        if ea == eb:
             results[other]["paired_with_" + names[0]] = paired = paired_report(za, zb, ya)
             print(format_paired(other, names[0], paired))
+        else:
+            why = f"their runs' seeds ({seed_a}, {seed_b}) split the data differently" if seed_a != seed_b else "their data differ"
+            print(f"== {other} and {names[0]} are not compared pairwise: {why}, so their {split} rows are not the same examples (train with one --seed to compare them row by row)")
     out = Path(out)
     write_json(out / "evaluation.json", results)
     num_layers = next(iter(results.values()))["num_layers"]
