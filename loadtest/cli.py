@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from romebert.loadtest.workload import add_workload_arguments, workload_from_args
 
@@ -55,6 +56,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag}: invalid value {value}")
     if not args.url.startswith(("http://", "https://")):
         p.error(f"url must start with http:// or https://, got {args.url!r}")
+    parts = urlsplit(args.url)
+    if parts.path.rstrip("/"):  # the routes are asked for by their own paths, from the host's root
+        p.error(f"url is the server's base URL, without a path: '{parts.scheme}://{parts.netloc}', not {args.url!r}")
 
 
 def _ready(url: str, timeout_s: float) -> str | None:

@@ -180,13 +180,17 @@ def test_each_load_argument_is_checked_at_its_bound(flag, lowest_accepted, highe
     assert refused.value.code == 2 and f"{flag}: invalid value" in capsys.readouterr().err
 
 
-def test_an_error_rate_slo_is_a_fraction_and_the_url_needs_its_scheme(capsys):
+def test_an_error_rate_slo_is_a_fraction_and_the_url_is_a_scheme_and_a_host_alone(capsys):
     parser = loadtest_cli._parser()
     loadtest_cli._check(parser, parser.parse_args(["https://example.org", "--slo-error-rate", "1"]))
     for argv in (["http://127.0.0.1:9", "--slo-error-rate", "1.001"], ["127.0.0.1:8000"]):
         with pytest.raises(SystemExit):
             loadtest_cli._check(parser, parser.parse_args(argv))
     assert "url must start with http:// or https://" in capsys.readouterr().err
+    loadtest_cli._check(parser, parser.parse_args(["http://127.0.0.1:9/"]))  # a trailing slash is no path
+    with pytest.raises(SystemExit):
+        loadtest_cli._check(parser, parser.parse_args(["http://127.0.0.1:9/classify"]))
+    assert "url is the server's base URL, without a path: 'http://127.0.0.1:9', not 'http://127.0.0.1:9/classify'" in capsys.readouterr().err
 
 
 def test_a_run_whose_requests_the_server_refuses_says_why_in_the_servers_words(stand_in, texts, tmp_path):
