@@ -97,7 +97,8 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     root = Path(root)
     manifest_file = root / MANIFEST
     if not manifest_file.is_file():
-        raise BundleError(f"{root}: not a model bundle (no {MANIFEST})")
+        hint = f": it is a training checkpoint, which `romebert export {root} BUNDLE` makes a bundle of" if (root / "config.json").is_file() else ""
+        raise BundleError(f"{root}: not a model bundle (no {MANIFEST}){hint}")
     try:
         manifest = json.loads(manifest_file.read_text())
     except OSError as err:  # permissions: a bundle built by another user, with private files

@@ -116,6 +116,6 @@ def test_unknown_method_is_refused(tiny_backbone, tmp_path):
 def test_evaluate_checks_every_folder_before_it_scores_any(tiny_checkpoint, tiny_bundle, tmp_path):
     done = romebert("evaluate", str(tiny_checkpoint), str(tiny_bundle), "--data", "rotten_tomatoes", "--out", str(tmp_path / "eval"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"{tiny_bundle}: not a checkpoint folder" in done.stderr
+    assert f"{tiny_bundle}: not a checkpoint folder (no config.json): it is a model bundle, which `romebert serve` takes" in done.stderr
     assert not (tmp_path / "eval").exists()  # nothing written, and no table printed for the first one
     assert "threshold" not in done.stdout

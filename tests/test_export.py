@@ -171,6 +171,13 @@ def test_cli_reports_errors_in_one_line_with_exit_code_2(tmp_path):
     assert done.returncode == 2 and "checkpoint folder not found" in done.stderr
 
 
+def test_a_checkpoint_given_for_a_bundle_is_refused_saying_how_to_make_one(tiny_checkpoint):
+    with pytest.raises(BundleError, match=re.escape(
+            f"{tiny_checkpoint}: not a model bundle (no manifest.json): it is a training checkpoint, which "
+            f"`romebert export {tiny_checkpoint} BUNDLE` makes a bundle of")):
+        load_bundle(tiny_checkpoint)
+
+
 def test_server_side_check_refuses_tampered_or_unknown_bundles(tiny_bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bundle, copy)

@@ -212,7 +212,8 @@ def backbone_pooling(path: Path) -> str:
 def load_bert_config(path: Path) -> BertConfig:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json)")
+        hint = ": it is a model bundle, which `romebert serve` takes" if (path / "manifest.json").is_file() else ""
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json){hint}")
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
