@@ -160,7 +160,8 @@ class Runtime:
             self.encoder, self.admission, self.device, self.backend = encoder, admission, device, backend
             scheduler.start()
             self.scheduler, self.phase = scheduler, Phase.READY
-        log.info("ready on %s in %.1fs", device, time.perf_counter() - started)
+        log.info("ready on %s (%s, %d layers, default threshold %g, %d worker(s)) in %.1fs", device, backend, bundle.num_layers,
+                 bundle.default_threshold, self.settings.workers, time.perf_counter() - started)
 
     def _worker_died(self, err: BaseException) -> None:
         self._fail(f"a worker died: {type(err).__name__}: {err}", EXIT_WORKER_DIED)
