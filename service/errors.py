@@ -31,7 +31,7 @@ def _doc(description: str) -> dict[str, Any]:
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _doc("unparseable body: invalid UTF-8, JSON nested too deeply (bad_request)"),
+    400: _doc("the body is not valid JSON: malformed, not UTF-8, a lone surrogate escape, nested too deeply (bad_request)"),
     408: _doc("the headers or the body did not arrive in time (request_timeout); the connection is closed"),
     413: _doc("more texts than the server's limit (too_many_items) or a body over its byte limit (body_too_large)"),
     415: _doc("the body is not declared as JSON: send Content-Type: application/json (unsupported_media_type)"),
@@ -81,15 +81,13 @@ def validation_details(errors: list[dict[str, Any]], fields: tuple[str, ...]) ->
             continue
         if loc and isinstance(loc[0], str):
             field = loc[0] + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
-        else:  # the body as a whole, e.g. not JSON (the int is then a character position)
+        else:  # the body as a whole, e.g. a list where an object belongs
             field = "body"
         message = str(err.get("msg", "")).removeprefix("Value error, ")
         if err.get("type") == "string_pattern_mismatch":  # the one pattern: a text needs a non-blank character
             message = "empty or whitespace only"
         if err.get("type") == "extra_forbidden":
             message = f"not a field of this model's requests (they take {', '.join(fields)})"
-        if err.get("type") == "json_invalid":
-            message += f" ({err.get('ctx', {}).get('error', 'unreadable')} at character {loc[0] if loc else 0})"
         details.append({"field": field, "message": message, "type": str(err.get("type", ""))})
     return details
 
@@ -118,6 +116,10 @@ def install_error_handlers(app: FastAPI, request_fields: tuple[str, ...]) -> Non
 
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
+        unparseable = [e for e in errors if e.get("type") == "json_invalid"]
+        if unparseable:  # pydantic's JSON parser: not JSON, not UTF-8, a lone surrogate, nested too deeply
+            reason = str(unparseable[0].get("msg", "")).removeprefix("Invalid JSON: ")
+            return error_response(400, "bad_request", f"the body is not valid JSON: {reason}")
         too_long = [e for e in errors if e.get("type") == "too_long" and e.get("loc", ())[1:2] in (("text",), ("text_pair",))]
         if too_long:  # a list over the item limit is "too large", as the contract says, not "invalid"
             limit = too_long[0].get("ctx", {}).get("max_length")

@@ -41,7 +41,8 @@ class ClassifyRequestBase(BaseModel):
 
 def _pairs_valid(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
     """One pair per text, in the same form. (Each text is checked by its type: the pattern rejects
-    blank ones, and pydantic rejects lone surrogates, which JSON admits, as not a valid string.)"""
+    blank ones; lone surrogate escapes, which JSON admits, never get this far: pydantic's JSON
+    parser refuses them, and the server answers 400.)"""
     text = info.data.get("text")  # absent when text itself failed: that error is reported already
     if value is None or text is None:
         return value

@@ -26,6 +26,7 @@ from romebert.core.engine import Engine
 from romebert.core.exits import entropy, exit_layers, softmax
 from romebert.service.metrics import outcome_of
 from romebert.service.runtime import default_engine
+from romebert.service.schemas import classify_request_model
 from romebert.service.settings import Settings
 from romebert.core.tokenization import TextEncoder
 from fixed_cost import FixedCost
@@ -125,7 +126,7 @@ def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_input_o
             assert pair_client.post("/classify", json=mismatched).status_code == 422, mismatched
         assert "text_pair" in pair_client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]
         assert pair_client.post("/classify", content=b'{"text": "a", "text_pair": "\\ud800"}',
-                                headers={"content-type": "application/json"}).status_code == 422
+                                headers={"content-type": "application/json"}).status_code == 400  # a lone surrogate
     refused = client.post("/classify", json=body)
     assert refused.status_code == 422 and refused.json()["error"]["details"][0]["field"] == "text_pair"
     assert refused.json()["error"]["details"][0]["message"].endswith("(they take text, entropy_threshold, latency_budget_ms)")
@@ -241,9 +242,11 @@ BAD_REQUESTS = [
     ({"text": "a", "threshold": 0.1}, 422, "invalid_request"),  # a misspelt option is not ignored
     (b'{"text": "a", "entropy_threshold": NaN}', 422, "invalid_request"),
     (b'{"text": "a", "latency_budget_ms": Infinity}', 422, "invalid_request"),
-    (b"not json", 422, "invalid_request"),
-    (b'{"text": "\\ud800"}', 422, "invalid_request"),  # a lone surrogate: valid JSON, not text
-    (b'{"text": ["fine", "x\\udfff"]}', 422, "invalid_request"),
+    (b"not json", 400, "bad_request"),
+    (b'{"text": "a",}', 400, "bad_request"),  # a trailing comma
+    (b"", 400, "bad_request"),
+    (b'{"text": "\\ud800"}', 400, "bad_request"),  # a lone surrogate escape: no Unicode text
+    (b'{"text": ["fine", "x\\udfff"]}', 400, "bad_request"),
     (b'{"text": "\xff\xfe"}', 400, "bad_request"),  # not UTF-8
     (b"[" * 1500, 400, "bad_request"),  # nested too deeply for the JSON parser
     (b'["a", "list"]', 422, "invalid_request"),
@@ -289,13 +292,14 @@ def test_a_body_over_the_limit_without_content_length_is_refused_too(client):
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
 
 
-def test_a_422_says_what_is_wrong_with_the_text(client):
-    def message(body: bytes) -> str:
-        return client.post("/classify", content=body, headers={"content-type": "application/json"}).json()["error"]["details"][0]["message"]
+def test_a_422_says_what_is_wrong_with_the_text_and_a_400_where_the_json_broke(client):
+    def error(body: bytes) -> dict:
+        return client.post("/classify", content=body, headers={"content-type": "application/json"}).json()["error"]
 
-    assert message(b'{"text": "  "}') == "empty or whitespace only"
-    assert message(b'{"text": 5}') != "empty or whitespace only"
-    assert re.search(r"at character 13\)$", message(b'{"text": "a",}'))  # where the JSON broke
+    assert error(b'{"text": "  "}')["details"][0]["message"] == "empty or whitespace only"
+    assert error(b'{"text": 5}')["details"][0]["message"] != "empty or whitespace only"
+    assert error(b'{"text": "a",}')["message"] == "the body is not valid JSON: trailing comma at line 1 column 14"
+    assert error(b'{"text": "\\ud800"}')["message"].startswith("the body is not valid JSON: ")
 
 
 def test_a_422_for_a_field_the_api_does_not_have_names_the_ones_it_does(client, pair_bundle):
@@ -310,6 +314,26 @@ def test_a_422_for_a_field_the_api_does_not_have_names_the_ones_it_does(client, 
             "(they take text, entropy_threshold, latency_budget_ms, text_pair)")
 
 
+def test_the_body_and_request_route_refuses_an_endpoint_with_anything_else_to_inject():
+    """Its handler passes the endpoint the validated body and the Request, nothing else: an
+    endpoint that asks for more would be called without it, so it is refused when the route is made."""
+    from fastapi import APIRouter, Request
+
+    from romebert.service.routes import BodyAndRequestRoute
+
+    model = classify_request_model(0.69, 4, False)
+
+    async def with_a_query_parameter(body: model, request: Request, page: int = 1) -> None:  # type: ignore[valid-type]
+        pass
+
+    async def without_the_request(body: model) -> None:  # type: ignore[valid-type]
+        pass
+
+    for endpoint in (with_a_query_parameter, without_the_request):
+        with pytest.raises(TypeError, match=re.escape("/x: a BodyAndRequestRoute endpoint takes (body model, Request) and nothing else")):
+            APIRouter().add_api_route("/x", endpoint, methods=["POST"], route_class_override=BodyAndRequestRoute)
+
+
 def test_a_422_on_text_speaks_of_the_form_the_client_sent(client):
     """`text` is a string or a list; a complaint of the other form ("not a valid list" of a
     string) is noise beside the real one, and stays only when it is the only one."""
@@ -319,7 +343,7 @@ def test_a_422_on_text_speaks_of_the_form_the_client_sent(client):
     assert messages({"text": []}) == ["List should have at least 1 item after validation, not 0"]
     assert messages({"text": "  "}) == ["empty or whitespace only"]
     assert messages({"text": ["fine", 5]}) == ["Input should be a valid string"]
-    assert messages({"text": 5}) == ["Input should be a valid string", "Input should be a valid list"]
+    assert messages({"text": 5}) == ["Input should be a valid string", "Input should be a valid array"]
 
 
 @pytest.mark.parametrize("status,outcome", [(200, "ok"), (400, "invalid"), (408, "slow_client"), (413, "too_large"), (415, "invalid"),
