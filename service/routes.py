@@ -10,7 +10,7 @@ text, without the tokenizer's thread pool (waiting on it stalled the loop under 
 # No `from __future__ import annotations` here: FastAPI must see the request model itself, not the
 # name of a local variable, in classify's signature.
 import asyncio
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -90,7 +90,7 @@ class BodyAndRequestRoute(APIRoute):
     of it. FastAPI still routes the request, documents the route from the endpoint's signature,
     and answers the errors (a body that is not JSON is answered 400 by errors.py)."""
 
-    def get_route_handler(self):  # type: ignore[no-untyped-def]
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         dependant = self.dependant
         others = [*dependant.path_params, *dependant.query_params, *dependant.header_params, *dependant.cookie_params, *dependant.dependencies]
         if len(dependant.body_params) != 1 or dependant.request_param_name is None or others:
