@@ -104,10 +104,11 @@ class TextEncoder:
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
 
     def tokenize(self, texts: list[str], text_pairs: list[str] | None = None, parallel: bool = True) -> list[TokenRow]:
-        """One row per text. The Rust tokenizer releases the GIL, so a thread may call this while
-        the event loop goes on serving. `parallel=False` for the event loop's own short inputs:
-        encode_batch hands the texts to the tokenizer's thread pool and waits, and on a loaded CPU
-        that wait (for pool threads the scheduler has not run) stalled the event loop for seconds."""
+        """One row per text. encode_batch (`parallel`) releases the GIL, so a thread may call this
+        while the event loop goes on serving. `parallel=False` for the event loop's own short
+        inputs: encode_batch hands the texts to the tokenizer's thread pool and waits, and on a
+        loaded CPU that wait (for pool threads the scheduler has not run) stalled the event loop for
+        seconds; `encode`, one text at a time, keeps the GIL throughout."""
         inputs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
         if parallel:
             encodings = self.tokenizer.encode_batch(inputs)
