@@ -12,14 +12,15 @@ from romebert.model_export.optimize import AUTO, PRECISIONS
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="romebert export", description="Split a multi-exit checkpoint into per-layer ONNX segments (a model bundle).")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a training checkpoint folder (what romebert train writes to --output)")
     p.add_argument("out", type=Path, help="bundle folder to create")
     p.add_argument("--precision", choices=(*PRECISIONS, AUTO), default="fp32",
                    help="fp32 (default), fp16 (GPU), int8 (dynamic, CPU), or auto: onnxruntime fp32 and int8, and OpenVINO bf16 and f32 where its plugin "
                         "offers a CPU device, measured on dev on this CPU; the fastest that keeps the exits is published (docs/export.md)")
     p.add_argument("--data", default=None, help="held-out data for parity and calibration (default: the checkpoint's dataset, dev split)")
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="default-threshold rule: largest speed-up within this many accuracy points of full depth")
-    p.add_argument("--parity-examples", type=int, default=256)
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="default-threshold rule: largest speed-up within this many accuracy points of full depth (default 1.0)")
+    p.add_argument("--parity-examples", type=int, default=256,
+                   help="held-out examples whose every exit is compared between PyTorch and the exported segments (default 256)")
     p.add_argument("--monolithic", action="store_true", help="also write the whole model as one graph (extras.full), the baseline bench/engine.py compares with")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p

@@ -89,8 +89,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="dev", choices=("dev", "test"),
                         help="dev (default): for choosing thresholds and recipes; test: read once, for the report")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="folder for evaluation.json and the PNG plots")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=128, help="examples a forward pass (default 128)")
+    parser.add_argument("--limit", type=int, default=None, help="cap every split at this many examples (a quick look)")
     return parser
 
 
