@@ -31,7 +31,7 @@ ARG OV_VERSION=2026.4.1
 # ---------------------------------------------------------------------------------------------
 # source: the project's files, copied once for both images.
 FROM scratch AS source
-COPY pyproject.toml README.md cli.py /src/
+COPY pyproject.toml README.md cli.py quickstart.py /src/
 COPY core/ /src/core/
 COPY training/ /src/training/
 COPY model_export/ /src/model_export/

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("romebert.training.cli", "per-exit accuracy and the entropy-threshold sweep, with plots"),
     "export": ("romebert.model_export.cli", "split a checkpoint into per-layer ONNX segments (a bundle)"),
     "serve": ("romebert.service.cli", "serve a bundle over HTTP with per-request early exit"),
-    "quickstart": ("romebert.model_export.quickstart", "build the default bundle if missing, then serve it"),
+    "quickstart": ("romebert.quickstart", "build the default bundle if missing, then serve it"),
     "loadtest": ("romebert.loadtest.cli", "drive a running server and report latency and exit depth"),
 }
 

@@ -77,10 +77,16 @@ def _bound_sockets(host: str, port: int) -> list[socket.socket]:
         raise SettingsError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
+def settings_of(argv: list[str]) -> Settings:
+    """The settings a `romebert serve` command line asks for, the environment's included: argparse
+    exits 2 on an unknown or malformed option, SettingsError names a value the server cannot run
+    with. Nothing is checked on disk (`romebert quickstart` asks before its bundle exists)."""
+    return Settings.from_env(**vars(_parser().parse_args(argv)))
+
+
 def main(command: str, argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_env(**vars(args))
+        settings = settings_of(argv)
         _check(settings)
         listeners = _bound_sockets(settings.host, settings.port)
     except (SettingsError, RuntimeError, ValueError) as err:  # BundleError is a RuntimeError

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tiny_backbone import tiny_train_config
 
 
@@ -23,6 +25,16 @@ def test_help_lists_every_stage():
 def test_unknown_command_is_an_error():
     done = romebert("frobnicate")
     assert done.returncode == 2 and "unknown command" in done.stderr
+
+
+@pytest.mark.parametrize("serve_options,error", [
+    (["--prot", "9000"], "romebert serve: error: unrecognized arguments: --prot 9000"),
+    (["--port", "70000"], "romebert quickstart: error: port must be at most 65535, not 70000"),
+])
+def test_quickstart_checks_the_server_options_before_it_builds_anything(tmp_path, serve_options, error):
+    done = romebert("quickstart", "--home", str(tmp_path / "home"), *serve_options)
+    assert done.returncode == 2 and error in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "home").exists()  # no training started
 
 
 def test_train_then_evaluate_writes_a_checkpoint_a_report_and_plots(tiny_backbone, tmp_path):

@@ -1,17 +1,13 @@
-"""`romebert quickstart`: the first command a newcomer runs.
+"""The default model bundle that `romebert quickstart` (quickstart.py at the top) builds once and serves.
 
-Builds the default bundle once (RomeBERT on rotten_tomatoes from the shipped all-MiniLM-L6-v2,
-the shipped recipe: 10 to 15 minutes on a 2-core CPU, with progress bars), then serves it. A bundle that
-is already there is reused; a run killed half-way resumes from its last saved training state.
-Serving replaces this process with a fresh `romebert serve` (exec): the server never holds the
-torch and training memory the build needed, and keeps this process's PID for signals.
+RomeBERT on rotten_tomatoes from the shipped all-MiniLM-L6-v2, the shipped recipe: 10 to 15
+minutes on a 2-core CPU, with progress bars. A bundle that is already there is reused; a build
+killed half-way resumes from its last saved training state.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 from romebert.core.bundle import BundleError, load_bundle
@@ -42,14 +38,3 @@ def build_default_bundle(home: Path) -> Path:
     print("exporting the default bundle ...")
     return export_bundle(checkpoint, bundle, precision=AUTO, force=bundle.exists())
 
-
-def main(command: str, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="romebert quickstart", description=__doc__)
-    parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where the default checkpoint and bundle live")
-    parser.add_argument("--build-only", action="store_true", help="build the bundle, do not serve")
-    args, serve_args = parser.parse_known_args(argv)
-    bundle = build_default_bundle(args.home)
-    if args.build_only:
-        return 0
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "romebert.cli", "serve", str(bundle), *serve_args])
