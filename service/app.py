@@ -3,14 +3,13 @@
 The factory reads only the manifest (cheap, no checksums) so that the request schema, the error
 shapes and the metrics know the labels and the number of layers from the first request on;
 everything heavy happens in the background loader (see runtime.py). Startup starts that loader;
-shutdown drains the workers. /docs and /redoc are served with their assets from the package
+shutdown waits for it and drains the workers. /docs and /redoc are served with their assets from the package
 (fastapi-offline), so they work on a host without internet.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -46,7 +45,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=runtime.load, name="romebert-load", daemon=True).start()
+        runtime.start_loading()
         lag = asyncio.create_task(runtime.loop_lag.run())
         yield
         lag.cancel()

@@ -125,7 +125,10 @@ def install_error_handlers(app: FastAPI, request_fields: tuple[str, ...]) -> Non
             limit = too_long[0].get("ctx", {}).get("max_length")
             return error_response(413, "too_many_items", f"more texts in one request than the limit of {limit}")
         details = validation_details(errors, request_fields)
-        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        fields_by_message: dict[str, list[str]] = {}  # one complaint shared by several fields is said once
+        for d in details:
+            fields_by_message.setdefault(d["message"], []).append(d["field"])
+        summary = "; ".join(f"{', '.join(fields)}: {message}" for message, fields in fields_by_message.items())
         return error_response(422, "invalid_request", f"invalid request: {summary}", details)
 
     app.add_exception_handler(StarletteHTTPException, _api_error)

@@ -116,8 +116,14 @@ class Runtime:
         self.admission: Admission | None = None
         self.loop_lag = LoopLag()  # measured by a task of the serving loop (the app's lifespan)
         self.exit_code: int | None = None
+        self._loader: threading.Thread | None = None
         self.request_exit: Callable[[int], None] = lambda code: None
         self._lock = threading.Lock()
+
+    def start_loading(self) -> None:
+        """load() in a background thread, HTTP being up meanwhile; drain() waits for it."""
+        self._loader = threading.Thread(target=self.load, name="romebert-load", daemon=True)
+        self._loader.start()
 
     def load(self) -> None:
         """Verify the bundle, open the engine, warm it up and start the workers (blocking)."""
@@ -201,7 +207,16 @@ class Runtime:
             self.admission.close(drain_s=0.8 * self.settings.graceful_timeout_s)
 
     async def drain(self, timeout_s: float) -> None:
-        """begin_drain(), then wait until the workers have stopped."""
+        """begin_drain(), then wait until the loader and the workers have stopped. A loader still
+        at work (a SIGTERM during start-up) is waited for: a process that ends while one of its
+        threads is inside onnxruntime aborts (std::terminate, exit code 134) instead of exiting.
+        (Once draining, a finished load starts no workers.)"""
         self.begin_drain()
-        if self.scheduler is not None and not await asyncio.to_thread(self.scheduler.join, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        if self._loader is not None:
+            await asyncio.to_thread(self._loader.join, timeout_s)
+            if self._loader.is_alive():
+                log.error("still loading after %.0fs of draining; stopping anyway", timeout_s)
+        remaining = max(deadline - time.monotonic(), 0.0)
+        if self.scheduler is not None and not await asyncio.to_thread(self.scheduler.join, remaining):
             log.error("workers still busy after %.0fs of draining; stopping anyway", timeout_s)

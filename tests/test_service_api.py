@@ -309,6 +309,10 @@ def test_a_422_for_a_field_the_api_does_not_have_names_the_ones_it_does(client, 
     assert details(client, {"text": "a", "threshold": 0.1}) == [{
         "field": "threshold", "type": "extra_forbidden",
         "message": "not a field of this model's requests (they take text, entropy_threshold, latency_budget_ms)"}]
+    two = client.post("/classify", json={"text": "a", "threshold": 0.1, "budget_ms": 5}).json()["error"]
+    assert two["message"] == ("invalid request: threshold, budget_ms: not a field of this model's requests "
+                              "(they take text, entropy_threshold, latency_budget_ms)")  # said once for both
+    assert [d["field"] for d in two["details"]] == ["threshold", "budget_ms"]
     with TestClient(create_app(settings(pair_bundle))) as pair_client:  # a pair model's requests take one more
         assert details(pair_client, {"text": "a", "budget_ms": 5})[0]["message"].endswith(
             "(they take text, entropy_threshold, latency_budget_ms, text_pair)")
@@ -528,6 +532,29 @@ async def test_not_ready_until_the_model_is_loaded_and_warmed_up(tiny_bundle):
         await until(lambda: app.state.runtime.phase.value == "ready")
         assert (await client.get("/readyz")).status_code == 200
         assert (await client.post("/classify", json={"text": "now"})).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_shutting_down_while_the_model_loads_waits_for_the_loader_and_starts_no_worker(tiny_bundle):
+    """A process must not end while its loader is inside onnxruntime: that aborts it (std::terminate,
+    exit code 134) where a SIGTERM during start-up should exit cleanly. So the shutdown waits for
+    the load, which then starts nothing."""
+    release = threading.Event()
+    loaded = []
+
+    def slow_factory(bundle, s):
+        assert release.wait(timeout=20)
+        loaded.append(default_engine(bundle, s))
+        return loaded[-1]
+
+    app = create_app(settings(tiny_bundle), engine_factory=slow_factory)
+    runtime = app.state.runtime
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    async with serving(app, ready=False):
+        pass  # shut down at once, while the factory waits
+    assert time.monotonic() - started >= 0.3 and loaded  # the shutdown waited for the load to finish
+    assert runtime.phase.value == "draining" and runtime.scheduler is None
 
 
 @pytest.mark.asyncio
