@@ -122,7 +122,7 @@ def test_bad_data_is_one_clear_line_and_no_checkpoint(tiny_backbone, tmp_path):
 
 def test_unknown_method_is_refused(tiny_backbone, tmp_path):
     done = romebert("train", "--method", "magic", "--backbone", str(tiny_backbone), "--output", str(tmp_path / "o"))
-    assert done.returncode == 2 and "unknown method" in done.stderr
+    assert done.returncode == 2 and "method must be one of romebert, deebert, finetune, not 'magic'" in done.stderr
 
 
 def test_evaluate_checks_every_folder_before_it_scores_any(tiny_checkpoint, tiny_bundle, tmp_path):

@@ -19,6 +19,8 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, Be
 
 WEIGHTS_NAME = "model.safetensors"
 
+EXIT_POOLINGS = ("auto", "cls", "mean")  # what an exit head reads: auto = the backbone's own pooling
+
 
 def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the real tokens' hidden states, (B, S, H) -> (B, H); padding never counts."""
@@ -164,8 +166,8 @@ class MultiExitBert(nn.Module):
         """
         path = Path(path)
         config = load_bert_config(path)
-        if exit_pooling not in ("auto", "cls", "mean"):
-            raise ValueError(f"exit_pooling must be auto, cls or mean, not {exit_pooling!r}")
+        if exit_pooling not in EXIT_POOLINGS:
+            raise ValueError(f"exit_pooling must be one of {', '.join(EXIT_POOLINGS)}, not {exit_pooling!r}")
         config.exit_pooling = backbone_pooling(path) if exit_pooling == "auto" else exit_pooling
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import platform
 import random
+import re
 import signal
 import threading
 import time
@@ -40,7 +41,7 @@ from romebert.training.checkpoint import load_training_state, save_checkpoint, s
 from romebert.core.data import TaskData, encode_examples, load_task
 from romebert.training.evaluate import exit_logits, per_exit_metrics
 from romebert.training.gradient_regularization import GradientProjector, shared_encoder_weights
-from romebert.training.model import MultiExitBert
+from romebert.training.model import EXIT_POOLINGS, MultiExitBert
 from romebert.core.tokenization import Encoded, TextEncoder
 
 METHODS = ("romebert", "deebert", "finetune")
@@ -207,16 +208,32 @@ def length_grouped_order(lengths: np.ndarray, rows_per_step: int, seed: int, gro
     return torch.cat([head, order[steps * rows_per_step :]])
 
 
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """Every value of `cfg` that training cannot run with, said before anything is loaded (an
+    unknown choice or a negative rate would otherwise fail minutes in, or train nonsense)."""
+    checks = [
+        (cfg.method in METHODS, f"method must be one of {', '.join(METHODS)}, not {cfg.method!r}"),
+        (cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}"),
+        (cfg.kl_reduction in losses.KL_REDUCTIONS, f"kl_reduction must be one of {', '.join(losses.KL_REDUCTIONS)}, not {cfg.kl_reduction!r}"),
+        (cfg.exit_pooling in EXIT_POOLINGS, f"exit_pooling must be one of {', '.join(EXIT_POOLINGS)}, not {cfg.exit_pooling!r}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}"),
+        (min(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.save_every, cfg.eval_batch_size) >= 1,
+         "batch_size, grad_accum, epochs, save_every and eval_batch_size must be >= 1"),
+        (cfg.max_length >= 2, f"max_length must be >= 2 (a text's tokens and its two special ones), not {cfg.max_length}"),
+        (cfg.lr > 0 and cfg.adam_eps > 0 and cfg.max_grad_norm > 0, "lr, adam_eps and max_grad_norm must be > 0"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, not {cfg.weight_decay}"),
+        (0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), not {cfg.warmup_ratio}"),
+        (0 <= cfg.gamma <= 1, f"gamma must be in [0, 1] (it weighs distillation against cross-entropy), not {cfg.gamma}"),
+        (cfg.temperature > 0, f"temperature must be > 0, not {cfg.temperature}"),
+        (cfg.exit_weight > 0, f"exit_weight must be > 0, not {cfg.exit_weight}"),
+    ]
+    return [problem for ok, problem in checks if not ok]
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        if cfg.method not in METHODS:
-            raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
-        if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
-            raise ValueError("batch_size, grad_accum and epochs must be >= 1")
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
-        if not cfg.exit_weight > 0:
-            raise ValueError(f"exit_weight must be > 0, not {cfg.exit_weight}")
+        if problems := config_problems(cfg):
+            raise ValueError("; ".join(problems))
         self.cfg = cfg
         self.output = Path(cfg.output)
         self.state_file = state_path(self.output)
