@@ -185,12 +185,13 @@ def test_resume_with_no_saved_state_says_so_and_trains_from_scratch(tiny_backbon
     ({"kl_reduction": "sum"}, "kl_reduction must be one of batchmean, mean, not 'sum'"),
     ({"exit_pooling": "max"}, "exit_pooling must be one of auto, cls, mean, not 'max'"),
     ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N, not 'tpu'"),
-    ({"lr": -1e-4}, "lr, adam_eps and max_grad_norm must be > 0"),
+    ({"lr": -1e-4}, "lr and weight_decay must be >= 0"),
+    ({"max_grad_norm": 0.0}, "adam_eps and max_grad_norm must be > 0"),
     ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
     ({"max_length": 1}, "max_length must be >= 2"),
-    ({"lr": 0.0, "gamma": -1.0}, r"lr, adam_eps and max_grad_norm must be > 0; gamma must be in \[0, 1\]"),  # every problem at once
+    ({"lr": -1.0, "gamma": -1.0}, r"lr and weight_decay must be >= 0; gamma must be in \[0, 1\]"),  # every problem at once
     ({"batch_size": 48, "grad_accum": 2}, r"64 examples, fewer than one optimizer step takes \(batch_size 48 x grad_accum 2 x 1 processes = 96\)"),
 ])
 def test_a_config_that_cannot_train_is_refused_before_any_work(tiny_backbone, tmp_path, bad, says):
