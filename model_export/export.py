@@ -54,6 +54,10 @@ def export_bundle(
     checkpoint, out = Path(checkpoint), Path(out)
     if precision not in (*PRECISIONS, AUTO):
         raise ValueError(f"--precision must be one of {(*PRECISIONS, AUTO)}, not {precision!r}")
+    if not max_drop_points >= 0:  # no threshold can be more accurate than full depth by a margin
+        raise ValueError(f"--max-accuracy-drop must be >= 0 (accuracy points given up for speed), not {max_drop_points}")
+    if parity_examples < 1:  # the bundle is published only once it is shown to compute what the checkpoint does
+        raise ValueError(f"--parity-examples must be >= 1, not {parity_examples}")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
     if not checkpoint.is_dir():

@@ -166,6 +166,16 @@ def test_missing_corrupt_and_foreign_checkpoints_are_refused_and_nothing_is_writ
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "foreign"]
 
 
+@pytest.mark.parametrize("option,says", [
+    ({"max_drop_points": -1.0}, "--max-accuracy-drop must be >= 0"),
+    ({"parity_examples": 0}, "--parity-examples must be >= 1"),
+])
+def test_options_that_cannot_work_are_refused_before_any_export(tiny_checkpoint, tmp_path, option, says):
+    with pytest.raises(ValueError, match=says):
+        export_bundle(tiny_checkpoint, tmp_path / "out", **option)
+    assert not any(tmp_path.iterdir())  # nothing exported, not even a temporary folder
+
+
 def test_cli_reports_errors_in_one_line_with_exit_code_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "romebert.cli", "export", str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 2 and "checkpoint folder not found" in done.stderr
