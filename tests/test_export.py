@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -174,6 +175,18 @@ def test_options_that_cannot_work_are_refused_before_any_export(tiny_checkpoint,
     with pytest.raises(ValueError, match=says):
         export_bundle(tiny_checkpoint, tmp_path / "out", **option)
     assert not any(tmp_path.iterdir())  # nothing exported, not even a temporary folder
+
+
+def test_a_sigterm_mid_export_removes_its_temporary_folder_and_publishes_nothing(tiny_checkpoint, tmp_path):
+    export = subprocess.Popen([sys.executable, "-m", "romebert.cli", "export", str(tiny_checkpoint), str(tmp_path / "out")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob(".out.*")):  # the export's temporary folder beside OUT: it is at work
+        assert export.poll() is None and time.monotonic() < deadline, "the export never started"
+        time.sleep(0.01)
+    export.send_signal(signal.SIGTERM)
+    assert export.wait(timeout=60) == 130 and "romebert export: interrupted" in export.stderr.read()
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_reports_errors_in_one_line_with_exit_code_2(tmp_path):
