@@ -125,6 +125,12 @@ def test_unknown_method_is_refused(tiny_backbone, tmp_path):
     assert done.returncode == 2 and "method must be one of romebert, deebert, finetune, not 'magic'" in done.stderr
 
 
+def test_evaluate_refuses_a_batch_size_below_one_before_it_loads_anything(tiny_checkpoint, tmp_path):
+    done = romebert("evaluate", str(tiny_checkpoint), "--batch-size", "0", "--out", str(tmp_path / "eval"))
+    assert done.returncode == 2 and "argument --batch-size: expected a positive whole number, not '0'" in done.stderr
+    assert not (tmp_path / "eval").exists()
+
+
 def test_evaluate_checks_every_folder_before_it_scores_any(tiny_checkpoint, tiny_bundle, tmp_path):
     done = romebert("evaluate", str(tiny_checkpoint), str(tiny_bundle), "--data", "rotten_tomatoes", "--out", str(tmp_path / "eval"))
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -23,6 +23,12 @@ def _limit(value: str) -> int | None:
     return int(value)
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
+    return int(value)
+
+
 def _train_parser() -> argparse.ArgumentParser:
     from romebert.training.train import METHODS, TrainConfig
 
@@ -103,7 +109,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="dev", choices=("dev", "test"),
                         help="dev (default): for choosing thresholds and recipes; test: read once, for the report")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="folder for evaluation.json and the PNG plots")
-    parser.add_argument("--batch-size", type=int, default=128, help="examples a forward pass (default 128)")
+    parser.add_argument("--batch-size", type=_positive, default=128, help="examples a forward pass (default 128)")
     parser.add_argument("--limit", type=int, default=None, help="cap every split at this many examples (a quick look)")
     return parser
 
