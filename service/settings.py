@@ -115,10 +115,11 @@ class Settings:
 def value_type(field: dataclasses.Field) -> Callable[[str], Any]:
     """What a setting's text (environment, command line) converts with: int, float, a bool or str."""
     kind = str(field.type)
-    return parse_bool if "bool" in kind else int if "int" in kind else float if "float" in kind else str
+    return boolean if "bool" in kind else int if "int" in kind else float if "float" in kind else str
 
 
-def parse_bool(raw: str) -> bool:
+def boolean(raw: str) -> bool:
+    """1/true/yes/on or 0/false/no/off. (Named so that argparse says "invalid boolean value".)"""
     value = raw.strip().lower()
     if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise ValueError(f"{raw!r} is not a boolean")

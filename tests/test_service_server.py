@@ -142,6 +142,12 @@ def test_serve_help_gives_every_options_default(capsys):
     assert "(default: None)" not in help_  # an option without a default says nothing
 
 
+def test_an_on_off_flag_that_is_neither_says_what_it_expected(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main("serve", ["--spin", "maybe"])
+    assert stop.value.code == 2 and "argument --spin: invalid boolean value: 'maybe'" in capsys.readouterr().err
+
+
 def test_serve_without_a_bundle_stops_with_exit_code_2(capsys, monkeypatch):
     monkeypatch.delenv("ROMEBERT_BUNDLE", raising=False)
     assert main("serve", []) == 2
