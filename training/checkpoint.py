@@ -64,14 +64,18 @@ def read_record(checkpoint: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def split_seed(record: dict[str, Any]) -> int:
+    """The seed the checkpoint's run split its data with (42, the default, when it records none)."""
+    return record.get("config", {}).get("seed", 42)
+
+
 def task_of(checkpoint: Path, record: dict[str, Any], data: str | None, limit: int | None = None) -> TaskData:
     """The task to score a checkpoint on: `data` when given, else the dataset it was trained on,
     split with its run's seed, so that its dev and test rows are ones it never trained on."""
-    config = record.get("config", {})
-    source = data or config.get("data")
+    source = data or record.get("config", {}).get("data")
     if not source:
         raise ValueError(f"{checkpoint}: no --data given and the checkpoint does not record its dataset")
-    return load_task(source, seed=config.get("seed", 42), limit=limit)
+    return load_task(source, seed=split_seed(record), limit=limit)
 
 
 def state_path(output: Path) -> Path:

@@ -14,19 +14,15 @@ from pathlib import Path
 from romebert.core.data import DataError
 
 
+def _positive(value: str, expected: str = "a positive whole number") -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, not {value!r}")
+    return int(value)
+
+
 def _limit(value: str) -> int | None:
     """A split cap: a positive count, or `all` for none (so that a recipe's subset can be lifted)."""
-    if value == "all":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of examples or all, not {value!r}")
-    return int(value)
-
-
-def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
-    return int(value)
+    return None if value == "all" else _positive(value, "a positive number of examples or all")
 
 
 def _train_parser() -> argparse.ArgumentParser:

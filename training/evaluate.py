@@ -97,7 +97,7 @@ def evaluate_checkpoints(
     checkpoints: list[Path], data: str | None, split: str, out: Path, batch_size: int = 128, limit: int | None = None
 ) -> dict:
     """Evaluate checkpoints side by side; print tables, write evaluation.json and two plots."""
-    from romebert.training.checkpoint import read_record, task_of
+    from romebert.training.checkpoint import read_record, split_seed, task_of
     from romebert.core.data import encode_examples
     from romebert.core.files import write_json
     from romebert.training.model import MultiExitBert
@@ -117,7 +117,7 @@ def evaluate_checkpoints(
         report.update({"checkpoint": str(ckpt), "method": record.get("method", ckpt.name), "data": task.name, "split": split, "size": len(labels)})
         name = report["method"] if report["method"] not in results else ckpt.name
         results[name] = report
-        logits_of[name] = (logits, labels, examples, record.get("config", {}).get("seed", 42))
+        logits_of[name] = (logits, labels, examples, split_seed(record))
         print(format_report(f"{name} ({task.name} {split}, n={len(labels)})", report))
     names = list(results)
     for other in names[1:]:  # paired with the first checkpoint, when both were read on the same examples
