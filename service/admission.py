@@ -138,12 +138,14 @@ class Admission:
         with self._cond:
             return self._pop(n, lambda row: True, pick)
 
-    def take_urgent(self, must_start_by: float, n: int) -> list[Row]:
-        """Up to n budgeted rows whose deadline comes before `must_start_by` (scheduler clock)."""
+    def take_urgent(self, must_start_by: Callable[[], float], n: int) -> list[Row]:
+        """Up to n budgeted rows whose deadline comes before `must_start_by()` (scheduler clock),
+        which is asked only when budgeted rows are queued (a worker's costs a prediction a layer)."""
         with self._cond:
             if not self._budgeted:
                 return []
-            return self._pop(n, lambda row: row.deadline < must_start_by)
+            by = must_start_by()
+            return self._pop(n, lambda row: row.deadline < by)
 
     def _pop(self, n: int, wanted: Callable[[Row], bool], pick: Callable[[list[Row]], list[Row]] | None = None) -> list[Row]:
         now = self.clock()

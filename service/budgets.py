@@ -30,13 +30,11 @@ def late_rows(cohorts: list[Cohort], chosen: Cohort, cost: CostModel, now: float
         mask = _short_of(chosen, now, cost.predict(chosen.depth, remaining, chosen.width))
         cuts.append((chosen, mask))
         remaining -= int(mask.sum())
-    if not remaining:
+    others = [c for c in cohorts if c is not chosen and c.depth > 0 and has_budget(c)]
+    if not remaining or not others:
         return cuts
     step = cost.predict(chosen.depth, remaining, chosen.width)
-    for cohort in cohorts:
-        if cohort is not chosen and cohort.depth > 0 and has_budget(cohort):
-            cuts.append((cohort, _short_of(cohort, now, step + cost.predict(cohort.depth, len(cohort.rows), cohort.width))))
-    return cuts
+    return cuts + [(c, _short_of(c, now, step + cost.predict(c.depth, len(c.rows), c.width))) for c in others]
 
 
 def _short_of(cohort: Cohort, now: float, needed: float) -> np.ndarray:

@@ -53,6 +53,7 @@ class Metrics:
         self.exit_layer = histogram(names.EXIT_LAYER, tuple(range(1, num_layers + 1)))
         self.layers_executed = counter(names.LAYERS_EXECUTED)
         self.layer_tokens = counter(names.LAYER_TOKENS, names.TOKEN_KINDS)
+        self._real_tokens, self._padding_tokens = (self.layer_tokens.labels(kind) for kind in names.TOKEN_KINDS)  # looked up once, not per layer call
         self.budget_exhausted = counter(names.BUDGET_EXHAUSTED)
         self.rejected = counter(names.REJECTED, names.REJECT_REASONS)
         self.shed_rows = counter(names.SHED_ROWS, names.SHED_REASONS)
@@ -71,8 +72,8 @@ class Metrics:
         past `rows`, an engine's shape-bucket fill) were padding."""
         real = int(attention_mask[:rows].sum())
         self.batch_size.observe(rows)
-        self.layer_tokens.labels("real").inc(real)
-        self.layer_tokens.labels("padding").inc(attention_mask.size - real)
+        self._real_tokens.inc(real)
+        self._padding_tokens.inc(attention_mask.size - real)
 
     def answered(self, exit_layer: int, budget_exhausted: bool) -> None:
         """One item answered from `exit_layer` after running exactly that many layers."""

@@ -12,7 +12,6 @@ text, without the tokenizer's thread pool (waiting on it stalled the loop under 
 import asyncio
 from typing import Any, Awaitable, Callable
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -21,7 +20,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from romebert.core.exits import softmax
 from romebert.core.tokenization import TokenRow
 from romebert.service.errors import ERROR_RESPONSES, ApiError
 from romebert.service.runtime import Phase, Runtime
@@ -44,10 +42,9 @@ def _runtime(request: Request) -> Runtime:
 def render(answers: list[Exit], tokens: list[TokenRow], labels: list[str], latency_s: float) -> dict[str, Any]:
     results = []
     for answer, row in zip(answers, tokens):
-        probabilities = softmax(answer.logits.astype(np.float64))
         results.append({
-            "label": labels[int(probabilities.argmax())],
-            "probabilities": dict(zip(labels, probabilities.tolist())),
+            "label": labels[int(answer.probabilities.argmax())],
+            "probabilities": dict(zip(labels, answer.probabilities.tolist())),
             "exit_layer": answer.exit_layer,
             "layers_used": answer.exit_layer,
             "entropy": answer.entropy,

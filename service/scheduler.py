@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from romebert.core.exits import can_leave_early, confident, entropy
+from romebert.core.exits import can_leave_early, confident, entropy, softmax
 from romebert.core.tokenization import TokenRow
 from romebert.service import budgets
 from romebert.service.admission import Admission
@@ -136,8 +136,8 @@ class Scheduler:
             if not self.admission.wait_for_rows(self.max_batch, self.max_wait):
                 return None
             return self.admission.take(LOOKAHEAD * self.max_batch, lambda rows: oldest_group(rows, self.limit))
-        busy = budgets.busy_time(cohorts, self.cost_model, self.engine.num_layers)
-        rows = self.admission.take_urgent(self.clock() + busy, self.max_batch)
+        rows = self.admission.take_urgent(
+            lambda: self.clock() + budgets.busy_time(cohorts, self.cost_model, self.engine.num_layers), self.max_batch)
         if self.policy.regroup:
             rows += self.admission.take(self.max_batch - sum(len(c.rows) for c in cohorts) - len(rows))
         return rows
@@ -203,9 +203,11 @@ class Scheduler:
         now = self.clock()
         if entropies is None:
             entropies = entropy(cohort.logits)
-        for i in np.flatnonzero(leave):
+        leaving = np.flatnonzero(leave)
+        probabilities = softmax(cohort.logits[leaving].astype(np.float64))  # one call for all, off the event loop
+        for i, p in zip(leaving, probabilities):
             row = cohort.rows[i]
             self.metrics.answered(cohort.depth, budget_exhausted)
-            row.ticket.answer(row.index, Exit(cohort.logits[i], cohort.depth, float(entropies[i]), budget_exhausted, now - row.arrival))
+            row.ticket.answer(row.index, Exit(cohort.logits[i], p, cohort.depth, float(entropies[i]), budget_exhausted, now - row.arrival))
         cohort.keep(self.engine, ~leave)
         return int(leave.sum())

@@ -35,7 +35,9 @@ class ClassifyRequestBase(BaseModel):
 
     @property
     def text_pairs(self) -> list[str] | None:
-        pair = getattr(self, "text_pair", None)
+        if "text_pair" not in type(self).model_fields:  # a single-input model's (getattr's miss costs an exception each request)
+            return None
+        pair = self.text_pair  # type: ignore[attr-defined]
         return None if pair is None else _as_list(pair)
 
 

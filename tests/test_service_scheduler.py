@@ -661,8 +661,27 @@ async def test_a_budgeted_row_is_still_found_urgent_after_an_unbudgeted_row_ahea
     admission.admit([Row(rows([3])[0], 0.0, clock.now, math.inf, gone, 0)], None)
     admission.admit([Row(rows([3])[0], 0.0, clock.now, clock.now + 10.0, budgeted, 0)], 10.0)
     gone.cancel()
-    assert admission.take_urgent(clock.now + 5.0, 8) == []  # drops the cancelled row; the budgeted one is not urgent yet
-    assert [row.ticket for row in admission.take_urgent(clock.now + 20.0, 8)] == [budgeted]
+    assert admission.take_urgent(lambda: clock.now + 5.0, 8) == []  # drops the cancelled row; the budgeted one is not urgent yet
+    assert [row.ticket for row in admission.take_urgent(lambda: clock.now + 20.0, 8)] == [budgeted]
+
+
+def test_the_urgent_take_predicts_how_long_the_work_in_flight_takes_only_when_a_budgeted_row_is_queued():
+    clock = Clock()
+    admission = Admission(Metrics(6), max_queue=8, max_queue_wait_s=60.0, workers=1, seconds_per_row=0.0, clock=clock)
+    asked = []
+
+    def must_start_by() -> float:  # the worker's costs a prediction per layer left, at every layer boundary
+        asked.append(True)
+        return clock.now
+
+    loop = asyncio.new_event_loop()
+    try:
+        admission.admit([Row(rows([3])[0], 0.0, clock.now, math.inf, Ticket(1, loop), 0)], None)
+        assert admission.take_urgent(must_start_by, 8) == [] and not asked
+        admission.admit([Row(rows([3])[0], 0.0, clock.now, clock.now + 10.0, Ticket(1, loop), 0)], 10.0)
+        assert admission.take_urgent(must_start_by, 8) == [] and asked == [True]
+    finally:
+        loop.close()
 
 
 @pytest.mark.asyncio
