@@ -10,7 +10,10 @@ ahead of it: the workers take it at a layer boundary once it cannot wait (budget
 waits for the budgeted rows queued before it and half a step. It is an estimate; the bound is
 kept for certain at the other end: a row that has waited past it when a worker would take it,
 or when its length group would start (under "regroup" a worker takes new rows as length groups
-that start one after another), is answered 503 instead of run. Past capacity the queue
+that start one after another), is answered 503 instead of run. The bound is on the wait for
+other requests' work: once a row of a request has started, the rest of it is that request's own
+work, so its other rows no longer expire (a request of many texts, admitted at an idle server,
+may take longer than the bound to run, and one row expiring fails all of it). Past capacity the queue
 therefore holds about one bound's worth of work, the workers stay busy, and the rest is turned
 away at the door, most of it before its body is read (connections.py).
 
@@ -183,8 +186,8 @@ class Admission:
         return True
 
     def _late(self, row: Row, now: float) -> bool:
-        """True, and the row answered 503, when it has waited past the bound (call with the lock held)."""
-        if now - row.arrival <= self.max_queue_wait_s:
+        """True, and the row answered 503, when it has waited past the bound for others' work (call with the lock held)."""
+        if now - row.arrival <= self.max_queue_wait_s or row.ticket.started:
             return False
         self._fail(row, "expired", Rejected(
             "overloaded", f"waited {1000 * (now - row.arrival):.0f} ms in the queue, over the server's bound of "
@@ -195,11 +198,14 @@ class Admission:
         """Flag, and answer 503, the rows among `rows` (taken, not yet started) that have now waited
         past the bound: a length group taken with others and started after them is held to the
         bound again. They leave the in-flight count without adding to the service rate (rows that
-        expire in the queue never reach it either)."""
+        expire in the queue never reach it either). The others start: their requests' rows left
+        in the queue or in other length groups are held to no bound from now on."""
         with self._cond:
             now = self.clock()
             late = np.fromiter((self._late(row, now) for row in rows), dtype=bool, count=len(rows))
             self._in_flight -= int(late.sum())
+            for row in rows:  # (a late row's ticket is closed: its other rows are dropped anyway)
+                row.ticket.started = True
             return late
 
     def _fail(self, row: Row, reason: str, error: Rejected) -> None:

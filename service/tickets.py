@@ -56,6 +56,7 @@ class Ticket:
         self.answers: list[Exit | None] = [None] * size
         self.future: asyncio.Future = loop.create_future()
         self.closed_because: str | None = None  # set when it closes without all its answers
+        self.started = False  # a row of it has started its first layer: its other rows no longer expire (admission.py)
         self._loop = loop
         self._pending = size
         self._lock = threading.Lock()  # rows of one ticket may be answered by two workers at once

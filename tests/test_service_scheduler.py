@@ -585,6 +585,29 @@ async def test_a_row_that_waited_past_the_bound_is_answered_503_and_never_run():
 
 
 @pytest.mark.asyncio
+async def test_a_request_of_many_texts_that_takes_longer_than_the_bound_to_run_is_served_whole():
+    """The bound is on the wait for other requests' work: once its first row started, the rest of a
+    request is its own work (one expired row would fail the whole request)."""
+    clock = Clock()
+    scheduler, engine = make(FakeEngine(stepping=True), max_batch=1, max_wait_ms=0.0, max_queue_wait_s=0.5, clock=clock)
+    many = submit(scheduler, [3, 3, 3], 0.0)  # one row a batch: each row runs after the one before
+    await wait_for(lambda: len(engine.calls) == 1)
+    clock.now += 1.0  # the first row's layers take long: the other two have waited twice the bound
+    engine.step(9)
+    assert [a.exit_layer for a in await done(many)] == [3, 3, 3]
+    assert [codes for _, codes in engine.calls] == [[3]] * 9
+    assert shed(scheduler, "expired") == 0
+    queued = submit(scheduler, [3], 0.0)  # a request none of whose rows started is still held to it
+    late = submit(scheduler, [1], 0.0)
+    await wait_for(lambda: len(engine.calls) == 10)
+    clock.now += 1.0
+    engine.step(3)
+    await done(queued)
+    with pytest.raises(Rejected, match="waited 1000 ms in the queue"):
+        await done(late)
+
+
+@pytest.mark.asyncio
 async def test_an_idle_worker_starts_only_the_oldest_rows_length_group_and_the_others_keep_their_place_in_the_queue():
     scheduler, engine = make(FakeEngine(stepping=True), max_batch=2, max_wait_ms=0.0)
     running = submit(scheduler, [3], 0.0)
