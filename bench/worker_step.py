@@ -54,7 +54,7 @@ def main() -> None:
     finally:
         runtime.admission.close()
         runtime.scheduler.join(5)
-    print(f"lone request through the serving layer, p50 µs: {1e6 * float(np.median(times[calls // 10:])):.1f}")
+    print(f"lone request through the serving layer, p50 us: {1e6 * float(np.median(times[calls // 10:])):.1f}")
 
 
 if __name__ == "__main__":

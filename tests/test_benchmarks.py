@@ -51,6 +51,12 @@ def test_the_instant_server_is_the_real_server_whose_rows_all_leave_at_the_asked
     assert bad.returncode == 2 and "--layers must be 1..3" in bad.stderr
 
 
+def test_the_serving_layer_benchmark_sends_lone_requests_through_the_real_scheduler(tiny_bundle):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "worker_step.py"), str(tiny_bundle), "50"], capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert run.stdout.startswith("lone request through the serving layer, p50 us: ") and float(run.stdout.split()[-1]) > 0
+
+
 def test_the_serving_benchmark_refuses_a_bundle_and_a_peer_trained_on_different_data(tiny_bundle, tmp_path):
     """A peer trained on other data would be scored on texts it was not trained for, and its
     accuracy set beside ours on a different test split: refused before any server starts."""
