@@ -38,6 +38,7 @@ from romebert.core.files import write_json  # noqa: E402
 
 FIGURES = ("server_cpu_ms_per_request", "loop_cpu_ms_per_request", "other_threads_cpu_ms_per_request", "requests_per_s", "p50_ms")
 
+
 def serving_layer_us(checkout: Path, env: dict | None, bundle: Path, calls: int = 3000) -> float:
     """bench/worker_step.py's p50 (µs) with the serving layer of `checkout` (`env` imports it)."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "worker_step.py"), str(bundle), str(calls)],
