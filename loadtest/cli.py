@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, default=30.0, help="stop after S seconds (default 30)")
     load.add_argument("--max-requests", type=int, default=None, help="stop after N requests (whichever of --duration and this comes first)")
     load.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    load.add_argument("--honour-retry-after", action="store_true",
+                      help="closed loop: a user answered 429 or 503 waits the answer's Retry-After before its next request, "
+                      "as a well-behaved client does (default: it resends at once, the most load a user makes)")
     add_workload_arguments(p)
     out = p.add_argument_group("output and SLOs")
     out.add_argument("--out", type=Path, default=Path("runs/loadtest"), help="folder for report.json, requests.csv and report.png")
@@ -54,6 +57,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     ):
         if not ok:
             p.error(f"{flag}: invalid value {value}")
+    if args.honour_retry_after and args.rate is not None:
+        p.error("--honour-retry-after is for the closed loop: with --rate, arrivals do not wait for answers")
     if not args.url.startswith(("http://", "https://")):
         p.error(f"url must start with http:// or https://, got {args.url!r}")
     parts = urlsplit(args.url)
@@ -99,10 +104,12 @@ def main(command: str, argv: list[str]) -> int:
 
     users = pool_size(args.users, args.rate)
     watch = MetricsWatch(args.metrics_url or f"{url}/metrics")
-    run = run_load(url, workload, users, args.rate, args.duration, args.max_requests, args.timeout)
+    run = run_load(url, workload, users, args.rate, args.duration, args.max_requests, args.timeout,
+                   honour_retry_after=args.honour_retry_after)
     server, note = watch.finish()
     config = {
         "url": url, "users": users, "rate": args.rate, "duration_s": args.duration, "max_requests": args.max_requests,
+        "honour_retry_after": args.honour_retry_after,
         "batch": workload.batch, "timeout_s": args.timeout, "seed": workload.seed, "metrics_url": watch.url,
         "texts": str(args.texts) if args.texts else (args.dataset or "rotten_tomatoes"), "n_texts": len(workload.texts),
         "profiles": [{"name": p.name, "overrides": p.overrides, "weight": p.weight} for p in workload.profiles],

@@ -8,6 +8,10 @@ rate it really achieved: one event loop holds a few thousand requests/s on one c
 the report says so rather than quietly sending fewer. (Locust, which `loadtest/locustfile.py` still
 drives for distributed runs, ramps its users up at 100/s and fell short of such rates.)
 
+A closed loop's users resend at once after a refusal by default, the most load a user can make.
+With `honour_retry_after`, a user answered 429 or 503 with a Retry-After waits that long first, as
+a well-behaved client does; past capacity that is the load the server's own Retry-After asks for.
+
 Ctrl+C (or SIGTERM) ends a run early as its duration would: no new request is sent, the ones in
 flight get their answers, and the run is reported, stopped by "interrupt". A second one ends the
 process at once.
@@ -43,12 +47,24 @@ def pool_size(users: int | None, rate: float | None) -> int:
 
 
 def run_load(url: str, workload: Workload, users: int, rate: float | None, duration_s: float,
-             max_requests: int | None, timeout_s: float) -> RunResult:
-    return asyncio.run(_run(url, workload, users, rate, duration_s, max_requests, timeout_s))
+             max_requests: int | None, timeout_s: float, *, honour_retry_after: bool = False) -> RunResult:
+    if honour_retry_after and rate is not None:
+        raise ValueError("honour_retry_after is for the closed loop: an open loop's arrivals do not wait for answers")
+    return asyncio.run(_run(url, workload, users, rate, duration_s, max_requests, timeout_s, honour_retry_after))
+
+
+def retry_after_s(status: int, value: str | None) -> float:
+    """Seconds a refused request's Retry-After asks for (delay-seconds; 0 when absent, unreadable or not a refusal)."""
+    if status not in (429, 503) or value is None:
+        return 0.0
+    try:
+        return max(float(value), 0.0)
+    except ValueError:  # an HTTP date: the server never sends one
+        return 0.0
 
 
 async def _run(url: str, workload: Workload, users: int, rate: float | None, duration_s: float,
-               max_requests: int | None, timeout_s: float) -> RunResult:
+               max_requests: int | None, timeout_s: float, honour_retry_after: bool = False) -> RunResult:
     connector = aiohttp.TCPConnector(limit=users, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     records: list[RequestRecord] = []
@@ -63,17 +79,19 @@ async def _run(url: str, workload: Workload, users: int, rate: float | None, dur
 
     async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session, _stopped_by_signals(stop):
 
-        async def send(rng: random.Random, slot: float) -> None:
+        async def send(rng: random.Random, slot: float) -> float:
+            """One request, recorded; the seconds its Retry-After asks for (0 for none)."""
             request = workload.draw(rng)
             started = time.perf_counter()
-            status, text = 0, None
+            status, text, retry_after = 0, None, None
             try:
                 async with session.post("/classify", data=json.dumps(request.body), headers={"content-type": "application/json"}) as response:
-                    status, text = response.status, await response.text()
+                    status, text, retry_after = response.status, await response.text(), response.headers.get("Retry-After")
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
             records.append(record_of(status, text, request, started - t0, (time.perf_counter() - started) * 1000,
                                      (started - slot) * 1000))
+            return retry_after_s(status, retry_after)
 
         if rate is None:
             async def user(k: int) -> None:
@@ -81,7 +99,9 @@ async def _run(url: str, workload: Workload, users: int, rate: float | None, dur
                 rng = random.Random(f"{workload.seed}:{k}")
                 while time.perf_counter() < deadline and issued < budget and not stop.is_set():
                     issued += 1
-                    await send(rng, time.perf_counter())
+                    wait = await send(rng, time.perf_counter())
+                    if honour_retry_after and wait:
+                        await _pause(stop, min(wait, max(deadline - time.perf_counter(), 0.0)))
 
             await asyncio.gather(*(user(k) for k in range(users)))
             return RunResult(records, time.perf_counter() - t0, stop_reason(), 0)

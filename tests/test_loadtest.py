@@ -161,6 +161,7 @@ def test_unreachable_server_exits_2(tmp_path):
     ["--mix", "default", "--threshold", "0.2"],
     ["--texts", "no/such/file.txt"],
     ["--slo-error-rate", "2"],
+    ["--rate", "10", "--honour-retry-after"],
 ])
 def test_bad_arguments_exit_2(args, tmp_path):
     run = loadtest("http://127.0.0.1:9", *args, "--out", str(tmp_path / "out"))
@@ -325,6 +326,18 @@ def test_the_closed_loop_sends_max_requests_in_all_whatever_the_users_and_abando
     result = run_load(stand_in.url, one_text_workload(), users=3, rate=None, duration_s=30.0, max_requests=10, timeout_s=5.0)
     assert (len(result.records), result.stop_reason, result.abandoned, result.unsent) == (10, "max-requests", 0, 0)
     assert all(r.lag_ms >= 0 and r.start_s + r.latency_ms / 1000 <= result.elapsed_s < 5 for r in result.records)
+
+
+def test_a_closed_loop_user_that_honours_retry_after_waits_it_out_after_each_refusal_and_one_that_does_not_resends_at_once(stand_in):
+    refused = Workload([TextItem("overload")], [Profile("default")], batch=1, seed=0)  # 503 with Retry-After: 1
+    at_once = run_load(stand_in.url, refused, users=1, rate=None, duration_s=1.5, max_requests=None, timeout_s=5.0)
+    polite = run_load(stand_in.url, refused, users=1, rate=None, duration_s=2.5, max_requests=None, timeout_s=5.0, honour_retry_after=True)
+    assert len(at_once.records) > 20 and {r.status for r in at_once.records} == {503}
+    starts = [r.start_s for r in polite.records]
+    assert len(starts) == 3 and all(0.99 < later - r < 1.5 for r, later in zip(starts, starts[1:]))
+    assert polite.elapsed_s < 3.0  # the last wait ends at the run's end, not a second past it
+    with pytest.raises(ValueError, match="closed loop"):
+        run_load(stand_in.url, refused, users=1, rate=10.0, duration_s=1.0, max_requests=None, timeout_s=5.0, honour_retry_after=True)
 
 
 def test_a_request_that_gets_no_response_is_recorded_with_status_0():
