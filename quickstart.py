@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from romebert.model_export.default_bundle import DEFAULT_HOME, build_default_bundle
+from romebert.model_export.default_bundle import DEFAULT_HOME, build_default_bundle, default_bundle_path
 from romebert.service.cli import settings_of
 from romebert.service.settings import SettingsError
 
@@ -28,10 +28,9 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where the default checkpoint and bundle live")
     parser.add_argument("--build-only", action="store_true", help="build the bundle, do not serve")
     args, serve_args = parser.parse_known_args(argv)
-    bundle = args.home / "default-bundle"
     if not args.build_only:
         try:  # a mistyped server option is found now, not after a quarter of an hour of building
-            settings_of([str(bundle), *serve_args])
+            settings_of([str(default_bundle_path(args.home)), *serve_args])
         except SettingsError as err:
             print(f"romebert {command}: error: {err}", file=sys.stderr)
             return 2

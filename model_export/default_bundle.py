@@ -20,12 +20,17 @@ DEFAULT_HOME = Path(os.environ.get("ROMEBERT_HOME", "artifacts"))
 DEFAULT_MODEL = dict(method=SHIPPED_METHOD, data="rotten_tomatoes") | settings_of("rotten_tomatoes", SHIPPED_METHOD)
 
 
+def default_bundle_path(home: Path) -> Path:
+    """Where the default bundle lives under `home` (built there by build_default_bundle)."""
+    return home / "default-bundle"
+
+
 def build_default_bundle(home: Path) -> Path:
     from romebert.model_export.export import export_bundle
     from romebert.model_export.optimize import AUTO
     from romebert.training.train import TrainConfig, train
 
-    bundle, checkpoint = home / "default-bundle", home / "default-checkpoint"
+    bundle, checkpoint = default_bundle_path(home), home / "default-checkpoint"
     try:
         load_bundle(bundle)
         print(f"reusing the default bundle at {bundle}")
