@@ -39,6 +39,11 @@ from romebert.core.files import write_json  # noqa: E402
 FIGURES = ("server_cpu_ms_per_request", "loop_cpu_ms_per_request", "other_threads_cpu_ms_per_request", "requests_per_s", "p50_ms")
 
 
+def in_turns(names: list[str], k: int) -> list[str]:
+    """Round k's order: as given in even rounds, reversed in odd ones."""
+    return names if k % 2 == 0 else names[::-1]
+
+
 def serving_layer_us(checkout: Path, env: dict | None, bundle: Path, calls: int = 3000) -> float:
     """bench/worker_step.py's p50 (µs) with the serving layer of `checkout` (`env` imports it)."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "worker_step.py"), str(bundle), str(calls)],
@@ -73,8 +78,7 @@ def main() -> None:
         for proc, url in servers.values():
             measure(url, proc.pid, workload, 32, 5)  # warm
         for k in range(args.rounds):
-            order = list(servers) if k % 2 == 0 else list(reversed(servers))
-            for name in order:
+            for name in in_turns(list(servers), k):
                 proc, url = servers[name]
                 steps[name].append({"round": k + 1, "c32": measure(url, proc.pid, workload, 32, args.seconds),
                                     "c1": measure(url, proc.pid, workload, 1, 2 * args.seconds / 3)})
@@ -84,8 +88,9 @@ def main() -> None:
                 for name in steps), flush=True)
         layer_us: dict[str, list[float]] = {"ours": [], "before": []}
         for k in range(args.rounds):
-            for name, (checkout, name_env) in list({"ours": (ROOT, None), "before": (args.before, older_env)}.items())[:: 1 if k % 2 == 0 else -1]:
-                layer_us[name].append(serving_layer_us(checkout, name_env, args.bundle.resolve()))
+            checkouts = {"ours": (ROOT, None), "before": (args.before, older_env)}
+            for name in in_turns(list(checkouts), k):
+                layer_us[name].append(serving_layer_us(*checkouts[name], args.bundle.resolve()))
 
     ratios = {f"{c}_{figure}": [round(a[c][figure] / b[c][figure], 3) for a, b in zip(steps["ours"], steps["before"])]
               for c in ("c32", "c1") for figure in FIGURES}
