@@ -12,22 +12,24 @@ import numpy as np
 THRESHOLD_GRID: tuple[float, ...] = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
+def softmax_entropy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(logits) over the last axis (float64) and its entropy in nats, from one exp: the
+    server answers with the probabilities of the exit whose entropy let the row leave.
+
+    The entropy is written as log(sum e^z) - sum(p * z) after subtracting the max, so it neither
+    overflows on large logits nor turns into NaN where a probability underflows to 0
+    (-sum p log p does).
+    """
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    total = e.sum(axis=-1, keepdims=True)  # >= 1: the max's own term is e^0
+    p = e / total
+    return p, np.maximum(np.log(total[..., 0]) - (p * z).sum(axis=-1), 0.0)
 
 
 def entropy(logits: np.ndarray) -> np.ndarray:
-    """Entropy in nats of softmax(logits) over the last axis.
-
-    Written as logsumexp(z) - sum(p * z) after subtracting the max, so it neither overflows on
-    large logits nor turns into NaN where a probability underflows to 0 (-sum p log p does).
-    """
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=-1))
-    p = np.exp(z - lse[..., None])
-    return np.maximum(lse - (p * z).sum(axis=-1), 0.0)
+    """Entropy in nats of softmax(logits) over the last axis (see softmax_entropy)."""
+    return softmax_entropy(logits)[1]
 
 
 def confident(entropies: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
 
 from romebert.core.engine import HiddenBatch
+from romebert.core.exits import can_leave_early
 from romebert.core.tokenization import Encoded, pad
 from romebert.service.tickets import Row
 
@@ -41,6 +42,17 @@ class Cohort:
     order: int  # formation order, to break ties oldest first
     depth: int = 0  # layers run so far
     logits: np.ndarray | None = None  # (rows, C) of exit `depth`
+    # Each row's own threshold, and whether any lets a row leave before the last exit: read at
+    # every layer, so worked out when the rows change, not per step.
+    thresholds: np.ndarray = field(init=False)
+    may_leave_early: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._set_thresholds(np.fromiter((row.threshold for row in self.rows), dtype=np.float64, count=len(self.rows)))
+
+    def _set_thresholds(self, thresholds: np.ndarray) -> None:
+        self.thresholds = thresholds
+        self.may_leave_early = can_leave_early(thresholds)
 
     @property
     def width(self) -> int:
@@ -51,16 +63,13 @@ class Cohort:
         """The earliest deadline of its rows (inf when none has a budget)."""
         return min(row.deadline for row in self.rows)
 
-    @property
-    def thresholds(self) -> np.ndarray:
-        return np.fromiter((row.threshold for row in self.rows), dtype=np.float64, count=len(self.rows))
-
     def keep(self, engine: EngineLike, stay: np.ndarray) -> None:
         """Only the rows flagged in `stay` go on."""
         index = np.flatnonzero(stay)
         self.rows = [self.rows[i] for i in index]
         if len(index):
             self.state = engine.keep(self.state, index)
+            self._set_thresholds(self.thresholds[index])
             if self.logits is not None:
                 self.logits = self.logits[index]
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from romebert.core.exits import can_leave_early, confident, entropy, softmax
+from romebert.core.exits import confident, softmax_entropy
 from romebert.core.tokenization import TokenRow
 from romebert.service import budgets
 from romebert.service.admission import Admission
@@ -189,25 +189,24 @@ class Scheduler:
         self.metrics.layer_ran(rows, mask)
         cohort.depth += 1
         last = cohort.depth == self.engine.num_layers
-        thresholds = cohort.thresholds
-        if not last and not can_leave_early(thresholds):
+        if not last and not cohort.may_leave_early:
             return 0
-        entropies = entropy(cohort.logits)
-        leave = np.ones(rows, dtype=bool) if last else confident(entropies, thresholds)
-        return self._answer(cohort, leave, budget_exhausted=False, entropies=entropies)
+        exits = softmax_entropy(cohort.logits)
+        leave = np.ones(rows, dtype=bool) if last else confident(exits[1], cohort.thresholds)
+        return self._answer(cohort, leave, budget_exhausted=False, exits=exits)
 
-    def _answer(self, cohort: Cohort, leave: np.ndarray, budget_exhausted: bool, entropies: np.ndarray | None = None) -> int:
-        """Answer the rows flagged in `leave` from the cohort's current exit; keep the others."""
-        if not leave.any():
+    def _answer(self, cohort: Cohort, leave: np.ndarray, budget_exhausted: bool,
+                exits: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        """Answer the rows flagged in `leave` from the cohort's current exit; keep the others.
+        `exits`: the cohort's (probabilities, entropies) at that exit, when the step has them."""
+        leaving = np.flatnonzero(leave)
+        if not len(leaving):
             return 0
         now = self.clock()
-        if entropies is None:
-            entropies = entropy(cohort.logits)
-        leaving = np.flatnonzero(leave)
-        probabilities = softmax(cohort.logits[leaving].astype(np.float64))  # one call for all, off the event loop
-        for i, p in zip(leaving, probabilities):
+        probabilities, entropies = exits if exits is not None else softmax_entropy(cohort.logits)
+        for i in leaving.tolist():
             row = cohort.rows[i]
             self.metrics.answered(cohort.depth, budget_exhausted)
-            row.ticket.answer(row.index, Exit(cohort.logits[i], p, cohort.depth, float(entropies[i]), budget_exhausted, now - row.arrival))
+            row.ticket.answer(row.index, Exit(cohort.logits[i], probabilities[i], cohort.depth, float(entropies[i]), budget_exhausted, now - row.arrival))
         cohort.keep(self.engine, ~leave)
         return len(leaving)

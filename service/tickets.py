@@ -42,7 +42,7 @@ class Exit:
     """The answer for one row: the logits of the exit it left at, and why it left there."""
 
     logits: np.ndarray  # (C,)
-    probabilities: np.ndarray  # (C,) softmax of the logits, float64 (worked out by the worker, for all rows leaving together)
+    probabilities: np.ndarray  # (C,) softmax of the logits, float64 (worked out by the worker with the entropy, for the whole cohort at once)
     exit_layer: int  # 1-based; also the number of layers run for the row
     entropy: float
     budget_exhausted: bool

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from romebert.core.exits import can_leave_early, confident, entropy, exit_layers, softmax, sweep
+from romebert.core.exits import can_leave_early, confident, entropy, exit_layers, softmax_entropy, sweep
 
 logit_rows = arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 5)), elements=st.floats(-1e4, 1e4, width=32))
 
@@ -37,12 +37,13 @@ def test_entropy_is_shannons_in_nats():
     logits = np.log(np.array([[3.0, 1.0], [1.0, 1.0], [8.0, 1.0]]))  # p = 3/4 1/4, 1/2 1/2, 8/9 1/9
     p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     assert np.allclose(entropy(logits), -(p * np.log(p)).sum(-1))
-    assert np.allclose(softmax(logits), p)
+    probabilities, entropies = softmax_entropy(logits)
+    assert np.allclose(probabilities, p) and np.array_equal(entropies, entropy(logits))
 
 
 @given(logit_rows)
 def test_entropy_and_softmax_stay_finite_and_in_range_whatever_the_logits(logits):
-    h, p = entropy(logits), softmax(logits.astype(np.float64))
+    p, h = softmax_entropy(logits)
     assert np.isfinite(h).all() and (h >= 0).all() and (h <= math.log(logits.shape[-1]) + 1e-9).all()
     assert np.isfinite(p).all() and np.allclose(p.sum(-1), 1.0)
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from romebert.service.app import create_app
 from romebert.core.bundle import load_bundle
 from romebert.core.engine import Engine
-from romebert.core.exits import entropy, exit_layers, softmax
+from romebert.core.exits import entropy, exit_layers, softmax_entropy
 from romebert.service.metrics import outcome_of
 from romebert.service.runtime import default_engine
 from romebert.service.schemas import classify_request_model
@@ -115,7 +115,7 @@ def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_input_o
     body = {"text": ["a man sleeps", "it rains"], "text_pair": ["a person rests", "it is dry"]}
     labels = load_bundle(pair_bundle).labels
     # the pair bundle is the tiny bundle's files with pair_input set: the same model
-    expected = softmax(reference(body["text"], body["text_pair"])[-1].astype(np.float64))
+    expected, _ = softmax_entropy(reference(body["text"], body["text_pair"])[-1])
     with TestClient(create_app(settings(pair_bundle))) as pair_client:
         wait_ready(pair_client)
         results = pair_client.post("/classify", json=body | {"entropy_threshold": 0.0}).json()["results"]
