@@ -147,6 +147,24 @@ async def test_threshold_zero_means_full_depth_even_for_confident_rows():
 
 
 @pytest.mark.asyncio
+async def test_rows_that_cannot_leave_early_are_not_tested_before_the_last_exit(monkeypatch):
+    """Threshold 0 lets no row leave early, so a cohort of such rows skips the exit test until the
+    last layer; once the one row of a cohort that could leave has left, so do the rest."""
+    import romebert.service.scheduler as scheduler_module
+
+    tested = []  # rows per exit test
+    real = scheduler_module.softmax_entropy
+    monkeypatch.setattr(scheduler_module, "softmax_entropy", lambda logits: tested.append(len(logits)) or real(logits))
+    scheduler, _ = make()
+    await answers(scheduler, [1, 1], 0.0)
+    assert tested == [2]
+    tested.clear()
+    got = await done(submit(scheduler, [1], 0.5), submit(scheduler, [3, 3], 0.0))  # one cohort
+    assert [a.exit_layer for a in got] == [1, 3, 3]
+    assert tested == [3, 2]  # exit 1 for all three, then nothing until the last exit
+
+
+@pytest.mark.asyncio
 async def test_rows_leave_the_batch_and_only_survivors_run_on():
     scheduler, engine = make()
     await answers(scheduler, [1, 2, 3], 0.5)  # exits 1, 2, 3
