@@ -127,6 +127,12 @@ def served_backend(bundle: Bundle) -> dict:
     return bundle.manifest.get("backend") or {"backend": "onnxruntime", "precision": bundle.precision}
 
 
+def in_turns(names: list[str], k: int) -> list[str]:
+    """Round k's order for what a benchmark compares in turns: as given in even rounds, reversed in
+    odd ones, so that the machine's drift within a round favours none of them."""
+    return names if k % 2 == 0 else names[::-1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
+from bench.harness import environment, in_turns, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
 from bench.serve import BUNDLE, engine_batch1_p50_ms, split_of, test_split  # noqa: E402
 from bench.workers import in_fresh_process  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
@@ -47,6 +47,7 @@ from romebert.core.files import write_json  # noqa: E402
 from romebert.loadtest.driver import run_load  # noqa: E402
 from romebert.loadtest.workload import Workload  # noqa: E402
 
+REFERENCE = "engine_reference"  # the in-process engine's batch-1 p50, in each round's turns
 WARM_UP = 200  # requests each client sends before a round counts (first calls at new shapes)
 
 
@@ -121,11 +122,10 @@ def main() -> None:
     workload = one_text_each(texts)
     chosen = served_backend(bundle)
 
-    def engine_reference() -> float:
-        return in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts)
+    def engine_reference(*gap_and_calls: float) -> float:
+        return in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts, *gap_and_calls)
 
-    engine_after_gap = {gap: in_fresh_process(engine_batch1_p50_ms, BUNDLE, chosen["backend"], chosen["precision"], texts, gap, args.gap_requests)
-                        for gap in args.gaps}
+    engine_after_gap = {gap: engine_reference(gap, args.gap_requests) for gap in args.gaps}
     rounds, gaps = [], []
     with running(romebert_serve(BUNDLE), ROOT / "artifacts" / "bench" / "lone-request-server.log") as (_, url):
         clients = {
@@ -136,16 +136,16 @@ def main() -> None:
         for run in clients.values():
             run(WARM_UP, -1)
         for k in range(args.rounds):
-            order = list(clients) if k % 2 == 0 else list(reversed(clients))
+            # the reference in every round's turns too, before its clients or after them, as the machine drifts
+            order = in_turns([REFERENCE, *clients], k)
             row = {"round": k + 1, "order": order}
-            if k % 2 == 0:  # the reference in every round, before its clients or after them, as the machine drifts
-                row["engine_p50_ms"] = round(engine_reference(), 3)
             for name in order:
+                if name == REFERENCE:
+                    row["engine_p50_ms"] = round(engine_reference(), 3)
+                    continue
                 client_ms, server_ms = clients[name](args.requests, k)
                 row[name] = {"client_p50_ms": p50(client_ms), "server_p50_ms": p50(server_ms) if server_ms else None,
                              "client_p99_ms": round(float(np.percentile(client_ms, 99)), 3)}
-            if k % 2 == 1:
-                row["engine_p50_ms"] = round(engine_reference(), 3)
             rounds.append(row)
             print(row, flush=True)
         for gap in args.gaps:

@@ -56,7 +56,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import checkout_commit, environment, older_checkout, one_text_each, romebert_serve, running  # noqa: E402
+from bench.harness import checkout_commit, environment, in_turns, older_checkout, one_text_each, romebert_serve, running  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -265,7 +265,7 @@ def alternate(bundle: Path, other: tuple[str, list[str], dict | None, Path | Non
             closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         rates = None
         for k in range(rounds):
-            order = list(servers) if k % 2 == 0 else list(reversed(servers))
+            order = in_turns(list(servers), k)
             capacity = {}
             for name in order:
                 url, pid = servers[name]

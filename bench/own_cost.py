@@ -31,17 +31,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import checkout_commit, environment, older_checkout, one_text_each, running  # noqa: E402
+from bench.harness import checkout_commit, environment, in_turns, older_checkout, one_text_each, running  # noqa: E402
 from bench.serve import BUNDLE, measure, split_of, test_split  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
 
 FIGURES = ("server_cpu_ms_per_request", "loop_cpu_ms_per_request", "other_threads_cpu_ms_per_request", "requests_per_s", "p50_ms")
-
-
-def in_turns(names: list[str], k: int) -> list[str]:
-    """Round k's order: as given in even rounds, reversed in odd ones."""
-    return names if k % 2 == 0 else names[::-1]
 
 
 def serving_layer_us(checkout: Path, env: dict | None, bundle: Path, calls: int = 3000) -> float:

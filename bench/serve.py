@@ -48,7 +48,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, exported, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
+from bench.harness import environment, exported, in_turns, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
@@ -149,7 +149,7 @@ def alternate(bundle, rounds: int, seconds: float, out: Path, against: str = ONN
         for _, url in servers.values():
             run_load(url, workload, 32, None, 5, None, 30.0)  # warm
         for r in range(rounds):
-            for name in list(servers)[:: 1 if r % 2 == 0 else -1]:
+            for name in in_turns(list(servers), r):
                 proc, url = servers[name]
                 for users in (32, 1):
                     row = {"round": r, "runs_on": name} | measure(url, proc.pid, workload, users, seconds if users == 32 else seconds / 2)
