@@ -16,14 +16,15 @@ from importlib.metadata import version
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from romebert.core.bundle import load_bundle
 from romebert.service.cost_model import CostModel
 from romebert.service.errors import install_error_handlers
 from romebert.service.metrics import Metrics
-from romebert.service.middleware import ClassifyMetrics, RequestGuard
-from romebert.service.routes import make_router
+from romebert.service.middleware import ClassifyMetrics, DirectRoute, RequestGuard
+from romebert.service.routes import CLASSIFY, make_router
 from romebert.service.runtime import EngineFactory, Runtime, default_engine
 from romebert.service.schemas import classify_request_model
 from romebert.service.settings import Settings, SettingsError
@@ -63,9 +64,12 @@ def create_app(
     app.state.runtime = runtime
     request_model = classify_request_model(runtime.max_entropy, settings.max_items, bundle.pair_input)
     install_error_handlers(app, tuple(request_model.model_fields))
-    app.include_router(make_router(request_model))
-    # Added innermost first: a request meets the metrics, then the guard. (The admission door is
-    # in front of the app, in the HTTP protocol: connections.py.)
+    router = make_router(request_model)
+    app.include_router(router)
+    # Added innermost first: a request meets the metrics, then the guard, then POST /classify goes
+    # straight to its route. (The admission door is in front of the app, in the HTTP protocol:
+    # connections.py.)
+    app.add_middleware(DirectRoute, route=next(r for r in router.routes if isinstance(r, APIRoute) and r.path == CLASSIFY))
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(ClassifyMetrics, metrics=metrics)
     return app

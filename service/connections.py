@@ -32,9 +32,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from romebert.service.errors import error_body
 from romebert.service.metrics import Metrics
+from romebert.service.routes import CLASSIFY
 from romebert.service.tickets import Rejected
 
-CLASSIFY = b"/classify"
+CLASSIFY_BYTES = CLASSIFY.encode()
 
 
 def raw_error(status: str, code: str, message: str, headers: list[tuple[bytes, bytes]], close: bool) -> bytes:
@@ -101,7 +102,7 @@ def serving_protocol(header_timeout_s: float, body_timeout_s: float, door: Calla
                 self.transport.close()
 
         def _refused_at_door(self) -> Rejected | None:
-            if self.parser.get_method() != b"POST" or httptools.parse_url(self.url).path != CLASSIFY:
+            if self.parser.get_method() != b"POST" or httptools.parse_url(self.url).path != CLASSIFY_BYTES:
                 return None
             if self.cycle is not None and not self.cycle.response_complete:  # pipelined behind an unfinished answer
                 return None

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from romebert.service.schemas import ErrorResponse
@@ -136,3 +136,12 @@ def install_error_handlers(app: FastAPI, request_fields: tuple[str, ...]) -> Non
     app.add_exception_handler(Rejected, _rejected)
     app.add_exception_handler(EngineFailure, _engine_failure)
     app.add_exception_handler(Exception, _unexpected)
+
+
+async def answer_error(app: FastAPI, request: Request, exc: Exception) -> Response:
+    """The answer the app's own exception handlers give `exc` (the handler of its nearest class),
+    for a route handler called outside FastAPI's stack (app.ServingApp); `Exception`'s handler
+    catches what no other does, as FastAPI's outermost middleware would."""
+    handlers = app.exception_handlers
+    handler = next(handlers[kind] for kind in type(exc).__mro__ if kind in handlers)
+    return await handler(request, exc)

@@ -30,6 +30,7 @@ from romebert.service.tickets import Exit, Rejected, Ticket
 # shorter texts to a thread freed the loop but served no more and answered a lone request later
 # (docs/results.md, "Tokenizing on the loop or in a thread").
 INLINE_TOKENIZE_CHARS = 2_000
+CLASSIFY = "/classify"
 _NOT_READY = {503: {"model": ErrorResponse, "description": "loading, failed or shutting down"}}
 _PROMETHEUS_TEXT = {200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
                           "description": "Prometheus text exposition format 0.0.4"}}
@@ -84,8 +85,9 @@ class BodyAndRequestRoute(APIRoute):
     FastAPI's own handler decodes the JSON into Python objects, validates those, and solves the
     endpoint's dependencies on every request, a measurable part of the server's own CPU a request
     (docs/results.md, "FastAPI's request handling"); an endpoint with nothing to inject needs none
-    of it. FastAPI still routes the request, documents the route from the endpoint's signature,
-    and answers the errors (a body that is not JSON is answered 400 by errors.py)."""
+    of it. FastAPI documents the route from the endpoint's signature; the app calls this handler
+    straight (middleware.DirectRoute), and its errors are answered by errors.py's handlers (a
+    body that is not JSON: 400)."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         dependant = self.dependant
@@ -124,7 +126,7 @@ def make_router(request_model: type[ClassifyRequestBase]) -> APIRouter:
         answers = await answers_of(ticket, request, runtime.settings.request_timeout_s)
         return JSONResponse(render(answers, tokens, runtime.labels, runtime.clock() - arrival))
 
-    router.add_api_route("/classify", classify, methods=["POST"], response_model=ClassifyResponse, responses=ERROR_RESPONSES,
+    router.add_api_route(CLASSIFY, classify, methods=["POST"], response_model=ClassifyResponse, responses=ERROR_RESPONSES,
                          route_class_override=BodyAndRequestRoute)
 
     @router.get("/healthz", responses=_NOT_READY)

@@ -338,6 +338,43 @@ def test_the_body_and_request_route_refuses_an_endpoint_with_anything_else_to_in
             APIRouter().add_api_route("/x", endpoint, methods=["POST"], route_class_override=BodyAndRequestRoute)
 
 
+def without_latency(answer: dict) -> dict:
+    return {k: [without_latency(r) for r in v] if k == "results" else v for k, v in answer.items() if k != "latency_ms"}
+
+
+def test_post_classify_answers_as_fastapi_would_route_it_but_never_goes_through_its_router(tiny_bundle, monkeypatch):
+    """POST /classify takes a short way (middleware.DirectRoute): the route's own handler and the
+    app's exception handlers, without FastAPI's router and exception layers. Every kind of answer
+    is the same as the framework's way gives, and the short way is the one taken: with the
+    route's framework entry broken, the app still answers."""
+    from romebert.service.middleware import DirectRoute
+    from romebert.service.routes import BodyAndRequestRoute
+
+    framework_app = create_app(settings(tiny_bundle, max_items=4))
+    framework_app.user_middleware = [m for m in framework_app.user_middleware if m.cls is not DirectRoute]
+    bodies = [({"text": "fine"}, 200), ({"text": ["fine", "not fine at all"], "entropy_threshold": 0.0}, 200),
+              ({"text": "x", "latency_budget_ms": 0.01}, 200), ({"text": "a", "text_pair": "b"}, 422),
+              ({"text": ["x"] * 5}, 413), ({"text": "a", "threshold": 0.1}, 422), (b"not json", 400), (b'{"text": "\\ud800"}', 400),
+              ({"text": "a", "entropy_threshold": 0.7}, 422), (b"[1]", 422)]
+    with TestClient(create_app(settings(tiny_bundle, max_items=4))) as short, TestClient(framework_app) as framework:
+        wait_ready(short), wait_ready(framework)
+        for body, status in bodies:
+            sent = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+            ours, theirs = short.post("/classify", **sent), framework.post("/classify", **sent)
+            assert ours.status_code == theirs.status_code == status, body
+            assert without_latency(ours.json()) == without_latency(theirs.json()), body
+            assert ours.headers["content-type"] == theirs.headers["content-type"]
+        assert short.get("/classify").status_code == 405  # other methods: FastAPI's way
+
+        async def broken(*_):
+            raise AssertionError("POST /classify went through FastAPI's router")
+
+        monkeypatch.setattr(BodyAndRequestRoute, "handle", broken)
+        assert short.post("/classify", json={"text": "fine"}).status_code == 200
+        with pytest.raises(AssertionError, match="router"):
+            framework.post("/classify", json={"text": "fine"})
+
+
 def test_a_422_on_text_speaks_of_the_form_the_client_sent(client):
     """`text` is a string or a list; a complaint of the other form ("not a valid list" of a
     string) is noise beside the real one, and stays only when it is the only one."""
