@@ -140,7 +140,7 @@ def install_error_handlers(app: FastAPI, request_fields: tuple[str, ...]) -> Non
 
 async def answer_error(app: FastAPI, request: Request, exc: Exception) -> Response:
     """The answer the app's own exception handlers give `exc` (the handler of its nearest class),
-    for a route handler called outside FastAPI's stack (app.ServingApp); `Exception`'s handler
+    for a route handler called outside FastAPI's stack (middleware.DirectRoute); `Exception`'s handler
     catches what no other does, as FastAPI's outermost middleware would."""
     handlers = app.exception_handlers
     handler = next(handlers[kind] for kind in type(exc).__mro__ if kind in handlers)
