@@ -647,6 +647,29 @@ async def test_an_engine_failure_is_a_500_in_the_error_shape_and_the_server_goes
 
 
 @pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on inf - inf
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+async def test_an_exit_whose_logits_are_not_finite_fails_as_the_engines_failure(tiny_bundle, bad):
+    """The answer's JSON encoder would write NaN, which is not JSON: such an answer is a 500
+    engine_failure naming the exit, never a 200 the client cannot parse."""
+    app, engines = gated_app(tiny_bundle)
+    async with serving(app) as client:
+        real = engines[0].layer
+
+        def broken(i, state):
+            hidden, logits = real(i, state)
+            return hidden, np.full_like(logits, bad)
+
+        engines[0].layer = broken
+        failed = await client.post("/classify", json={"text": "boom", "entropy_threshold": 0.0})
+        del engines[0].layer
+        assert failed.status_code == 500
+        assert failed.json()["error"] == {"code": "engine_failure", "details": None,
+                                          "message": f"engine failure: exit {load_bundle(tiny_bundle).num_layers} gave logits that are not finite"}
+        assert (await client.post("/classify", json={"text": "fine"})).status_code == 200
+
+
+@pytest.mark.asyncio
 async def test_a_request_past_its_server_deadline_gets_503_and_its_rows_are_dropped(tiny_bundle):
     app, engines = gated_app(tiny_bundle, request_timeout_s=0.3)
     async with serving(app) as client:
