@@ -23,6 +23,7 @@ bench/results/serve.json.
     .venv/bin/python bench/serve.py [--duration 60] [--out bench/results/serve.json]   # needs artifacts/default-bundle and bench/train.py's checkpoints
     .venv/bin/python bench/serve.py --alternate 4 --duration 20 --out bench/results/serve_backends_alternated.json   # ours only, two backends in turns
     .venv/bin/python bench/serve.py --alternate 3 --against "--pad-slack 1.5" --duration 30 --out ...   # ours against ours with other flags
+    .venv/bin/python bench/serve.py --alternate 3 --against-peer int8 --duration 30 --out ...   # ours against the int8 peer in turns
     .venv/bin/python bench/serve.py --bundle B --finetuned C --out ...   # another pair of one dataset (IMDB: docs/results.md)
 
 The peer bundles (artifacts/bench/peer/<dataset>/{fp32,int8}): the fine-tuned model (by default
@@ -133,18 +134,26 @@ def engine_batch1_p50_ms(bundle_path: Path, backend: str, precision: str, texts:
     return 1000 * float(np.median(times[50:]))
 
 
-def alternate(bundle, rounds: int, seconds: float, out: Path, against: str = ONNXRUNTIME) -> None:
-    """Our default server against the same bundle served with the flags `against` (by default on
-    onnxruntime fp32), in turns: one run's single pass cannot tell apart servers that differ by
-    less than its noise (10-17% here)."""
+def peer_serve(finetuned: Path, precision: str) -> list[str]:
+    """The strong peer's server: the fine-tuned model as one onnxruntime graph, exported if missing."""
+    graph = exported(finetuned, PEER / split_of(finetuned)[0] / precision, precision=precision, monolithic=True)
+    return [sys.executable, str(ROOT / "bench" / "peer_server.py"), str(graph)]
+
+
+def alternate(bundle, rounds: int, seconds: float, out: Path, against: str, other: tuple[str, list[str]] | None = None) -> None:
+    """Our default server against another, in turns: the same bundle served with the flags
+    `against` (by default on onnxruntime fp32), or `other` (a name and a command: the peer). One
+    run's single pass cannot tell apart servers that differ by less than its noise (10-17% here),
+    nor a ratio between two servers measured minutes apart on a machine that drifts."""
     chosen = served_backend(bundle)
-    if against == ONNXRUNTIME and (chosen["backend"], chosen["precision"]) == ("onnxruntime", "fp32"):
+    if other is None and against == ONNXRUNTIME and (chosen["backend"], chosen["precision"]) == ("onnxruntime", "fp32"):
         raise SystemExit("--alternate: this bundle already serves on onnxruntime fp32 by default; there is nothing to compare it with")
     texts, _ = test_split(*split_of(ROOT / bundle.manifest["source"]["checkpoint"]))
     workload = one_text_each(texts)
     logs = ROOT / "artifacts" / "bench"
-    other = "onnxruntime/fp32" if against == ONNXRUNTIME else against
-    names = {f"{chosen['backend']}/{chosen['precision']}": romebert_serve(bundle.root), other: romebert_serve(bundle.root, *shlex.split(against))}
+    if other is None:
+        other = ("onnxruntime/fp32" if against == ONNXRUNTIME else against, romebert_serve(bundle.root, *shlex.split(against)))
+    names = {f"{chosen['backend']}/{chosen['precision']}": romebert_serve(bundle.root), other[0]: other[1]}
     rows = []
     with ExitStack() as stack:
         servers = {name: stack.enter_context(running(command, logs / f"serve-alternate-{k}.log")) for k, (name, command) in enumerate(names.items())}
@@ -167,7 +176,7 @@ def alternate(bundle, rounds: int, seconds: float, out: Path, against: str = ONN
             "server_cpu_ms_per_request": {name: pick(name, "server_cpu_ms_per_request") for name in names},
         }
         print(f"c{users}: {ours} over {before}, requests/s by round: {summary[f'c{users}']['requests_per_s_ratio_by_round']}")
-    write_json(out, {"bundle_backend": chosen, "against": against, "rounds": rounds, "seconds_c32": seconds, "seconds_c1": seconds / 2, "rows": rows,
+    write_json(out, {"bundle_backend": chosen, "against": other[0], "rounds": rounds, "seconds_c32": seconds, "seconds_c1": seconds / 2, "rows": rows,
                      "summary": summary, "environment": environment()})
 
 
@@ -184,10 +193,13 @@ def main() -> None:
                         "once, taking turns for ROUNDS rounds at c32 and c1 (the order swapped each round)")
     parser.add_argument("--against", default=ONNXRUNTIME, metavar="FLAGS",
                         help="with --alternate: the `romebert serve` flags of the other server (default: %(default)s)")
+    parser.add_argument("--against-peer", choices=("fp32", "int8"),
+                        help="with --alternate: the other server is the peer (--finetuned as one onnxruntime graph) in this precision")
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     if args.alternate:
-        alternate(bundle, args.alternate, args.duration, args.out, args.against)
+        peer = None if args.against_peer is None else (f"peer_onnxruntime_{args.against_peer}", peer_serve(args.finetuned, args.against_peer))
+        alternate(bundle, args.alternate, args.duration, args.out, args.against, peer)
         return
     # Each model is scored on the test split of its own seed: bench/train.py's fine-tuned model
     # (seed 1) was trained on part of the default model's test split (seed 42), and vice versa.
@@ -211,14 +223,12 @@ def main() -> None:
     engine_p50s: list[float] = []
 
     peers = PEER / dataset
-    for files in ("fp32", "int8"):
-        exported(args.finetuned, peers / files, precision=files, monolithic=True)
     peer = ROOT / "bench" / "peer_server.py"
     servers = [
         ("romebert", romebert_serve(args.bundle), (1, 32), f"{backend}/{precision}"),
         ("romebert_onnxruntime_fp32", romebert_serve(args.bundle, "--backend", "onnxruntime"), (32,), "onnxruntime/fp32"),
-        ("peer_onnxruntime_fp32", [sys.executable, str(peer), str(peers / "fp32")], (32,), "onnxruntime/fp32"),
-        ("peer_onnxruntime_int8", [sys.executable, str(peer), str(peers / "int8")], (32,), "onnxruntime/int8"),
+        ("peer_onnxruntime_fp32", peer_serve(args.finetuned, "fp32"), (32,), "onnxruntime/fp32"),
+        ("peer_onnxruntime_int8", peer_serve(args.finetuned, "int8"), (32,), "onnxruntime/int8"),
         ("peer_openvino_bf16", [sys.executable, str(peer), str(peers / "fp32"), "--backend", "openvino", "--precision", "bf16"], (32,), "openvino/bf16"),
         ("peer_openvino_f32", [sys.executable, str(peer), str(peers / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
         ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(args.finetuned)], (32,), "pytorch/fp32"),
