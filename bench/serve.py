@@ -134,10 +134,15 @@ def engine_batch1_p50_ms(bundle_path: Path, backend: str, precision: str, texts:
     return 1000 * float(np.median(times[50:]))
 
 
-def peer_serve(finetuned: Path, precision: str) -> list[str]:
-    """The strong peer's server: the fine-tuned model as one onnxruntime graph, exported if missing."""
-    graph = exported(finetuned, PEER / split_of(finetuned)[0] / precision, precision=precision, monolithic=True)
-    return [sys.executable, str(ROOT / "bench" / "peer_server.py"), str(graph)]
+def peer_graph(finetuned: Path, precision: str) -> Path:
+    """The strong peer's bundle: the fine-tuned model as one graph in `precision` (fp32 or int8),
+    exported unless it holds these weights already."""
+    return exported(finetuned, PEER / split_of(finetuned)[0] / precision, precision=precision, monolithic=True)
+
+
+def peer_serve(graph: Path, *flags: str) -> list[str]:
+    """The command of the peer's server (bench/peer_server.py) on `graph`, with its `flags`."""
+    return [sys.executable, str(ROOT / "bench" / "peer_server.py"), str(graph), *flags]
 
 
 def alternate(bundle, rounds: int, seconds: float, out: Path, against: str, other: tuple[str, list[str]] | None = None) -> None:
@@ -198,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     if args.alternate:
-        peer = None if args.against_peer is None else (f"peer_onnxruntime_{args.against_peer}", peer_serve(args.finetuned, args.against_peer))
+        peer = None if args.against_peer is None else (f"peer_onnxruntime_{args.against_peer}", peer_serve(peer_graph(args.finetuned, args.against_peer)))
         alternate(bundle, args.alternate, args.duration, args.out, args.against, peer)
         return
     # Each model is scored on the test split of its own seed: bench/train.py's fine-tuned model
@@ -222,15 +227,17 @@ def main() -> None:
     # minute of a machine that drifts by 10-30% (bench/lone_request.py pairs it by round).
     engine_p50s: list[float] = []
 
-    peers = PEER / dataset
-    peer = ROOT / "bench" / "peer_server.py"
+    def engine_reference() -> float:
+        return in_fresh_process(engine_batch1_p50_ms, args.bundle, backend, precision, texts)
+
+    fp32, int8 = peer_graph(args.finetuned, "fp32"), peer_graph(args.finetuned, "int8")
     servers = [
         ("romebert", romebert_serve(args.bundle), (1, 32), f"{backend}/{precision}"),
         ("romebert_onnxruntime_fp32", romebert_serve(args.bundle, "--backend", "onnxruntime"), (32,), "onnxruntime/fp32"),
-        ("peer_onnxruntime_fp32", peer_serve(args.finetuned, "fp32"), (32,), "onnxruntime/fp32"),
-        ("peer_onnxruntime_int8", peer_serve(args.finetuned, "int8"), (32,), "onnxruntime/int8"),
-        ("peer_openvino_bf16", [sys.executable, str(peer), str(peers / "fp32"), "--backend", "openvino", "--precision", "bf16"], (32,), "openvino/bf16"),
-        ("peer_openvino_f32", [sys.executable, str(peer), str(peers / "fp32"), "--backend", "openvino", "--precision", "f32"], (32,), "openvino/f32"),
+        ("peer_onnxruntime_fp32", peer_serve(fp32), (32,), "onnxruntime/fp32"),
+        ("peer_onnxruntime_int8", peer_serve(int8), (32,), "onnxruntime/int8"),
+        ("peer_openvino_bf16", peer_serve(fp32, "--backend", "openvino", "--precision", "bf16"), (32,), "openvino/bf16"),
+        ("peer_openvino_f32", peer_serve(fp32, "--backend", "openvino", "--precision", "f32"), (32,), "openvino/f32"),
         ("baseline_transformers", [sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(args.finetuned)], (32,), "pytorch/fp32"),
         (INSTANT, instant_serve(args.bundle), (1, 32), "instant/none"),
     ]
@@ -248,11 +255,11 @@ def main() -> None:
                 b, p = runs_on.split("/")
                 reference = (name, users) == ("romebert", 1)
                 if reference:
-                    engine_p50s.append(in_fresh_process(engine_batch1_p50_ms, args.bundle, backend, precision, texts))
+                    engine_p50s.append(engine_reference())
                 row = {"server": "romebert" if name.startswith("romebert") else "onnx_monolithic_batched" if name.startswith("peer") else "transformers_pipeline",
                        "name": name, "backend": b, "precision": p, "test_acc": acc, "test_split_seed": seed} | measure(url, proc.pid, workload, users, args.duration)
                 if reference:
-                    engine_p50s.append(in_fresh_process(engine_batch1_p50_ms, args.bundle, backend, precision, texts))
+                    engine_p50s.append(engine_reference())
                     print(f"engine batch-1 p50 before and after our c1 point: {engine_p50s[0]:.2f}, {engine_p50s[1]:.2f} ms", flush=True)
                 rows.append(row)
                 print(row, flush=True)
