@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from romebert.service.errors import ApiError, answer_error, error_response
 from romebert.service.metrics import Metrics
+from romebert.service.routes import CLASSIFY
 
 
 def is_json(content_type: str) -> bool:
@@ -32,7 +33,7 @@ class RequestGuard:
     Content-Length, chunked uploads); 408 and a closed connection when it has not fully arrived
     `timeout_s` after the headers (a client that stalls mid-body holds nothing for long)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, path: str = "/classify"):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, path: str = CLASSIFY):
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
@@ -82,7 +83,7 @@ class RequestGuard:
 class ClassifyMetrics:
     """Counts every POST /classify by outcome, times it, and tracks how many are in flight."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, path: str = "/classify"):
+    def __init__(self, app: ASGIApp, metrics: Metrics, path: str = CLASSIFY):
         self.app = app
         self.metrics = metrics
         self.path = path
