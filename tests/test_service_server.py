@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -344,6 +345,22 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_clos
         assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
         assert sample(base, "romebert_requests_total", '{outcome="slow_client"}') == 1
         assert sample(base, "romebert_inflight_requests") == 0
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_cancelled_not_as_a_server_error(tiny_bundle, caplog):
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+    with caplog.at_level(logging.ERROR), uvicorn_serving(tiny_bundle) as (_, base, _engine):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + b'{"text": ')
+            time.sleep(0.2)  # the app is reading the body when the client goes
+        deadline = time.monotonic() + 10
+        while sample(base, "romebert_requests_total", '{outcome="cancelled"}') < 1:
+            assert time.monotonic() < deadline, "the request was never counted as cancelled"
+            time.sleep(0.02)
+        assert sample(base, "romebert_requests_total", '{outcome="error"}') == 0
+        assert sample(base, "romebert_inflight_requests") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_a_client_that_leaves_gets_no_more_work_done_for_it(tiny_bundle):
