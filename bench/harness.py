@@ -53,7 +53,13 @@ def environment() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         lines = cpuinfo.read_text().splitlines()
-        cpu["model"] = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu["model"])
+
+        def field(name: str) -> str | None:
+            return next((l.split(":", 1)[1].strip() for l in lines if l.split(":", 1)[0].strip() == name), None)
+
+        cpu["model"] = field("model name") or cpu["model"]
+        # a hypervisor may name several CPUs alike ("AMD EPYC"); family and model number tell them apart
+        cpu["family_model"] = f"{field('cpu family')}/{field('model')}"
         flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
         cpu["flags"] = [f for f in CPU_FLAGS if f in flags]
     return {"commit": commit + ("+uncommitted" if dirty else ""), "python": platform.python_version(), "versions": versions, "cpu": cpu}
