@@ -8,12 +8,13 @@ a batch; training and evaluation pad a whole split through `encode`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 
 class TokenizerError(ValueError):
@@ -92,6 +93,29 @@ def pad(rows: Sequence[TokenRow], pad_id: int = 0) -> Encoded:
     return Encoded(ids, mask, types, truncated, lengths)
 
 
+def _printable_ascii(text: str | None) -> bool:
+    return text is None or (text.isascii() and text.isprintable())
+
+
+def _ascii_twin(tokenizer: Tokenizer) -> Tokenizer | None:
+    """`tokenizer` with a normalizer that gives printable ASCII text the ids `tokenizer` gives it,
+    for less work; None unless its normalizer is BERT's.
+
+    BertNormalizer drops control characters, spaces out CJK characters, strips accents (Unicode
+    decomposition, offsets tracked character by character) and lowercases: on printable ASCII
+    only the lowercasing changes anything, yet the rest took a quarter of the encoder's time on
+    short English texts (docs/results.md, "Tokenizing printable ASCII"). Special tokens are
+    matched before normalizing, and pre-tokenizer, model, truncation and template are the same
+    objects' copies, so the ids are too (tests/test_tokenization.py checks it by property)."""
+    config = json.loads(tokenizer.to_str())
+    normalizer = config.get("normalizer") or {}
+    if normalizer.get("type") != "BertNormalizer":
+        return None
+    twin = Tokenizer.from_str(json.dumps(config))
+    twin.normalizer = normalizers.Lowercase() if normalizer.get("lowercase", True) else normalizers.Sequence([])
+    return twin
+
+
 class TextEncoder:
     def __init__(self, tokenizer_file: str | Path, max_length: int):
         self.max_length = max_length
@@ -102,6 +126,10 @@ class TextEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_length)
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.ascii_tokenizer = _ascii_twin(self.tokenizer) or self.tokenizer  # for inputs that are printable ASCII
+
+    def _tokenizer_for(self, *texts: str | None) -> Tokenizer:
+        return self.ascii_tokenizer if all(map(_printable_ascii, texts)) else self.tokenizer
 
     def tokenize(self, texts: list[str], text_pairs: list[str] | None = None, parallel: bool = True) -> list[TokenRow]:
         """One row per text. encode_batch (`parallel`) releases the GIL, so a thread may call this
@@ -109,11 +137,12 @@ class TextEncoder:
         inputs: encode_batch hands the texts to the tokenizer's thread pool and waits, and on a
         loaded CPU that wait (for pool threads the scheduler has not run) stalled the event loop for
         seconds; `encode`, one text at a time, keeps the GIL throughout."""
-        inputs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
+        pairs = text_pairs or [None] * len(texts)
         if parallel:
-            encodings = self.tokenizer.encode_batch(inputs)
+            inputs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
+            encodings = self._tokenizer_for(*texts, *pairs).encode_batch(inputs)
         else:
-            encodings = [self.tokenizer.encode(text, pair) for text, pair in zip(texts, text_pairs or [None] * len(texts))]
+            encodings = [self._tokenizer_for(text, pair).encode(text, pair) for text, pair in zip(texts, pairs)]
         return [TokenRow(np.array(e.ids, dtype=np.int64), np.array(e.type_ids, dtype=np.int64), bool(e.overflowing))
                 for e in encodings]
 
