@@ -119,6 +119,7 @@ def build_server(settings: Settings, **app_options: Any) -> Server:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.graceful_timeout_s), timeout_keep_alive=int(settings.keep_alive_s), lifespan="on",
+        server_header=False,  # no "server: uvicorn" on every answer: it tells clients nothing they need
         http=serving_protocol(settings.header_timeout_s, settings.body_timeout_s, app.state.runtime.door, app.state.runtime.metrics),
     )
     return Server(config, app.state.runtime)

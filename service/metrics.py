@@ -46,6 +46,7 @@ class Metrics:
             return Gauge(metric.name, metric.help, registry=r)
 
         self.requests = counter(names.REQUESTS, names.OUTCOMES)
+        self._by_outcome = {outcome: self.requests.labels(outcome) for outcome in names.OUTCOMES}  # looked up once, not per request
         self.request_duration = histogram(names.REQUEST_DURATION, LATENCY_BUCKETS)
         self.queue_wait = histogram(names.QUEUE_WAIT, LATENCY_BUCKETS)
         self.batch_size = histogram(names.BATCH_SIZE, BATCH_BUCKETS)
@@ -64,7 +65,7 @@ class Metrics:
 
     def responded(self, status: int, seconds: float) -> None:
         """One POST /classify answered with `status` after `seconds` (whichever layer answered it)."""
-        self.requests.labels(outcome_of(status)).inc()
+        self._by_outcome[outcome_of(status)].inc()
         self.request_duration.observe(seconds)
 
     def layer_ran(self, rows: int, attention_mask: np.ndarray) -> None:

@@ -347,6 +347,13 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_clos
         assert sample(base, "romebert_inflight_requests") == 0
 
 
+def test_answers_carry_a_date_but_do_not_name_the_server_software(tiny_bundle):
+    with uvicorn_serving(tiny_bundle) as (_, base, _engine):
+        for answer in (httpx.get(f"{base}/healthz"), httpx.post(f"{base}/classify", json={"text": "fine"})):
+            assert answer.status_code == 200
+            assert "date" in answer.headers and "server" not in answer.headers
+
+
 def test_a_client_that_leaves_mid_body_is_counted_as_cancelled_not_as_a_server_error(tiny_bundle, caplog):
     head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
     with caplog.at_level(logging.ERROR), uvicorn_serving(tiny_bundle) as (_, base, _engine):
