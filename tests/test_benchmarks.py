@@ -79,3 +79,20 @@ def test_the_padding_benchmark_runs_the_real_scheduler_at_each_slack_and_a_highe
     assert 1.0 <= tight["padded_per_real_token"] < loose["padded_per_real_token"]
     assert tight["rows_per_layer_call"] < loose["rows_per_layer_call"]
     assert tight["items_per_s"] > 0 and loose["items_per_s"] > 0
+
+
+def test_the_profile_counts_each_event_loop_sample_under_its_innermost_request_stage():
+    from bench.profile_server import stages
+
+    loop = "thread (1): MainThread;Runner.run (asyncio/runners.py:118)"
+    raw = "\n".join([
+        f"{loop};HttpToolsProtocol.data_received (h.py:1);RequestResponseCycle.run_asgi (h.py:2);RequestGuard.__call__ (m.py:3);"
+        "RequestGuard.__call__.<locals>.guarded_receive (m.py:4) 3",
+        f"{loop};RequestResponseCycle.run_asgi (h.py:2);DirectRoute.__call__ (m.py:9);TextEncoder.tokenize (t.py:1);"
+        "TextEncoder.tokenize.<locals>.<listcomp> (t.py:2);tokenizers_encode (tokenizers.so) 5",
+        f"{loop};uv__io_poll (uvloop.so) 2",
+        f"{loop};_settle (tickets.py:1) 1",
+        "thread (2): romebert-engine-0;Scheduler._run (s.py:1);TextEncoder.tokenize (t.py:1) 10",
+    ])
+    assert stages(raw) == {"tokenizing": round(5 / 11, 4), "the body guard (headers, deadline, byte count)": round(3 / 11, 4),
+                           "uvloop's own loop (polling, sockets)": round(2 / 11, 4), "elsewhere": round(1 / 11, 4)}
