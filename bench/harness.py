@@ -60,7 +60,7 @@ def environment() -> dict:
         cpu["model"] = field("model name") or cpu["model"]
         # a hypervisor may name several CPUs alike ("AMD EPYC"); family and model number tell them apart
         cpu["family_model"] = f"{field('cpu family')}/{field('model')}"
-        flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+        flags = set((field("flags") or "").split())
         cpu["flags"] = [f for f in CPU_FLAGS if f in flags]
     return {"commit": commit + ("+uncommitted" if dirty else ""), "python": platform.python_version(), "versions": versions, "cpu": cpu}
 

@@ -116,7 +116,7 @@ def main() -> None:
     server = instant_serve(args.bundle) if args.instant else romebert_serve(args.bundle)
     with running(server, out.with_suffix(".log")) as (proc, url):
         run_load(url, workload, 32, None, 5, None, 30.0)  # warm
-        # the load in this (main) thread, which its signal handlers need; py-spy beside it
+        # The load runs in this (main) thread, which its signal handlers need, and py-spy beside it.
         # With no model the server's own Python is all there is, and a sampler that stops the process
         # to read it stalls the event loop into refusing requests (its loop-lag door): `--nonblocking`
         # there, which py-spy allows only without native frames.

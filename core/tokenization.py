@@ -8,7 +8,6 @@ a batch; training and evaluation pad a whole split through `encode`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -107,12 +106,11 @@ def _ascii_twin(tokenizer: Tokenizer) -> Tokenizer | None:
     short English texts (docs/results.md, "Tokenizing printable ASCII"). Special tokens are
     matched before normalizing, and pre-tokenizer, model, truncation and template are the same
     objects' copies, so the ids are too (tests/test_tokenization.py checks it by property)."""
-    config = json.loads(tokenizer.to_str())
-    normalizer = config.get("normalizer") or {}
-    if normalizer.get("type") != "BertNormalizer":
+    normalizer = tokenizer.normalizer
+    if not isinstance(normalizer, normalizers.BertNormalizer):
         return None
-    twin = Tokenizer.from_str(json.dumps(config))
-    twin.normalizer = normalizers.Lowercase() if normalizer.get("lowercase", True) else normalizers.Sequence([])
+    twin = Tokenizer.from_str(tokenizer.to_str())
+    twin.normalizer = normalizers.Lowercase() if normalizer.lowercase else normalizers.Sequence([])
     return twin
 
 
