@@ -1,7 +1,7 @@
 """`romebert quickstart`: the first command a newcomer runs.
 
 Builds the default bundle once (RomeBERT on rotten_tomatoes from the shipped all-MiniLM-L6-v2,
-the shipped recipe: 10 to 15 minutes on a 2-core CPU, with progress bars), then serves it. A bundle
+the shipped recipe: 10 to 16 minutes on a 2-core CPU, with progress bars), then serves it. A bundle
 that is already there is reused; a run killed half-way resumes from its last saved training state.
 Serving replaces this process with a fresh `romebert serve` (exec): the server never holds the
 torch and training memory the build needed, and keeps this process's PID for signals. Any other
