@@ -145,16 +145,29 @@ def openvino_available() -> bool:
     return openvino_device() is not None or _openvino_core() is not None
 
 
+class _Request:
+    """An OpenVINO infer request and the input arrays it points at (kept alive until its next call)."""
+
+    def __init__(self, request: Any):
+        self.request = request
+        self.inputs: dict[str, np.ndarray] = {}
+
+
 class OpenVinoSession:
     """A model compiled by OpenVINO's own runtime, behind the part of onnxruntime's session the
-    engine uses (`run`, `get_providers`). OpenVINO's requests are not thread-safe, so each calling
-    thread gets its own; outputs are copies (the next call reuses the request's buffers).
+    engine uses (`run`, `get_providers`). OpenVINO's requests are not thread-safe, so a call takes
+    a request no other call holds, from a pool that grows only when every request is busy (so to
+    as many as threads call at once); outputs are copies (the next call reuses the request's
+    buffers). The pool, not one request per thread: a request sizes its buffers on its first call
+    at each shape, so the one the warm-up ran every shape on (in the loading thread) is the one
+    the worker uses, and no request pays those first calls while serving (docs/results.md, "One
+    request for the warm-up and the worker").
 
     Inputs are handed over in place, as tensors on the caller's arrays: copying them cost small
     calls most (docs/results.md, "OpenVINO's inputs in place"). Always in place, never
     copied: a copying call writes into the tensor the request already holds, which after an in-place
     call is the earlier caller's array (a larger shape raises, a smaller one overwrites it). The
-    request keeps pointing at the arrays after the call, so they are kept alive until the thread's
+    request keeps pointing at the arrays after the call, so they are kept alive with it until its
     next call."""
 
     def __init__(self, compiled: Any):
@@ -164,19 +177,23 @@ class OpenVinoSession:
         self._outputs = list(compiled.outputs)  # in the graph's order, as onnxruntime's run(None, ...) returns them
         self._dtypes = {port.any_name: port.get_element_type().to_dtype() for port in compiled.inputs}
         self._tensor = Tensor
-        self._local = threading.local()
+        self._idle: list[_Request] = []  # requests no call holds; list.pop and list.append are atomic, so no lock
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        local = self._local
-        request = getattr(local, "request", None)
-        if request is None:
-            request = local.request = self._compiled.create_infer_request()
-        # OpenVINO shares only C-contiguous, writeable arrays of the graph's dtype; others are copied here, once
-        local.inputs = {name: np.require(array, self._dtypes[name], ("C", "W")) for name, array in feeds.items()}
-        for name, array in local.inputs.items():
-            request.set_tensor(name, self._tensor(array, shared_memory=True))
-        request.infer()
-        return [request.get_tensor(key).data.copy() for key in (self._outputs if output_names is None else output_names)]
+        try:
+            held = self._idle.pop()  # the one used last: its buffers are the warm ones
+        except IndexError:
+            held = _Request(self._compiled.create_infer_request())
+        try:
+            request = held.request
+            # OpenVINO shares only C-contiguous, writeable arrays of the graph's dtype; others are copied here, once
+            held.inputs = {name: np.require(array, self._dtypes[name], ("C", "W")) for name, array in feeds.items()}
+            for name, array in held.inputs.items():
+                request.set_tensor(name, self._tensor(array, shared_memory=True))
+            request.infer()
+            return [request.get_tensor(key).data.copy() for key in (self._outputs if output_names is None else output_names)]
+        finally:
+            self._idle.append(held)
 
     def get_providers(self) -> list[str]:
         return ["OpenVINO (runtime, CPU)"]

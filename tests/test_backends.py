@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -167,7 +168,7 @@ def test_workers_sharing_an_openvino_engine_get_a_stream_each_with_their_share_o
 @needs_openvino_runtime
 def test_where_the_plugin_offers_no_cpu_openvinos_own_runtime_runs_the_segments(tiny_bundle, monkeypatch):
     """onnxruntime's OpenVINO plugin offers Intel CPUs only; elsewhere (AMD) the same segments
-    run on OpenVINO's own runtime, each calling thread with its own request."""
+    run on OpenVINO's own runtime, calls at once each on a request of its own."""
     monkeypatch.setattr(engine_module, "_openvino", False)  # the plugin lists no device, as on an AMD EPYC
     bundle = load_bundle(tiny_bundle)
     native = Engine(bundle, backend="openvino", precision="f32")
@@ -210,6 +211,48 @@ def test_openvinos_own_runtime_answers_right_whatever_the_order_of_shapes_and_th
     for state, feeds in [(small, None), (large, strided), (small, read_only), (large, None)]:
         feeds = feeds or {"hidden_states": state.hidden, "attention_mask": state.attention_mask}
         np.testing.assert_allclose(session.run(["logits"], feeds)[0], reference.layer(0, state)[1], atol=1e-5)
+
+
+class _CountingCompiled:
+    """An OpenVINO compiled model that counts the infer requests made of it."""
+
+    def __init__(self, compiled):
+        self.compiled, self.requests = compiled, 0
+        self.inputs, self.outputs = compiled.inputs, compiled.outputs
+
+    def create_infer_request(self):
+        self.requests += 1
+        return self.compiled.create_infer_request()
+
+
+@needs_openvino_runtime
+def test_the_worker_thread_calls_openvino_on_the_request_the_loading_thread_warmed(tiny_bundle, monkeypatch):
+    """A request sizes its buffers on its first call at each shape: the warm-up's request (made in
+    the loading thread) must be the one a later thread serves with, not a cold one of its own;
+    a second request is made only for a call while the first is busy."""
+    monkeypatch.setattr(engine_module, "_openvino", False)
+    bundle = load_bundle(tiny_bundle)
+    session = open_openvino_session(bundle.path(bundle.segments[1].file), "f32", threads=1, streams=2)
+    session._compiled = counting = _CountingCompiled(session._compiled)
+    reference = Engine(bundle, device="cpu")
+    state = reference.embed(TextEncoder(bundle.tokenizer_file, bundle.max_length).encode(TEXTS))
+    feeds = {"hidden_states": state.hidden, "attention_mask": state.attention_mask}
+    expected = reference.layer(0, state)[1]
+    for _ in range(3):  # one thread after another, as the loading thread and then the worker
+        with ThreadPoolExecutor(1) as pool:
+            np.testing.assert_allclose(pool.submit(session.run, ["logits"], feeds).result()[0], expected, atol=1e-5)
+    assert counting.requests == 1
+
+    busy = threading.Barrier(2)
+
+    def at_once(_):  # two calls in flight together: each needs a request of its own
+        busy.wait()
+        return session.run(["logits"], feeds)[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        for logits in pool.map(at_once, range(2)):
+            np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert counting.requests <= 2
 
 
 def test_backend_openvino_with_neither_runtime_installed_says_what_to_install(tiny_bundle, monkeypatch):
