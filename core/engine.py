@@ -158,10 +158,10 @@ class OpenVinoSession:
     engine uses (`run`, `get_providers`). OpenVINO's requests are not thread-safe, so a call takes
     a request no other call holds, from a pool that grows only when every request is busy (so to
     as many as threads call at once); outputs are copies (the next call reuses the request's
-    buffers). The pool, not one request per thread: a request sizes its buffers on its first call
-    at each shape, so the one the warm-up ran every shape on (in the loading thread) is the one
-    the worker uses, and no request pays those first calls while serving (docs/results.md, "One
-    request for the warm-up and the worker").
+    buffers). The pool, not one request per thread: a request grows its buffers with the shapes it
+    runs, so the one the warm-up ran every shape on (in the loading thread) is the one the worker
+    uses, and no second request grows a second set under load (15-20 MB past capacity:
+    docs/results.md, "One request for the warm-up and the worker").
 
     Inputs are handed over in place, as tensors on the caller's arrays: copying them cost small
     calls most (docs/results.md, "OpenVINO's inputs in place"). Always in place, never
