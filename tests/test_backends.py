@@ -227,9 +227,9 @@ class _CountingCompiled:
 
 @needs_openvino_runtime
 def test_the_worker_thread_calls_openvino_on_the_request_the_loading_thread_warmed(tiny_bundle, monkeypatch):
-    """A request sizes its buffers on its first call at each shape: the warm-up's request (made in
-    the loading thread) must be the one a later thread serves with, not a cold one of its own;
-    a second request is made only for a call while the first is busy."""
+    """A request grows its buffers with the shapes it runs: the warm-up's request (made in the
+    loading thread) must be the one a later thread serves with, not a cold one of its own; a
+    second request is made only for a call while the first is busy."""
     monkeypatch.setattr(engine_module, "_openvino", False)
     bundle = load_bundle(tiny_bundle)
     session = open_openvino_session(bundle.path(bundle.segments[1].file), "f32", threads=1, streams=2)
