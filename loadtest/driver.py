@@ -5,7 +5,9 @@ request k leaves at t0 + k / rate whatever the latency, so a slow server cannot 
 arrivals down (the mistake that hides overload); at most `users` requests are in flight, and a
 send whose turn comes while all are busy is not made and is counted as unsent. A run reports the
 rate it really achieved: one event loop holds a few thousand requests/s on one core, and past that
-the report says so rather than quietly sending fewer. (Locust, which `loadtest/locustfile.py` still
+the report says so rather than quietly sending fewer. It also says when the sends held the rate on
+average but left late, more than one interval at p99 (a generator short of CPU for moments sends in
+bursts). (Locust, which `loadtest/locustfile.py` still
 drives for distributed runs, ramps its users up at 100/s and fell short of such rates.)
 
 A closed loop's users resend at once after a refusal by default, the most load a user can make.
