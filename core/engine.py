@@ -303,7 +303,10 @@ def _up_to(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
 
-ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+# Every size up to 8 rows, then steps of an eighth to a quarter of the size: a bucket's copies of
+# the last row are computed like real rows, and at c32 (about 6 rows a layer call) the coarser
+# 1, 2, 4, 8, 12, 16, 24, 32 spent 13% of the items/s on them (docs/results.md, "Finer row buckets").
+ROW_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 WIDTH_STEP = 16
 
 

@@ -130,9 +130,15 @@ def warm_up(engine, cost_model: CostModel, limit: Limit, max_length: int, min_wi
     grid = getattr(engine, "shapes", lambda *_: None)(limit.max_rows, max_length) or \
         [(rows, width) for rows in buckets_up_to(limit.max_rows) for width in buckets_up_to(max_length, start=smallest)]
     grid = list({(min(rows, limit.padded_shape(limit.rows_at(width), width)[0]), width) for rows, width in grid})
+    # Recorded: each cost bucket's largest shape (an engine's finer buckets share the cost model's
+    # power-of-two ones), so that a first estimate errs on the slow side; run: every shape.
+    edges: dict[tuple[int, int], tuple[int, int]] = {}
+    for rows, width in largest_first(grid):
+        edges.setdefault((bucket(rows), bucket(width)), (rows, width))
     for rows, width in largest_first(grid):
         for i, seconds in enumerate(_layer_seconds(engine, _dummy_batch(rows, width))):
-            cost_model.observe(i, rows, width, seconds)
+            if edges[bucket(rows), bucket(width)] == (rows, width):
+                cost_model.observe(i, rows, width, seconds)
     typical = min(32, max_length)
     rows = limit.rows_at(typical)
     return sum(cost_model.predict(i, rows, typical) for i in range(engine.num_layers)) / rows

@@ -84,6 +84,13 @@ def test_a_bucketed_engine_runs_only_listed_shapes_and_the_warm_up_runs_them_all
     assert Engine(bundle, device="cpu").shapes(32, 32) is None  # onnxruntime takes any shape as it comes
 
 
+def test_a_bucketed_engine_pads_no_batch_of_up_to_8_rows_and_no_larger_one_by_more_than_a_quarter_of_its_rows(engines, bucketed):
+    # the copies of the last row that fill a bucket are computed like real rows
+    for n in range(1, 129):
+        rows = bucketed.padded_shape(n, 16)[0]
+        assert n <= rows <= n + n // 4 and (n > 8 or rows == n), n
+
+
 def test_onnxruntime_computes_in_its_bundles_precision_whatever_openvinos_is_set_to(engines):
     bundle = engines[0]
     assert Engine(bundle, device="cpu", precision="bf16").precision == bundle.precision == "fp32"

@@ -65,6 +65,30 @@ def test_the_warm_up_runs_no_shape_past_the_batch_limit_but_the_largest_each_wid
     assert len(grid) == len(set(grid))
 
 
+class CostRecorder:
+    """A cost model stand-in that records what it is told."""
+
+    def __init__(self):
+        self.observed = []
+
+    def observe(self, layer, rows, width, seconds):
+        self.observed.append((layer, rows, width))
+
+    def predict(self, layer, rows, width):
+        return 1.0
+
+
+def test_the_warm_up_runs_an_engine_s_finer_shapes_but_records_each_cost_bucket_once_at_its_largest_shape():
+    engine = ShapeRecorder()
+    engine.shapes = lambda max_rows, max_width: [(r, w) for r in (3, 4, 6, 8) for w in (16, 24, 32)]
+    model = CostRecorder()
+    warm_up(engine, model, BatchLimit(8, math.inf, as_given), max_length=32)
+    assert sorted(engine.ran[1:]) == sorted((r, w) for r in (3, 4, 6, 8) for w in (16, 24, 32))
+    # rows 3 and 4 share the cost model's bucket 4, 6 and 8 its 8; widths 24 and 32 its 32
+    assert sorted((r, w) for layer, r, w in model.observed if layer == 0) == [(4, 16), (4, 32), (8, 16), (8, 32)]
+    assert sorted((r, w) for layer, r, w in model.observed if layer == 1) == [(4, 16), (4, 32), (8, 16), (8, 32)]
+
+
 def test_a_layer_cost_starts_at_its_first_measurement_then_follows_an_ewma():
     model = EwmaCostModel(num_layers=2, alpha=0.25)
     model.observe(0, rows=4, width=16, seconds=1.0)
