@@ -132,10 +132,11 @@ def warm_up(engine, cost_model: CostModel, limit: Limit, max_length: int, min_wi
     grid = list({(min(rows, limit.padded_shape(limit.rows_at(width), width)[0]), width) for rows, width in grid})
     # Recorded: each cost bucket's largest shape (an engine's finer buckets share the cost model's
     # power-of-two ones), so that a first estimate errs on the slow side; run: every shape.
+    shapes = largest_first(grid)
     edges: dict[tuple[int, int], tuple[int, int]] = {}
-    for rows, width in largest_first(grid):
+    for rows, width in shapes:
         edges.setdefault((bucket(rows), bucket(width)), (rows, width))
-    for rows, width in largest_first(grid):
+    for rows, width in shapes:
         for i, seconds in enumerate(_layer_seconds(engine, _dummy_batch(rows, width))):
             if edges[bucket(rows), bucket(width)] == (rows, width):
                 cost_model.observe(i, rows, width, seconds)
