@@ -139,6 +139,32 @@ def test_the_choice_is_the_fastest_eligible_else_the_first_that_loaded():
     assert backends.choose([broken, int8, row("openvino", "f32", 400, False)])["precision"] == "int8"
 
 
+def test_the_export_names_a_faster_candidate_turned_away_for_its_exits_alone_and_no_other():
+    def row(backend, precision, files, items_per_s, accuracy, agreement):
+        return {"backend": backend, "precision": precision, "files": files, "items_per_s": items_per_s,
+                "dev_accuracy": accuracy, "exit_agreement": agreement, "threshold": 0.3, "lone_row_p50_ms": 2.0,
+                "eligible": backends.eligible(accuracy, agreement, 0.8265)}
+
+    bf16 = row("openvino", "bf16", "fp32", 644, 0.8253, 0.999)
+    int8 = row("onnxruntime", "int8", "int8", 1093, 0.8288, 0.913)  # the default model, measured
+    slower = row("onnxruntime", "fp32", "fp32", 477, 0.8265, 1.0)
+    inaccurate = row("openvino", "bf16", "int8", 2000, 0.80, 0.90)  # faster, but its accuracy fails too
+    unloaded = {"backend": "openvino", "precision": "f32", "files": "int8", "error": "BundleError: x", "eligible": False}
+    rows = [slower, int8, bf16, inaccurate, unloaded]
+    choice = backends.choose(rows) | {"reference_dev_accuracy": 0.8265}
+    assert choice["backend"] == "openvino"
+    ((named, speed_up),) = backends.faster_but_for_exits(rows, choice)
+    assert named is int8 and speed_up == pytest.approx(1093 / 644)
+    lines = []
+    backends.report(rows, choice, lines.append)
+    assert lines[-2] == "  chosen: openvino/bf16 on the fp32 files"
+    assert lines[-1].startswith("  not chosen: onnxruntime/int8, 1.70x") and "8.7% of dev rows" in lines[-1]
+    assert "romebert export --precision int8, romebert serve --backend onnxruntime " in lines[-1]
+    assert backends.serve_flags(bf16) == "--backend openvino --openvino-precision bf16"
+    # nothing to name when the fastest is the choice
+    assert backends.faster_but_for_exits([bf16, slower], backends.choose([bf16, slower]) | {"reference_dev_accuracy": 0.8265}) == []
+
+
 def test_serve_auto_takes_the_bundles_choice_and_says_so_when_it_cannot(tiny_bundle, tmp_path, monkeypatch, caplog):
     folder = shutil.copytree(tiny_bundle, tmp_path / "bundle")
     manifest = json.loads((folder / "manifest.json").read_text())
