@@ -8,6 +8,7 @@ reference (the PyTorch model) and at least 99% of dev rows leave at the same exi
 reference's at the bundle's default threshold; the eligible one with the most items/s (length-
 sorted batches of 64, the candidates taking turns, see measure) is recorded as the bundle's
 `backend`, which `romebert serve --backend auto` uses, and its files are the ones published.
+A faster candidate turned away for its exits alone is named in the export's output (`report`).
 """
 
 from __future__ import annotations
