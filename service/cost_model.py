@@ -136,10 +136,12 @@ def warm_up(engine, cost_model: CostModel, limit: Limit, max_length: int, min_wi
     edges: dict[tuple[int, int], tuple[int, int]] = {}
     for rows, width in shapes:
         edges.setdefault((bucket(rows), bucket(width)), (rows, width))
+    recorded = set(edges.values())
     for rows, width in shapes:
-        for i, seconds in enumerate(_layer_seconds(engine, _dummy_batch(rows, width))):
-            if edges[bucket(rows), bucket(width)] == (rows, width):
-                cost_model.observe(i, rows, width, seconds)
+        seconds = _layer_seconds(engine, _dummy_batch(rows, width))
+        if (rows, width) in recorded:
+            for i, layer_seconds in enumerate(seconds):
+                cost_model.observe(i, rows, width, layer_seconds)
     typical = min(32, max_length)
     rows = limit.rows_at(typical)
     return sum(cost_model.predict(i, rows, typical) for i in range(engine.num_layers)) / rows
