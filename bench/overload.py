@@ -47,6 +47,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -247,6 +248,12 @@ def measure(command: list[str], log: Path, workload: Workload, rates: list[float
     return out
 
 
+def served_backend(url: str) -> str:
+    """What the server says it runs on (/readyz: e.g. "openvino/bf16"), which ROMEBERT_BACKEND or the bundle decides."""
+    with urllib.request.urlopen(url + "/readyz", timeout=10) as answer:
+        return json.load(answer)["backend"]
+
+
 def older_serve(cli: str, bundle: Path) -> list[str]:
     """An older checkout's server command line (`cli` from bench.harness.older_checkout)."""
     return [sys.executable, "-m", cli, "serve", str(bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
@@ -261,6 +268,7 @@ def alternate(bundle: Path, other: tuple[str, list[str], dict | None, Path | Non
     with running(on_cores(romebert_serve(bundle), cores), logs / "overload-ours.log") as (ours_proc, ours_url), \
             running(on_cores(command, cores), logs / f"overload-{name_other}.log", env, cwd) as (other_proc, other_url):
         servers = {"ours": (ours_url, ours_proc.pid), name_other: (other_url, other_proc.pid)}
+        backends = {name: served_backend(url) for name, (url, _) in servers.items()}
         for url, _ in servers.values():
             closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         rates = None
@@ -290,8 +298,8 @@ def alternate(bundle: Path, other: tuple[str, list[str], dict | None, Path | Non
     }
     medians = {name: {figure: median(name, get) for figure, get in figures.items()} for name in steps}
     ratios = {figure: [round(get(a) / get(b), 3) for a, b in zip(steps["ours"], steps[name_other])] for figure, get in figures.items()}
-    return {"offered_rps": [round(r, 1) for r in rates], "rounds": rounds, "medians": medians, f"ours_over_{name_other}_by_round": ratios,
-            "steps": steps}
+    return {"offered_rps": [round(r, 1) for r in rates], "rounds": rounds, "backends": backends, "medians": medians,
+            f"ours_over_{name_other}_by_round": ratios, "steps": steps}
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ import enum
 import gc
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from typing import Callable
@@ -67,6 +69,26 @@ def default_engine(bundle: Bundle, settings: Settings) -> EngineLike:
     backend, precision = backend_for(bundle, settings)
     set_pool_spinning(settings.spin)
     return Engine(bundle, device=settings.device, threads=threads, backend=backend, precision=precision, streams=settings.workers)
+
+
+def run_below_the_loop(nice: int) -> None:
+    """Lower the calling thread's CPU priority by `nice` levels (at most to 19); the threads it
+    starts from then on inherit it.
+
+    Past capacity the event loop must go on reading requests, refusing most of them and handing
+    the answers back, on the cores the engine keeps busy (onnxruntime's threads spin between
+    calls). At equal priority the kernel gives the loop a third of a core or less there; admitted
+    answers then waited up to a second for it, and at 4x capacity goodput fell to a quarter
+    (docs/results.md, "Thread priority"). With the engine's threads below it, the loop runs
+    whenever it has work, and the engine still has every cycle the loop does not use. Linux only:
+    elsewhere nice is per process, and lowering it would lower the loop too."""
+    if nice == 0 or sys.platform != "linux":
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + nice, 19))
+    except OSError as err:  # a sandbox that forbids it: serve anyway, level with the loop
+        log.warning("cannot run the engine's threads below the event loop (%s): they run level with it", err)
 
 
 class Phase(str, enum.Enum):
@@ -121,8 +143,14 @@ class Runtime:
         self._lock = threading.Lock()
 
     def start_loading(self) -> None:
-        """load() in a background thread, HTTP being up meanwhile; drain() waits for it."""
-        self._loader = threading.Thread(target=self.load, name="romebert-load", daemon=True)
+        """load() in a background thread, HTTP being up meanwhile; drain() waits for it. That
+        thread runs `engine_nice` levels below the event loop, and so does every thread it starts
+        (the engine's pools, the workers): see run_below_the_loop."""
+        def load_below_the_loop() -> None:
+            run_below_the_loop(self.settings.engine_nice)
+            self.load()
+
+        self._loader = threading.Thread(target=load_below_the_loop, name="romebert-load", daemon=True)
         self._loader.start()
 
     def load(self) -> None:

@@ -70,6 +70,8 @@ def test_an_empty_variable_is_unset_and_a_flag_left_out_keeps_the_variable():
     {"max_items": 65, "max_queue": 64},  # a request that could never be queued
     {"pad_slack": 0.99},  # a batch cannot hold fewer tokens than its rows have
     {"pad_slack": math.nan},
+    {"engine_nice": -1},  # above the event loop: the loop would starve instead
+    {"engine_nice": 20},
 ])
 def test_settings_out_of_range_are_refused(values):
     with pytest.raises(SettingsError, match=next(iter(values))):
@@ -79,8 +81,8 @@ def test_settings_out_of_range_are_refused(values):
 def test_the_edges_of_every_range_are_accepted():
     Settings(port=1, workers=1, threads=1, max_batch=1, max_batch_tokens=1, max_queue=1, max_items=1, max_body_bytes=1, max_wait_ms=0.0,
              max_queue_wait_ms=0.001, max_loop_lag_ms=0.001, request_timeout_s=0.001, header_timeout_s=0.001, body_timeout_s=0.001,
-             keep_alive_s=0.001, graceful_timeout_s=0.001, pad_slack=1.0)
-    Settings(port=65535)
+             keep_alive_s=0.001, graceful_timeout_s=0.001, pad_slack=1.0, engine_nice=0)
+    Settings(port=65535, engine_nice=19)
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(2, 2, 1), (8, 2, 4), (2, 4, 1)])
@@ -214,25 +216,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_real_server_answers_over_http_and_drains_on_sigterm(tiny_bundle):
+@contextlib.contextmanager
+def serve_process(bundle: Path, *flags: str):
+    """(process, base URL) of `romebert serve` in a process of its own, once it is ready; killed after."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    # A 3 s batching window keeps a lone request queued long enough to be in flight at SIGTERM.
-    command = [sys.executable, "-m", "romebert.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
-               "--threads", "1", "--max-wait-ms", "3000", "--max-queue-wait-ms", "10000", "--log-level", "warning"]
+    command = [sys.executable, "-m", "romebert.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags]
     server = subprocess.Popen(command, cwd=REPO, env=os.environ | {"ROMEBERT_BUNDLE": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None, server.stdout.read()
-            try:
+            with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{base}/readyz").status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.1)
+        yield server, base
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
+
+def test_real_server_answers_over_http_and_drains_on_sigterm(tiny_bundle):
+    # A 3 s batching window keeps a lone request queued long enough to be in flight at SIGTERM.
+    with serve_process(tiny_bundle, "--threads", "1", "--max-wait-ms", "3000", "--max-queue-wait-ms", "10000") as (server, base):
         with httpx.Client(base_url=base, timeout=30) as client:
             ok = client.post("/classify", json={"text": ["great", "awful"], "entropy_threshold": 0.0, "latency_budget_ms": 10000})
             assert ok.status_code == 200 and [r["exit_layer"] for r in ok.json()["results"]] == [3, 3]
@@ -250,10 +259,35 @@ def test_real_server_answers_over_http_and_drains_on_sigterm(tiny_bundle):
         in_flight.join(timeout=30)
         assert server.wait(timeout=30) == 0, server.stdout.read()
         assert answer["r"].status_code == 200 and len(answer["r"].json()["results"]) == 1
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+
+
+def nice_of(pid: int, thread: int) -> int:
+    return int((Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[1]).split()[16])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only; elsewhere the server leaves it")
+def test_the_engines_threads_run_below_the_event_loop(tiny_bundle):
+    with serve_process(tiny_bundle, "--backend", "onnxruntime", "--threads", "2", "--engine-nice", "7") as (server, base):
+        assert httpx.post(f"{base}/classify", json={"text": ["great", "awful"]}).status_code == 200
+        loop = nice_of(server.pid, server.pid)  # uvicorn's event loop runs on the main thread
+        nices = sorted(nice_of(server.pid, int(t)) for t in os.listdir(f"/proc/{server.pid}/task"))
+    # The worker and onnxruntime's one pool thread (the worker's own call is the other of the two threads) run 7 below
+    # the loop; at the loop's level only the loop and the idle helpers numpy and onnxruntime start on import.
+    below = min(loop + 7, 19)
+    assert set(nices) <= {loop, below} and nices.count(below) == 2, (loop, nices)
+
+
+def test_where_lowering_priority_is_forbidden_loading_goes_on_and_says_so(monkeypatch, caplog):
+    from romebert.service import runtime
+
+    def forbidden(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(runtime.os, "setpriority", forbidden)
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    with caplog.at_level(logging.WARNING, logger="romebert.runtime"):
+        runtime.run_below_the_loop(10)
+    assert "level with it" in caplog.text and "not permitted" in caplog.text
 
 
 # -- an in-process uvicorn, for what needs a real socket and a stubbed engine -----------------------
