@@ -8,6 +8,7 @@ without them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import socket
@@ -131,6 +132,13 @@ def one_text_each(texts: list[str]) -> Workload:
 def served_backend(bundle: Bundle) -> dict:
     """The backend and precision `romebert serve --backend auto` runs this bundle on (the export's choice)."""
     return bundle.manifest.get("backend") or {"backend": "onnxruntime", "precision": bundle.precision}
+
+
+def running_backend(url: str) -> str:
+    """What a running server says it runs on (/readyz: e.g. "openvino/bf16"): the bundle's choice,
+    unless ROMEBERT_BACKEND or a flag overrode it."""
+    with urllib.request.urlopen(url + "/readyz", timeout=10) as answer:
+        return json.load(answer)["backend"]
 
 
 def in_turns(names: list[str], k: int) -> list[str]:

@@ -47,7 +47,6 @@ import socket
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -57,7 +56,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import checkout_commit, environment, in_turns, older_checkout, one_text_each, romebert_serve, running  # noqa: E402
+from bench.harness import checkout_commit, environment, in_turns, older_checkout, one_text_each, romebert_serve, running, running_backend  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
 from romebert.core.files import write_json  # noqa: E402
@@ -248,12 +247,6 @@ def measure(command: list[str], log: Path, workload: Workload, rates: list[float
     return out
 
 
-def served_backend(url: str) -> str:
-    """What the server says it runs on (/readyz: e.g. "openvino/bf16"), which ROMEBERT_BACKEND or the bundle decides."""
-    with urllib.request.urlopen(url + "/readyz", timeout=10) as answer:
-        return json.load(answer)["backend"]
-
-
 def older_serve(cli: str, bundle: Path) -> list[str]:
     """An older checkout's server command line (`cli` from bench.harness.older_checkout)."""
     return [sys.executable, "-m", cli, "serve", str(bundle.resolve()), "--host", "127.0.0.1", "--log-level", "warning"]
@@ -268,7 +261,7 @@ def alternate(bundle: Path, other: tuple[str, list[str], dict | None, Path | Non
     with running(on_cores(romebert_serve(bundle), cores), logs / "overload-ours.log") as (ours_proc, ours_url), \
             running(on_cores(command, cores), logs / f"overload-{name_other}.log", env, cwd) as (other_proc, other_url):
         servers = {"ours": (ours_url, ours_proc.pid), name_other: (other_url, other_proc.pid)}
-        backends = {name: served_backend(url) for name, (url, _) in servers.items()}
+        backends = {name: running_backend(url) for name, (url, _) in servers.items()}
         for url, _ in servers.values():
             closed_loop(url, workload, 32, 5)  # warm: caches, the cost model's estimates
         rates = None

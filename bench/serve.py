@@ -51,7 +51,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import environment, exported, in_turns, instant_serve, one_text_each, romebert_serve, running, served_backend  # noqa: E402
+from bench.harness import environment, exported, in_turns, instant_serve, one_text_each, romebert_serve, running, running_backend, served_backend  # noqa: E402
 from bench.workers import in_fresh_process, items_per_s  # noqa: E402
 from romebert.core.bundle import load_bundle  # noqa: E402
 from romebert.core.data import load_task  # noqa: E402
@@ -162,6 +162,7 @@ def alternate(bundle, rounds: int, seconds: float, out: Path, against: str, othe
     rows = []
     with ExitStack() as stack:
         servers = {name: stack.enter_context(running(command, logs / f"serve-alternate-{k}.log")) for k, (name, command) in enumerate(names.items())}
+        backends = {name: running_backend(url) for name, (_, url) in servers.items()}
         for _, url in servers.values():
             run_load(url, workload, 32, None, 5, None, 30.0)  # warm
         for r in range(rounds):
@@ -181,7 +182,7 @@ def alternate(bundle, rounds: int, seconds: float, out: Path, against: str, othe
             "server_cpu_ms_per_request": {name: pick(name, "server_cpu_ms_per_request") for name in names},
         }
         print(f"c{users}: {ours} over {before}, requests/s by round: {summary[f'c{users}']['requests_per_s_ratio_by_round']}")
-    write_json(out, {"bundle_backend": chosen, "against": other[0], "rounds": rounds, "seconds_c32": seconds, "seconds_c1": seconds / 2, "rows": rows,
+    write_json(out, {"bundle_backend": chosen, "backends": backends, "against": other[0], "rounds": rounds, "seconds_c32": seconds, "seconds_c1": seconds / 2, "rows": rows,
                      "summary": summary, "environment": environment()})
 
 

@@ -45,9 +45,9 @@ EXIT_CANNOT_LOAD = 2  # the bundle or the device is unusable: restarting will no
 EXIT_WORKER_DIED = 1
 
 
-def backend_for(bundle: Bundle, settings: Settings, warn: bool = True) -> tuple[str, str]:
+def backend_for(bundle: Bundle, settings: Settings) -> tuple[str, str]:
     """(backend, OpenVINO precision): as asked, or with `auto` what the bundle's export measured
-    best; OpenVINO only on the CPU and where it is installed (else a warning, unless `warn` is off)."""
+    best; OpenVINO only on the CPU and where it is installed (else a warning)."""
     if settings.backend != "auto":
         return settings.backend, settings.openvino_precision
     choice = bundle.manifest.get("backend") or {"backend": "onnxruntime"}
@@ -55,9 +55,8 @@ def backend_for(bundle: Bundle, settings: Settings, warn: bool = True) -> tuple[
         if settings.device == "cuda":
             return "onnxruntime", settings.openvino_precision
         if not openvino_available():
-            if warn:
-                log.warning("the bundle is measured fastest on OpenVINO, which offers no CPU device here "
-                            "(neither onnxruntime-ep-openvino nor openvino installed, or this CPU unsupported): serving with onnxruntime")
+            log.warning("the bundle is measured fastest on OpenVINO, which offers no CPU device here "
+                        "(neither onnxruntime-ep-openvino nor openvino installed, or this CPU unsupported): serving with onnxruntime")
             return "onnxruntime", settings.openvino_precision
         return "openvino", choice["precision"]
     return "onnxruntime", settings.openvino_precision
@@ -72,33 +71,18 @@ def default_engine(bundle: Bundle, settings: Settings) -> EngineLike:
     return Engine(bundle, device=settings.device, threads=threads, backend=backend, precision=precision, streams=settings.workers)
 
 
-SPINNING_ENGINE_NICE = 10
-
-
-def engine_nice(bundle: Bundle, settings: Settings) -> int:
-    """Nice levels the engine's threads run below the event loop: as set, or by default 10 where
-    they spin between calls (onnxruntime's pool on the CPU, `--spin` on) and 0 elsewhere.
-    Spinning threads keep the cores while the loop needs them: on the int8 files at 4x capacity
-    admitted requests waited 3.5 s at p99 with the engine level with the loop, 373 ms below it.
-    OpenVINO's threads sleep between calls; lowering them cost 3-9% of the c32 throughput and
-    saved nothing (docs/results.md, "The engine's threads below the event loop")."""
-    if settings.engine_nice is not None:
-        return settings.engine_nice
-    spins = settings.spin and settings.device != "cuda" and backend_for(bundle, settings, warn=False)[0] == "onnxruntime"
-    return SPINNING_ENGINE_NICE if spins else 0
-
-
 def run_below_the_loop(nice: int) -> None:
     """Lower the calling thread's CPU priority by `nice` levels (at most to 19); the threads it
     starts from then on inherit it.
 
     Past capacity the event loop must go on reading requests, refusing most of them and handing
     the answers back, on the cores the engine keeps busy (onnxruntime's threads spin between
-    calls). At equal priority the kernel gives the loop a third of a core or less there; admitted
-    answers then waited up to a second for it, and at 4x capacity goodput fell to a quarter
-    (docs/results.md, "Thread priority"). With the engine's threads below it, the loop runs
-    whenever it has work, and the engine still has every cycle the loop does not use. Linux only:
-    elsewhere nice is per process, and lowering it would lower the loop too."""
+    calls). Where the engine is fast enough that this is thousands of requests a second (the int8
+    files on onnxruntime), the loop at equal priority fell behind: admitted requests waited 3.5 s
+    at p99 at 4x capacity, 373 ms with the engine 10 levels below it. Off by default: on the
+    default bundles, whose loop keeps up, it cost a few percent of the c32 throughput
+    (docs/results.md, "The engine's threads below the event loop"). Linux only: elsewhere nice is
+    per process, and lowering it would lower the loop too."""
     if nice == 0 or sys.platform != "linux":
         return
     thread = threading.get_native_id()
@@ -161,10 +145,10 @@ class Runtime:
 
     def start_loading(self) -> None:
         """load() in a background thread, HTTP being up meanwhile; drain() waits for it. That
-        thread runs engine_nice() levels below the event loop, and so does every thread it starts
+        thread runs `engine_nice` levels below the event loop, and so does every thread it starts
         (the engine's pools, the workers): see run_below_the_loop."""
         def load_below_the_loop() -> None:
-            run_below_the_loop(engine_nice(self.bundle, self.settings))
+            run_below_the_loop(self.settings.engine_nice)
             self.load()
 
         self._loader = threading.Thread(target=load_below_the_loop, name="romebert-load", daemon=True)

@@ -43,9 +43,9 @@ class Settings:
     spin: bool = _setting(True, "onnxruntime's CPU threads spin-wait between calls in one shared pool (the quickest lone request); "
                            "off: each session's own pool, whose threads sleep (less CPU per request, more left for the HTTP "
                            "side under load)")
-    engine_nice: int | None = _setting(None, "how many nice levels the engine's threads run below the event loop's (Linux; 0 to 19), "
-                                       "so that past capacity the loop still reads, refuses and answers (default: 10 where they "
-                                       "spin between calls, onnxruntime on the CPU with --spin on; 0 on OpenVINO; docs/serving.md)")
+    engine_nice: int = _setting(0, "how many nice levels the engine's threads run below the event loop's (Linux; 0 to 19): 10 "
+                                "keeps a fast onnxruntime engine (int8) from starving the loop past capacity, at a few percent "
+                                "of throughput elsewhere (docs/serving.md, The engine runs below the event loop)")
     max_batch: int = _setting(32, "rows the engine runs together at most")
     max_batch_tokens: int = _setting(2048, "rows x padded tokens the engine runs together at most (wider rows come in smaller "
                                      "batches; one row of any length always runs): bounds the largest shape, and so the memory "
@@ -81,7 +81,7 @@ class Settings:
             raise SettingsError(f"port must be at most 65535, not {self.port}")
         if self.threads is not None and self.threads <= 0:
             raise SettingsError(f"threads must be positive, not {self.threads}")
-        if self.engine_nice is not None and not 0 <= self.engine_nice <= 19:
+        if not 0 <= self.engine_nice <= 19:
             raise SettingsError(f"engine_nice must be from 0 to 19 (nice levels below the event loop), not {self.engine_nice}")
         if not self.pad_slack >= 1:
             raise SettingsError(f"pad_slack must be at least 1 (a batch holds at least its real tokens), not {self.pad_slack}")

@@ -277,21 +277,6 @@ def test_the_engines_threads_run_below_the_event_loop(tiny_bundle):
     assert set(nices) <= {loop, below} and nices.count(below) == 2, (loop, nices)
 
 
-@pytest.mark.parametrize("settings, nice", [
-    ({"backend": "onnxruntime"}, 10),  # its pool's threads spin between calls and would keep the loop's cores
-    ({"backend": "onnxruntime", "spin": False}, 0),  # each session's pool sleeps between calls
-    ({"backend": "openvino"}, 0),  # OpenVINO's threads sleep; lowering them cost throughput at c32
-    ({"backend": "onnxruntime", "device": "cuda"}, 0),  # the engine's work is the GPU's
-    ({"backend": "openvino", "engine_nice": 4}, 4),  # as set, whatever the backend
-    ({"backend": "onnxruntime", "engine_nice": 0}, 0),
-])
-def test_the_engine_runs_below_the_loop_by_default_where_its_threads_spin(tiny_bundle, settings, nice):
-    from romebert.core.bundle import load_bundle
-    from romebert.service.runtime import engine_nice
-
-    assert engine_nice(load_bundle(tiny_bundle), Settings(**settings)) == nice
-
-
 def test_where_lowering_priority_is_forbidden_loading_goes_on_and_says_so(monkeypatch, caplog):
     from romebert.service import runtime
 
