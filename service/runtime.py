@@ -78,11 +78,11 @@ def run_below_the_loop(nice: int) -> None:
     Past capacity the event loop must go on reading requests, refusing most of them and handing
     the answers back, on the cores the engine keeps busy (onnxruntime's threads spin between
     calls). Where the engine is fast enough that this is thousands of requests a second (the int8
-    files on onnxruntime), the loop at equal priority fell behind: admitted requests waited 3.5 s
-    at p99 at 4x capacity, 373 ms with the engine 10 levels below it. Off by default: on the
-    default bundles, whose loop keeps up, it cost a few percent of the c32 throughput
-    (docs/results.md, "The engine's threads below the event loop"). Linux only: elsewhere nice is
-    per process, and lowering it would lower the loop too."""
+    files on onnxruntime), the loop at equal priority falls behind and admitted answers wait for
+    it far past the admission bound. Off by default: where the loop keeps up it only costs
+    throughput, its wake-ups preempting the engine's threads (docs/results.md, "The engine's
+    threads below the event loop"). Linux only: elsewhere nice is per process, and lowering it
+    would lower the loop too."""
     if nice == 0 or sys.platform != "linux":
         return
     thread = threading.get_native_id()
