@@ -45,7 +45,7 @@ class Settings:
                            "side under load)")
     engine_nice: int = _setting(0, "how many nice levels the engine's threads run below the event loop's (Linux; 0 to 19): 10 "
                                 "keeps a fast onnxruntime engine (int8) from starving the loop past capacity, at a few percent "
-                                "of throughput elsewhere (docs/serving.md, The engine runs below the event loop)")
+                                "of throughput elsewhere (docs/serving.md, The engine runs below the event loop, when asked)")
     max_batch: int = _setting(32, "rows the engine runs together at most")
     max_batch_tokens: int = _setting(2048, "rows x padded tokens the engine runs together at most (wider rows come in smaller "
                                      "batches; one row of any length always runs): bounds the largest shape, and so the memory "
